@@ -1,0 +1,139 @@
+//! Checkpoint metadata: small, JSON, readable by a person.
+
+use crate::ids::{CheckpointId, CheckpointKind, OperatorUid};
+use crate::keygroup::KeyGroupRange;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// The version of the metadata format written by this build.
+pub const METADATA_FORMAT_VERSION: u32 = 1;
+
+/// A state file written by one subtask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFileHandle {
+    /// Path relative to the storage root (`chk-<id>/<uid>-<subtask>.kst`).
+    pub path: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// CRC-32 (IEEE) of the whole file.
+    pub crc32: u32,
+    /// The key groups the file holds.
+    pub key_groups: KeyGroupRange,
+    /// Number of entries in the file.
+    pub entries: u64,
+}
+
+/// The read position of one source split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitPosition {
+    /// The split's index within the source.
+    pub split: u32,
+    /// The offset to resume from (next record index, byte offset, …).
+    pub offset: u64,
+}
+
+/// The snapshot of one subtask of one operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubtaskSnapshot {
+    /// The subtask index.
+    pub subtask: u32,
+    /// Keyed state, if the operator is keyed and holds any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyed_state: Option<StateFileHandle>,
+    /// Source split positions, if the operator is a source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub splits: Vec<SplitPosition>,
+}
+
+/// The snapshot of one operator (all its subtasks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorSnapshot {
+    /// The operator's uid.
+    pub uid: OperatorUid,
+    /// The operator's parallelism when the snapshot was taken.
+    pub parallelism: u32,
+    /// One entry per subtask that had something to store.
+    pub subtasks: Vec<SubtaskSnapshot>,
+}
+
+/// The metadata of a completed checkpoint or savepoint. Committing it is what
+/// makes the checkpoint exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointMetadata {
+    /// Metadata format version ([`METADATA_FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// The job's name.
+    pub job_name: String,
+    /// The checkpoint id.
+    pub checkpoint_id: CheckpointId,
+    /// Checkpoint or savepoint.
+    pub kind: CheckpointKind,
+    /// Trigger time, milliseconds since the Unix epoch.
+    pub trigger_time_ms: u64,
+    /// Time from trigger to the last acknowledgement, in milliseconds.
+    pub duration_ms: u64,
+    /// The job's max parallelism.
+    pub max_parallelism: u32,
+    /// Per operator uid, its snapshot.
+    pub operators: Vec<OperatorSnapshot>,
+}
+
+impl CheckpointMetadata {
+    /// Serializes to pretty JSON.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec_pretty(self).map_err(|e| Error::Serialization {
+            what: format!("metadata of checkpoint {}", self.checkpoint_id),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Parses and validates metadata read from `path`: JSON shape, format
+    /// version, and that every file path is relative and stays inside the
+    /// storage (no `..`, no absolute paths).
+    pub fn from_json(path: &str, bytes: &[u8]) -> Result<Self> {
+        let meta: CheckpointMetadata = serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(path, format!("metadata is not valid JSON: {e}")))?;
+        if meta.format_version != METADATA_FORMAT_VERSION {
+            return Err(Error::Incompatible {
+                what: format!("metadata {path}"),
+                reason: format!(
+                    "format version {} (this build reads version {METADATA_FORMAT_VERSION})",
+                    meta.format_version
+                ),
+            });
+        }
+        for op in &meta.operators {
+            for st in &op.subtasks {
+                if let Some(f) = &st.keyed_state {
+                    crate::storage::validate_path(&f.path)
+                        .map_err(|_| Error::corrupt(path, format!("unsafe state file path {:?}", f.path)))?;
+                }
+            }
+        }
+        Ok(meta)
+    }
+
+    /// Total size of the state files in bytes.
+    pub fn state_size(&self) -> u64 {
+        self.operators
+            .iter()
+            .flat_map(|o| &o.subtasks)
+            .filter_map(|s| s.keyed_state.as_ref())
+            .map(|f| f.size)
+            .sum()
+    }
+
+    /// The snapshot of the operator with this uid.
+    pub fn operator(&self, uid: &OperatorUid) -> Option<&OperatorSnapshot> {
+        self.operators.iter().find(|o| &o.uid == uid)
+    }
+}
+
+/// Reads and parses a committed checkpoint's metadata.
+pub async fn read_checkpoint_metadata(
+    storage: &dyn crate::storage::CheckpointStorage,
+    id: CheckpointId,
+) -> Result<CheckpointMetadata> {
+    let bytes = storage.read_metadata(id).await?;
+    CheckpointMetadata::from_json(&format!("{}/_metadata", id.dir()), &bytes)
+}

@@ -1,0 +1,91 @@
+//! The state backend traits: where operators keep keyed state while running.
+
+use crate::ids::{CheckpointId, OperatorUid};
+use crate::keygroup::KeyGroupRange;
+use crate::Result;
+use std::fmt::Debug;
+
+/// A registered state name's compact id inside one [`KeyedStateStore`].
+pub type StateId = u16;
+
+/// What a [`KeyedStateStore`] is opened for: one subtask of one operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreScope {
+    /// The job's name.
+    pub job: String,
+    /// The operator's uid.
+    pub operator: OperatorUid,
+    /// The subtask index.
+    pub subtask: u32,
+    /// The operator's parallelism.
+    pub parallelism: u32,
+    /// The job's max parallelism (number of key groups).
+    pub max_parallelism: u32,
+    /// The key groups this subtask owns.
+    pub key_groups: KeyGroupRange,
+}
+
+/// A state backend: a factory of keyed state stores (memory, redb, …).
+///
+/// Object safe: the runtime holds an `Arc<dyn StateBackend>`.
+pub trait StateBackend: Send + Sync + Debug {
+    /// A short name for logs and benchmarks, e.g. `memory` or `redb`.
+    fn name(&self) -> &str;
+
+    /// Opens an empty store for one subtask of one operator. Restoring from
+    /// a checkpoint is done by the runtime through [`KeyedStateStore::put`].
+    fn open_store(&self, scope: &StoreScope) -> Result<Box<dyn KeyedStateStore>>;
+}
+
+/// Byte-level keyed state of one subtask: `(state, key group, key) -> value`.
+///
+/// Methods take `&mut self` so that backends can keep read caches and write
+/// buffers without locks (a store belongs to one task).
+pub trait KeyedStateStore: Send {
+    /// Registers a state name (or finds it if registered) and returns its id.
+    fn register_state(&mut self, name: &str) -> Result<StateId>;
+
+    /// Reads a value into `out` (cleared first). Returns whether it existed.
+    fn get(&mut self, state: StateId, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool>;
+
+    /// Inserts or replaces a value.
+    fn put(&mut self, state: StateId, key_group: u32, key: &[u8], value: &[u8]) -> Result<()>;
+
+    /// Removes a value; removing a missing key is not an error.
+    fn delete(&mut self, state: StateId, key_group: u32, key: &[u8]) -> Result<()>;
+
+    /// Visits every entry of `state` in `key_group` whose key starts with
+    /// `prefix`, in unspecified order. The visitor must not call back into the
+    /// store.
+    fn scan_prefix(
+        &mut self,
+        state: StateId,
+        key_group: u32,
+        prefix: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()>;
+
+    /// The synchronous part of a snapshot: captures a consistent view cheaply
+    /// (copy-on-write, a read transaction, a frozen buffer). Writes after this
+    /// call are not in the returned snapshot.
+    fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>>;
+}
+
+/// A consistent, immutable view of a store, captured by
+/// [`KeyedStateStore::snapshot`]. The asynchronous part of the snapshot
+/// ([`crate::format::encode_snapshot`] and the storage write) reads it while
+/// the task goes on processing.
+pub trait StateSnapshot: Send + Sync {
+    /// The key groups the snapshot covers.
+    fn key_groups(&self) -> KeyGroupRange;
+
+    /// The state names, indexed by [`StateId`].
+    fn state_names(&self) -> Vec<String>;
+
+    /// Visits every entry of one key group: `(state, key, value)`.
+    fn visit_key_group(
+        &self,
+        key_group: u32,
+        visit: &mut dyn FnMut(StateId, &[u8], &[u8]) -> Result<()>,
+    ) -> Result<()>;
+}

@@ -1,0 +1,1 @@
+//! Conformance tests (to be written).
