@@ -1,1 +1,340 @@
-//! placeholder
+//! # sluice-backend-memory
+//!
+//! The heap state backend ([`MemoryStateBackend`]) and an in-memory
+//! checkpoint storage ([`MemoryCheckpointStorage`]) for Sluice.
+//!
+//! Keyed state lives in one hash map per (state, key group). The
+//! synchronous snapshot step is copy-on-write: it clones the `Arc` of every
+//! key group's map (cheap); the first write into a key group while a
+//! snapshot still holds it copies just that key group.
+//!
+//! ```
+//! use sluice_backend_memory::MemoryStateBackend;
+//! use sluice_core::{CheckpointId, KeyGroupRange, OperatorUid, StateBackend, StoreScope};
+//!
+//! let backend = MemoryStateBackend::new();
+//! let mut store = backend
+//!     .open_store(&StoreScope {
+//!         job: "job".into(),
+//!         operator: OperatorUid::new("sum").unwrap(),
+//!         subtask: 0,
+//!         parallelism: 1,
+//!         max_parallelism: 128,
+//!         key_groups: KeyGroupRange::all(128),
+//!     })
+//!     .unwrap();
+//! let sum = store.register_state("sum").unwrap();
+//! store.put(sum, 7, b"key", b"41").unwrap();
+//! let snapshot = store.snapshot(CheckpointId(1)).unwrap();
+//! store.put(sum, 7, b"key", b"42").unwrap();
+//! let mut seen = Vec::new();
+//! snapshot.visit_key_group(7, &mut |_, k, v| { seen.push((k.to_vec(), v.to_vec())); Ok(()) }).unwrap();
+//! assert_eq!(seen, vec![(b"key".to_vec(), b"41".to_vec())]);
+//! ```
+#![warn(missing_docs)]
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use sluice_core::state::{KeyValueVisitor, SnapshotVisitor};
+use sluice_core::storage::{checkpoint_of_path, validate_path};
+use sluice_core::{
+    CheckpointId, CheckpointListing, CheckpointStorage, Error, KeyGroupRange, KeyedStateStore, Result,
+    StateBackend, StateId, StateSnapshot, StoreScope,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+type Map = FxHashMap<Box<[u8]>, Vec<u8>>;
+
+/// The heap state backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryStateBackend;
+
+impl MemoryStateBackend {
+    /// A new backend.
+    pub fn new() -> Self {
+        MemoryStateBackend
+    }
+}
+
+impl StateBackend for MemoryStateBackend {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    fn open_store(&self, scope: &StoreScope) -> Result<Box<dyn KeyedStateStore>> {
+        Ok(Box::new(MemoryStore {
+            range: scope.key_groups,
+            names: Vec::new(),
+            states: Vec::new(),
+        }))
+    }
+}
+
+/// One subtask's keyed state on the heap.
+struct MemoryStore {
+    range: KeyGroupRange,
+    names: Vec<String>,
+    /// `states[state][key_group - range.start]`.
+    states: Vec<Vec<Arc<Map>>>,
+}
+
+impl MemoryStore {
+    #[inline]
+    fn slot(&self, state: StateId, key_group: u32) -> Result<(usize, usize)> {
+        let s = state as usize;
+        if s >= self.states.len() {
+            return Err(Error::InvalidArgument {
+                what: format!("state id {state}"),
+                reason: "not registered in this store".into(),
+            });
+        }
+        if !self.range.contains(key_group) {
+            return Err(Error::InvalidArgument {
+                what: format!("key group {key_group}"),
+                reason: format!("outside this store's range {}", self.range),
+            });
+        }
+        Ok((s, (key_group - self.range.start) as usize))
+    }
+}
+
+impl KeyedStateStore for MemoryStore {
+    fn register_state(&mut self, name: &str) -> Result<StateId> {
+        if let Some(i) = self.names.iter().position(|n| n == name) {
+            return Ok(i as StateId);
+        }
+        if self.names.len() >= StateId::MAX as usize {
+            return Err(Error::InvalidArgument {
+                what: format!("state {name:?}"),
+                reason: "too many states".into(),
+            });
+        }
+        self.names.push(name.to_string());
+        self.states
+            .push((0..self.range.len()).map(|_| Arc::new(Map::default())).collect());
+        Ok((self.names.len() - 1) as StateId)
+    }
+
+    #[inline]
+    fn get(&mut self, state: StateId, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        let (s, g) = self.slot(state, key_group)?;
+        out.clear();
+        match self.states[s][g].get(key) {
+            Some(v) => {
+                out.extend_from_slice(v);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    #[inline]
+    fn put(&mut self, state: StateId, key_group: u32, key: &[u8], value: &[u8]) -> Result<()> {
+        let (s, g) = self.slot(state, key_group)?;
+        let map = Arc::make_mut(&mut self.states[s][g]);
+        match map.get_mut(key) {
+            Some(v) => {
+                v.clear();
+                v.extend_from_slice(value);
+            }
+            None => {
+                map.insert(key.into(), value.to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, state: StateId, key_group: u32, key: &[u8]) -> Result<()> {
+        let (s, g) = self.slot(state, key_group)?;
+        if self.states[s][g].contains_key(key) {
+            Arc::make_mut(&mut self.states[s][g]).remove(key);
+        }
+        Ok(())
+    }
+
+    fn scan_prefix(
+        &mut self,
+        state: StateId,
+        key_group: u32,
+        prefix: &[u8],
+        visit: &mut KeyValueVisitor<'_>,
+    ) -> Result<()> {
+        let (s, g) = self.slot(state, key_group)?;
+        for (k, v) in self.states[s][g].iter() {
+            if k.starts_with(prefix) {
+                visit(k, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
+        Ok(Box::new(MemorySnapshot {
+            range: self.range,
+            names: self.names.clone(),
+            states: self.states.clone(),
+        }))
+    }
+}
+
+/// A copy-on-write view of a [`MemoryStore`].
+struct MemorySnapshot {
+    range: KeyGroupRange,
+    names: Vec<String>,
+    states: Vec<Vec<Arc<Map>>>,
+}
+
+impl StateSnapshot for MemorySnapshot {
+    fn key_groups(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    fn state_names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+
+    fn visit_key_group(&self, key_group: u32, visit: &mut SnapshotVisitor<'_>) -> Result<()> {
+        if !self.range.contains(key_group) {
+            return Err(Error::InvalidArgument {
+                what: format!("key group {key_group}"),
+                reason: format!("outside the snapshot's range {}", self.range),
+            });
+        }
+        let g = (key_group - self.range.start) as usize;
+        for (s, groups) in self.states.iter().enumerate() {
+            for (k, v) in groups[g].iter() {
+                visit(s as StateId, k, v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    files: BTreeMap<String, Bytes>,
+    metadata: BTreeMap<CheckpointId, Bytes>,
+}
+
+/// Checkpoints in memory. Clones share the same data, so a job restarted in
+/// the same process finds its checkpoints; they are gone when the process
+/// ends.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryCheckpointStorage {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MemoryCheckpointStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Total bytes held (files and metadata).
+    pub fn total_bytes(&self) -> u64 {
+        let inner = self.lock();
+        inner
+            .files
+            .values()
+            .chain(inner.metadata.values())
+            .map(|b| b.len() as u64)
+            .sum()
+    }
+}
+
+fn file_checkpoint(path: &str) -> Result<CheckpointId> {
+    validate_path(path)?;
+    checkpoint_of_path(path).ok_or_else(|| Error::InvalidArgument {
+        what: format!("storage path {path:?}"),
+        reason: "must start with a checkpoint directory chk-<id>/".into(),
+    })
+}
+
+#[async_trait]
+impl CheckpointStorage for MemoryCheckpointStorage {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+
+    async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
+        file_checkpoint(path)?;
+        let mut inner = self.lock();
+        if inner.files.contains_key(path) {
+            return Err(Error::AlreadyExists {
+                what: path.to_string(),
+            });
+        }
+        inner.files.insert(path.to_string(), data);
+        Ok(())
+    }
+
+    async fn read_file(&self, path: &str) -> Result<Bytes> {
+        self.lock()
+            .files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| Error::not_found(path))
+    }
+
+    async fn read_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
+        let file = self.read_file(path).await?;
+        let len = file.len() as u64;
+        if range.start > range.end || range.end > len {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "range {}..{} is outside the file's {len} bytes",
+                    range.start, range.end
+                ),
+            ));
+        }
+        Ok(file.slice(range.start as usize..range.end as usize))
+    }
+
+    async fn commit_metadata(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.metadata.contains_key(&id) {
+            return Err(Error::AlreadyExists {
+                what: format!("metadata of checkpoint {id}"),
+            });
+        }
+        inner.metadata.insert(id, metadata);
+        Ok(())
+    }
+
+    async fn read_metadata(&self, id: CheckpointId) -> Result<Bytes> {
+        self.lock()
+            .metadata
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("metadata of checkpoint {id}")))
+    }
+
+    async fn list(&self) -> Result<Vec<CheckpointListing>> {
+        let inner = self.lock();
+        let mut ids: BTreeSet<CheckpointId> = inner.metadata.keys().copied().collect();
+        ids.extend(inner.files.keys().filter_map(|p| checkpoint_of_path(p)));
+        Ok(ids
+            .into_iter()
+            .map(|id| CheckpointListing {
+                id,
+                committed: inner.metadata.contains_key(&id),
+            })
+            .collect())
+    }
+
+    async fn discard(&self, id: CheckpointId) -> Result<()> {
+        let mut inner = self.lock();
+        inner.metadata.remove(&id);
+        let prefix = format!("{}/", id.dir());
+        inner.files.retain(|p, _| !p.starts_with(&prefix));
+        Ok(())
+    }
+}

@@ -34,13 +34,13 @@ pub mod storage;
 pub mod testkit;
 
 pub use barrier::{Alignment, CheckpointBarrier};
+pub use bytes::Bytes;
 pub use error::{BoxError, Error, Result};
 pub use ids::{CheckpointId, CheckpointKind, OperatorUid};
 pub use keygroup::{
-    check_parallelism, key_group_for_key, operator_index_for_key_group, stable_key_hash,
-    KeyGroupRange, DEFAULT_MAX_PARALLELISM,
+    check_parallelism, key_group_for_key, operator_index_for_key_group, stable_key_hash, KeyGroupRange,
+    DEFAULT_MAX_PARALLELISM,
 };
 pub use metadata::{CheckpointMetadata, SplitPosition, StateFileHandle};
 pub use state::{KeyedStateStore, StateBackend, StateId, StateSnapshot, StoreScope};
 pub use storage::{CheckpointListing, CheckpointStorage};
-pub use bytes::Bytes;

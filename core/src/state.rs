@@ -8,6 +8,12 @@ use std::fmt::Debug;
 /// A registered state name's compact id inside one [`KeyedStateStore`].
 pub type StateId = u16;
 
+/// Visits `(key, value)` pairs of a prefix scan.
+pub type KeyValueVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
+/// Visits `(state, key, value)` entries of a snapshot's key group.
+pub type SnapshotVisitor<'a> = dyn FnMut(StateId, &[u8], &[u8]) -> Result<()> + 'a;
+
 /// What a [`KeyedStateStore`] is opened for: one subtask of one operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreScope {
@@ -62,7 +68,7 @@ pub trait KeyedStateStore: Send {
         state: StateId,
         key_group: u32,
         prefix: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>,
+        visit: &mut KeyValueVisitor<'_>,
     ) -> Result<()>;
 
     /// The synchronous part of a snapshot: captures a consistent view cheaply
@@ -83,9 +89,5 @@ pub trait StateSnapshot: Send + Sync {
     fn state_names(&self) -> Vec<String>;
 
     /// Visits every entry of one key group: `(state, key, value)`.
-    fn visit_key_group(
-        &self,
-        key_group: u32,
-        visit: &mut dyn FnMut(StateId, &[u8], &[u8]) -> Result<()>,
-    ) -> Result<()>;
+    fn visit_key_group(&self, key_group: u32, visit: &mut SnapshotVisitor<'_>) -> Result<()>;
 }

@@ -1,1 +1,80 @@
-//! placeholder
+//! # sluice-runtime
+//!
+//! The dataflow runtime of Sluice: a job builder ([`Job`], [`DataStream`],
+//! [`KeyedStream`]), one tokio task per subtask connected by bounded
+//! channels carrying batches and in-band barriers, a checkpoint coordinator,
+//! barrier alignment, asynchronous snapshots and exactly-once recovery.
+//!
+//! ```
+//! use sluice_runtime::prelude::*;
+//! use std::time::Duration;
+//!
+//! #[derive(Clone)]
+//! struct Sum(Option<ValueState<u64>>);
+//!
+//! impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for Sum {
+//!     fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+//!         self.0 = Some(ctx.value_state("sum")?);
+//!         Ok(())
+//!     }
+//!     fn process(&mut self, key: &u64, (_, v): (u64, u64), ctx: &mut KeyedContext<'_>,
+//!                out: &mut Collector<'_, (u64, u64)>) -> Result<()> {
+//!         let state = self.0.as_ref().expect("opened");
+//!         let sum = state.get(ctx)?.unwrap_or(0) + v;
+//!         state.set(ctx, &sum)?;
+//!         out.collect((*key, sum))
+//!     }
+//! }
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let sink = CollectSink::new();
+//! let job = Job::new("sums")
+//!     .with_parallelism(2)
+//!     .with_checkpointing(CheckpointConfig::every(Duration::from_millis(50)));
+//! job.source("numbers", SequenceSource::new(1000, 2, |i| (i % 10, i)), 2)
+//!     .key_by(|(k, _)| *k)
+//!     .process("sum", Sum(None))
+//!     .sink(sink.clone())
+//!     .unwrap();
+//! job.execute().await.unwrap();
+//! let last_for_key_3 = sink.items().into_iter().filter(|(k, _)| *k == 3).map(|(_, s)| s).max();
+//! assert_eq!(last_for_key_3, Some((0..1000).filter(|i| i % 10 == 3).sum()));
+//! # });
+//! ```
+#![warn(missing_docs)]
+
+pub mod barrier_handler;
+pub mod channel;
+pub mod config;
+pub mod error;
+pub mod executor;
+pub mod graph;
+pub mod keyed;
+pub mod operator;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub(crate) mod task;
+pub mod testing;
+pub mod workload;
+
+pub use config::{CheckpointConfig, CheckpointingMode, RestartStrategy};
+pub use error::{Result, RuntimeError};
+pub use executor::{CheckpointStats, CheckpointStatus, JobHandle, JobMonitor, JobResult, Recovery};
+pub use graph::{ConnectedKeyedStreams, DataStream, Job, KeyedStream, Record};
+pub use keyed::{Either, KeyedCoProcessFunction, KeyedProcessFunction};
+pub use operator::Collector;
+pub use sink::{CollectSink, DiscardSink, Sink, SinkWriter};
+pub use source::{FileLinesSource, SequenceSource, Source, SplitReader, VecSource};
+pub use state::{KeyedContext, ListState, MapState, OpenContext, ValueState};
+pub use task::Metrics;
+
+/// Everything a job definition usually needs.
+pub mod prelude {
+    pub use crate::{
+        CheckpointConfig, CheckpointingMode, CollectSink, Collector, DataStream, DiscardSink, Either, Job,
+        KeyedCoProcessFunction, KeyedContext, KeyedProcessFunction, KeyedStream, ListState, MapState,
+        OpenContext, RestartStrategy, Result, RuntimeError, SequenceSource, Sink, SinkWriter, Source,
+        ValueState, VecSource,
+    };
+}

@@ -1,0 +1,119 @@
+//! The reference workload (keyed running sum) on the memory backend, with
+//! no checkpoints, a checkpoint every second, and every 100 ms, measured in
+//! one run so the figures can be compared as ratios.
+//!
+//! ```text
+//! cargo run --release -p sluice-bench --bin keyed_sum -- [--events N] [--keys K] [--parallelism P] [--runs R]
+//! ```
+
+use clap::Parser;
+use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_runtime::workload::{self, RunningSum};
+use sluice_runtime::{CheckpointConfig, CheckpointStatus, DiscardSink, Job};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    /// Events per run.
+    #[arg(long, default_value_t = 20_000_000)]
+    events: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Parallelism of source and keyed operator.
+    #[arg(long, default_value_t = 2)]
+    parallelism: u32,
+    /// Runs per configuration (the best is reported, and all are printed).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+struct Outcome {
+    rate: f64,
+    checkpoints: usize,
+    p50_ms: f64,
+}
+
+async fn run(a: &Args, interval: Option<Duration>) -> Outcome {
+    let sink = DiscardSink::new();
+    let job = Job::new("keyed-sum-bench")
+        .with_parallelism(a.parallelism)
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()))
+        .with_checkpointing(CheckpointConfig {
+            interval,
+            retained: 1,
+            ..Default::default()
+        });
+    workload::keyed_sum(
+        &job,
+        a.events,
+        a.keys,
+        a.parallelism,
+        RunningSum::default(),
+        sink.clone(),
+    )
+    .expect("job builds");
+    let started = Instant::now();
+    let handle = job.start().expect("job starts");
+    let monitor = handle.monitor();
+    handle.wait().await.expect("job completes");
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(sink.count(), a.events, "every event reached the sink");
+    let mut durations: Vec<f64> = monitor
+        .checkpoint_stats()
+        .iter()
+        .filter(|s| s.status == CheckpointStatus::Completed)
+        .map(|s| s.duration.as_secs_f64() * 1e3)
+        .collect();
+    durations.sort_by(|x, y| x.total_cmp(y));
+    Outcome {
+        rate: a.events as f64 / secs,
+        checkpoints: durations.len(),
+        p50_ms: durations.get(durations.len() / 2).copied().unwrap_or(0.0),
+    }
+}
+
+fn main() {
+    let a = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    println!(
+        "keyed running sum: {} events, {} keys, parallelism {}, memory state + memory storage, best of {} runs",
+        a.events, a.keys, a.parallelism, a.runs
+    );
+    println!("| checkpoints | events/s (best) | all runs (M/s) | checkpoints completed | checkpoint p50 | vs none |");
+    println!("|---|---|---|---|---|---|");
+    let configs: [(&str, Option<Duration>); 3] = [
+        ("none", None),
+        ("every 1 s", Some(Duration::from_secs(1))),
+        ("every 100 ms", Some(Duration::from_millis(100))),
+    ];
+    let mut baseline = None;
+    // Interleave the configurations run by run so that machine noise hits all alike.
+    let mut results: Vec<Vec<Outcome>> = configs.iter().map(|_| Vec::new()).collect();
+    for _ in 0..a.runs {
+        for (i, (_, interval)) in configs.iter().enumerate() {
+            results[i].push(rt.block_on(run(&a, *interval)));
+        }
+    }
+    for ((name, _), outs) in configs.iter().zip(&results) {
+        let best = outs
+            .iter()
+            .max_by(|x, y| x.rate.total_cmp(&y.rate))
+            .expect("at least one run");
+        let all: Vec<String> = outs.iter().map(|o| format!("{:.1}", o.rate / 1e6)).collect();
+        let base = *baseline.get_or_insert(best.rate);
+        println!(
+            "| {name} | {:.2} M | {} | {} | {:.1} ms | {:.1} % |",
+            best.rate / 1e6,
+            all.join(", "),
+            best.checkpoints,
+            best.p50_ms,
+            (best.rate / base - 1.0) * 100.0
+        );
+    }
+}

@@ -1,0 +1,86 @@
+//! The runtime's error type.
+
+use sluice_core::CheckpointId;
+
+/// Result alias of the runtime.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// What can go wrong while building or running a job.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// A state backend or checkpoint storage operation failed.
+    #[error(transparent)]
+    Storage(#[from] sluice_core::Error),
+    /// A user function returned an error.
+    #[error("operator {operator} failed: {message}")]
+    User {
+        /// The operator (uid or name) whose function failed.
+        operator: String,
+        /// The function's message.
+        message: String,
+    },
+    /// A task panicked.
+    #[error("task {task} panicked: {message}")]
+    Panic {
+        /// The task that panicked.
+        task: String,
+        /// The panic payload, if it was a string.
+        message: String,
+    },
+    /// The job graph or a configuration value is invalid.
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    /// Encoding or decoding of a record or a state value failed.
+    #[error("codec error in {what}: {reason}")]
+    Codec {
+        /// What was being encoded or decoded (operator and state name).
+        what: String,
+        /// The codec's message.
+        reason: String,
+    },
+    /// A channel to another task closed unexpectedly (the other task failed).
+    #[error("task {task}: a channel closed unexpectedly (another task failed or the job was cancelled)")]
+    ChannelClosed {
+        /// The task that saw the closed channel.
+        task: String,
+    },
+    /// The job was cancelled.
+    #[error("job cancelled")]
+    Cancelled,
+    /// The restart strategy gave up after a failure.
+    #[error("job failed and the restart strategy {strategy} gave up after {attempts} restarts; last failure: {last}")]
+    RestartsExhausted {
+        /// The strategy in use.
+        strategy: String,
+        /// Number of restarts made.
+        attempts: u32,
+        /// The last failure.
+        last: Box<RuntimeError>,
+    },
+    /// Checkpointing failed more often in a row than tolerated.
+    #[error("{failures} checkpoints failed in a row (tolerable: {tolerable}); last: checkpoint {last_id}: {reason}")]
+    TooManyCheckpointFailures {
+        /// Consecutive failures seen.
+        failures: u32,
+        /// The configured tolerance.
+        tolerable: u32,
+        /// The last failed checkpoint.
+        last_id: CheckpointId,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A fault injected by a test ([`crate::testing`]).
+    #[error("injected failure: {0}")]
+    Injected(String),
+}
+
+impl RuntimeError {
+    /// A user-function error for `operator`.
+    pub fn user(operator: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        RuntimeError::User {
+            operator: operator.into(),
+            message: message.to_string(),
+        }
+    }
+}

@@ -1,0 +1,954 @@
+//! The job master: starts the tasks of each attempt, coordinates
+//! checkpoints (trigger, acknowledgements, metadata commit, notification,
+//! retention, timeouts, aborts) and recovers from failures with the restart
+//! strategy.
+
+use crate::config::{CheckpointingMode, RestartTracker};
+use crate::error::{Result, RuntimeError};
+use crate::graph::{Builder, EdgeKind, Job, JobGraph, TaskBuild};
+use crate::operator::InitContext;
+use crate::task::{AckPart, Control, Metrics, TaskEvent, TaskRuntime};
+use crate::testing::CommitHook;
+use bytes::Bytes;
+use sluice_core::metadata::{OperatorSnapshot, METADATA_FORMAT_VERSION};
+use sluice_core::{
+    check_parallelism, Alignment, CheckpointBarrier, CheckpointId, CheckpointKind, CheckpointMetadata,
+    CheckpointStorage, OperatorUid, StateBackend,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{error, info, warn};
+
+/// The outcome of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointStatus {
+    /// Triggered, not yet complete.
+    InProgress,
+    /// Metadata committed.
+    Completed,
+    /// Aborted; the reason.
+    Failed(String),
+}
+
+/// Statistics of one checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointStats {
+    /// The checkpoint's id.
+    pub id: CheckpointId,
+    /// Checkpoint or savepoint.
+    pub kind: CheckpointKind,
+    /// Trigger time, milliseconds since the Unix epoch.
+    pub trigger_time_ms: u64,
+    /// Status.
+    pub status: CheckpointStatus,
+    /// Trigger to commit (or to abort).
+    pub duration: Duration,
+    /// Bytes of state files.
+    pub state_size: u64,
+    /// Per task: time from its first to its last barrier.
+    pub alignment: Vec<Duration>,
+    /// Longest synchronous snapshot part of any task.
+    pub sync_max: Duration,
+    /// Longest asynchronous snapshot part of any task.
+    pub async_max: Duration,
+}
+
+impl CheckpointStats {
+    /// The longest alignment of any task.
+    pub fn alignment_max(&self) -> Duration {
+        self.alignment.iter().copied().max().unwrap_or_default()
+    }
+}
+
+/// A recovery from a failed attempt.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// What failed.
+    pub cause: String,
+    /// The checkpoint restored (None: started from scratch).
+    pub restored_from: Option<CheckpointId>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    /// Restarts made.
+    pub restarts: u32,
+    /// Checkpoints completed.
+    pub completed_checkpoints: u64,
+    /// The last completed checkpoint.
+    pub last_checkpoint: Option<CheckpointId>,
+    /// The checkpoint the job was resumed from at start, if any.
+    pub resumed_from: Option<CheckpointId>,
+    /// Every recovery, in order.
+    pub recoveries: Vec<Recovery>,
+    /// Wall time of the whole job.
+    pub duration: Duration,
+}
+
+enum Request {
+    Trigger(oneshot::Sender<std::result::Result<CheckpointId, String>>),
+    Cancel,
+}
+
+/// A running job.
+pub struct JobHandle {
+    monitor: JobMonitor,
+    join: tokio::task::JoinHandle<Result<JobResult>>,
+}
+
+/// A cloneable view of a running job: statistics, triggers, cancel.
+#[derive(Clone)]
+pub struct JobMonitor {
+    requests: mpsc::UnboundedSender<Request>,
+    stats: Arc<Mutex<Vec<CheckpointStats>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl JobMonitor {
+    /// Triggers a checkpoint now and waits until it completes or fails.
+    pub async fn trigger_checkpoint(&self) -> std::result::Result<CheckpointId, String> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Trigger(tx))
+            .map_err(|_| "job is not running".to_string())?;
+        rx.await
+            .map_err(|_| "job attempt ended before the checkpoint completed".to_string())?
+    }
+
+    /// Cancels the job; waiting on it then returns [`RuntimeError::Cancelled`].
+    pub fn cancel(&self) {
+        let _ = self.requests.send(Request::Cancel);
+    }
+
+    /// Statistics of every checkpoint so far (oldest first).
+    pub fn checkpoint_stats(&self) -> Vec<CheckpointStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records emitted by the sources so far (replays count again).
+    pub fn source_records(&self) -> u64 {
+        self.metrics
+            .source_records
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl JobHandle {
+    /// A cloneable view of the job.
+    pub fn monitor(&self) -> JobMonitor {
+        self.monitor.clone()
+    }
+
+    /// Triggers a checkpoint now and waits until it completes or fails.
+    pub async fn trigger_checkpoint(&self) -> std::result::Result<CheckpointId, String> {
+        self.monitor.trigger_checkpoint().await
+    }
+
+    /// Cancels the job; [`JobHandle::wait`] then returns [`RuntimeError::Cancelled`].
+    pub fn cancel(&self) {
+        self.monitor.cancel()
+    }
+
+    /// Waits for the job to end.
+    pub async fn wait(self) -> Result<JobResult> {
+        match self.join.await {
+            Ok(r) => r,
+            Err(e) => Err(RuntimeError::Panic {
+                task: "job master".into(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Statistics of every checkpoint so far (oldest first).
+    pub fn checkpoint_stats(&self) -> Vec<CheckpointStats> {
+        self.monitor.checkpoint_stats()
+    }
+
+    /// Records emitted by the sources so far (replays count again).
+    pub fn source_records(&self) -> u64 {
+        self.monitor.source_records()
+    }
+}
+
+impl Job {
+    /// Validates the job and starts it on the current tokio runtime.
+    pub fn start(self) -> Result<JobHandle> {
+        let mut b = self.inner.borrow_mut();
+        let master = JobMaster::new(&mut b)?;
+        drop(b);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = master.stats.clone();
+        let metrics = master.metrics.clone();
+        let join = tokio::spawn(master.run(rx));
+        Ok(JobHandle {
+            monitor: JobMonitor {
+                requests: tx,
+                stats,
+                metrics,
+            },
+            join,
+        })
+    }
+
+    /// Starts the job and waits for it to end.
+    pub async fn execute(self) -> Result<JobResult> {
+        self.start()?.wait().await
+    }
+}
+
+struct TaskInfo {
+    name: String,
+    is_source: bool,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+struct Pending {
+    barrier: CheckpointBarrier,
+    started: Instant,
+    deadline: Instant,
+    acks: HashMap<usize, Vec<AckPart>>,
+    alignment: Vec<Duration>,
+    sync_max: Duration,
+    async_max: Duration,
+    responders: Vec<oneshot::Sender<std::result::Result<CheckpointId, String>>>,
+}
+
+struct JobMaster {
+    name: String,
+    graph: Arc<JobGraph>,
+    max_parallelism: u32,
+    checkpoint: crate::config::CheckpointConfig,
+    restart: RestartTracker,
+    restart_name: String,
+    backend: Arc<dyn StateBackend>,
+    storage: Arc<dyn CheckpointStorage>,
+    resume: bool,
+    commit_hook: Option<Arc<dyn CommitHook>>,
+    stats: Arc<Mutex<Vec<CheckpointStats>>>,
+    metrics: Arc<Metrics>,
+    next_id: CheckpointId,
+    pending: BTreeMap<CheckpointId, Pending>,
+    aborted: BTreeSet<CheckpointId>,
+    completed: VecDeque<Arc<CheckpointMetadata>>,
+    completed_count: u64,
+    consecutive_failures: u32,
+    last_completion: Option<Instant>,
+    requests_closed: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum Step {
+    TaskDone(std::result::Result<(tokio::task::Id, Result<()>), tokio::task::JoinError>),
+    AllDone,
+    Event(TaskEvent),
+    Tick,
+    Request(Option<Request>),
+    Timeout,
+}
+
+impl JobMaster {
+    fn new(b: &mut Builder) -> Result<Self> {
+        if let Some(e) = b.errors.first() {
+            return Err(RuntimeError::InvalidJob(e.clone()));
+        }
+        b.checkpoint.validate()?;
+        let backend = match b.state_backend.clone() {
+            Some(x) => x,
+            None => default_backend()?,
+        };
+        let storage = match b.storage.clone() {
+            Some(x) => x,
+            None => default_storage()?,
+        };
+        let vertices = std::mem::take(&mut b.vertices);
+        let edges = std::mem::take(&mut b.edges);
+        if vertices.is_empty() {
+            return Err(RuntimeError::InvalidJob("the job has no operators".into()));
+        }
+        for v in &vertices {
+            check_parallelism(b.max_parallelism, v.parallelism)
+                .map_err(|e| RuntimeError::InvalidJob(format!("task {}: {e}", v.name)))?;
+            if v.build.is_none() {
+                return Err(RuntimeError::InvalidJob(format!(
+                    "the stream of task {} goes nowhere: end it with a sink",
+                    v.name
+                )));
+            }
+        }
+        for e in &edges {
+            if e.kind == EdgeKind::Forward && vertices[e.from].parallelism != vertices[e.to].parallelism {
+                return Err(RuntimeError::InvalidJob(format!(
+                    "forward edge from {} (parallelism {}) to {} (parallelism {}) needs equal parallelism",
+                    vertices[e.from].name,
+                    vertices[e.from].parallelism,
+                    vertices[e.to].name,
+                    vertices[e.to].parallelism
+                )));
+            }
+        }
+        Ok(JobMaster {
+            name: b.name.clone(),
+            graph: Arc::new(JobGraph { vertices, edges }),
+            max_parallelism: b.max_parallelism,
+            checkpoint: b.checkpoint.clone(),
+            restart_name: b.restart.to_string(),
+            restart: RestartTracker::new(b.restart.clone()),
+            backend,
+            storage,
+            resume: b.resume,
+            commit_hook: b.commit_hook.clone(),
+            stats: Arc::new(Mutex::new(Vec::new())),
+            metrics: Arc::new(Metrics::default()),
+            next_id: CheckpointId(1),
+            pending: BTreeMap::new(),
+            aborted: BTreeSet::new(),
+            completed: VecDeque::new(),
+            completed_count: 0,
+            consecutive_failures: 0,
+            last_completion: None,
+            requests_closed: false,
+        })
+    }
+
+    /// Reads the newest readable completed checkpoint among `ids` (newest
+    /// first), falling back to older ones when metadata is unreadable.
+    async fn load_latest(&self, ids: impl Iterator<Item = CheckpointId>) -> Option<Arc<CheckpointMetadata>> {
+        for id in ids {
+            match sluice_core::metadata::read_checkpoint_metadata(self.storage.as_ref(), id).await {
+                Ok(m) => return Some(Arc::new(m)),
+                Err(e) => warn!(
+                    checkpoint = id.0,
+                    "cannot restore from checkpoint {id}: {e}; trying an older one"
+                ),
+            }
+        }
+        None
+    }
+
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) -> Result<JobResult> {
+        let job_started = Instant::now();
+        let listing = self.storage.list().await?;
+        if let Some(max) = listing.iter().map(|c| c.id).max() {
+            self.next_id = max.next();
+        }
+        for c in listing.iter().filter(|c| !c.committed) {
+            info!(
+                checkpoint = c.id.0,
+                "discarding the files of checkpoint {} that was never committed", c.id
+            );
+            if let Err(e) = self.storage.discard(c.id).await {
+                warn!("could not discard uncommitted checkpoint {}: {e}", c.id);
+            }
+        }
+        let mut restore = None;
+        if self.resume {
+            let committed: Vec<CheckpointId> = listing
+                .iter()
+                .filter(|c| c.committed)
+                .map(|c| c.id)
+                .rev()
+                .collect();
+            restore = self.load_latest(committed.into_iter()).await;
+            match &restore {
+                Some(m) => {
+                    info!(
+                        checkpoint = m.checkpoint_id.0,
+                        "resuming from checkpoint {}", m.checkpoint_id
+                    );
+                    self.completed.push_back(m.clone());
+                }
+                None => info!(
+                    "no completed checkpoint to resume from in {}; starting from scratch",
+                    self.storage.describe()
+                ),
+            }
+        }
+        let resumed_from = restore.as_ref().map(|m| m.checkpoint_id);
+        let mut recoveries = Vec::new();
+        loop {
+            let outcome = self.run_attempt(restore.clone(), &mut requests).await;
+            match outcome {
+                Ok(()) => {
+                    return Ok(JobResult {
+                        restarts: self.restart.restarts(),
+                        completed_checkpoints: self.completed_count,
+                        last_checkpoint: self.completed.back().map(|m| m.checkpoint_id),
+                        resumed_from,
+                        recoveries,
+                        duration: job_started.elapsed(),
+                    })
+                }
+                Err(RuntimeError::Cancelled) => return Err(RuntimeError::Cancelled),
+                Err(e) => {
+                    error!("job {} attempt failed: {e}", self.name);
+                    let Some(delay) = self.restart.on_failure(Instant::now()) else {
+                        return Err(RuntimeError::RestartsExhausted {
+                            strategy: self.restart_name.clone(),
+                            attempts: self.restart.restarts(),
+                            last: Box::new(e),
+                        });
+                    };
+                    tokio::time::sleep(delay).await;
+                    let ids: Vec<CheckpointId> =
+                        self.completed.iter().rev().map(|m| m.checkpoint_id).collect();
+                    restore = self.load_latest(ids.into_iter()).await;
+                    match &restore {
+                        Some(m) => info!(
+                            checkpoint = m.checkpoint_id.0,
+                            "restarting job {} (restart {}) from checkpoint {}",
+                            self.name,
+                            self.restart.restarts(),
+                            m.checkpoint_id
+                        ),
+                        None => info!(
+                            "restarting job {} (restart {}) from scratch: no completed checkpoint",
+                            self.name,
+                            self.restart.restarts()
+                        ),
+                    }
+                    recoveries.push(Recovery {
+                        cause: e.to_string(),
+                        restored_from: restore.as_ref().map(|m| m.checkpoint_id),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn run_attempt(
+        &mut self,
+        restore: Option<Arc<CheckpointMetadata>>,
+        requests: &mut mpsc::UnboundedReceiver<Request>,
+    ) -> Result<()> {
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let writers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+        let mut task_of: HashMap<tokio::task::Id, usize> = HashMap::new();
+        let mut infos: Vec<TaskInfo> = Vec::new();
+        let graph = self.graph.clone();
+        let build = self.spawn_tasks(
+            &graph,
+            restore,
+            &events_tx,
+            &writers,
+            &mut tasks,
+            &mut task_of,
+            &mut infos,
+        );
+        drop(events_tx);
+        let result = match build {
+            Ok(()) => {
+                self.attempt_loop(&mut tasks, &task_of, &infos, &mut events_rx, requests)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        // Tear down: stop every task and snapshot writer, clean up pending checkpoints.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let handles: Vec<JoinHandle<()>> = writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for h in &handles {
+            h.abort();
+        }
+        for h in handles {
+            let _ = h.await;
+        }
+        let pending: Vec<CheckpointId> = self.pending.keys().copied().collect();
+        for id in pending {
+            // Not counted: the attempt is over either way.
+            let _ = self
+                .fail_checkpoint(id, "the job attempt ended".into(), &infos, false)
+                .await;
+        }
+        // Snapshot writers of aborted checkpoints may have finished their
+        // files after the abort: remove them now that every writer stopped.
+        let committed: BTreeSet<CheckpointId> = self.completed.iter().map(|m| m.checkpoint_id).collect();
+        for id in std::mem::take(&mut self.aborted) {
+            if !committed.contains(&id) {
+                if let Err(e) = self.storage.discard(id).await {
+                    warn!("could not remove the files of aborted checkpoint {id}: {e}");
+                }
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_tasks(
+        &mut self,
+        graph: &JobGraph,
+        restore: Option<Arc<CheckpointMetadata>>,
+        events: &mpsc::UnboundedSender<TaskEvent>,
+        writers: &Arc<Mutex<Vec<JoinHandle<()>>>>,
+        tasks: &mut JoinSet<Result<()>>,
+        task_of: &mut HashMap<tokio::task::Id, usize>,
+        infos: &mut Vec<TaskInfo>,
+    ) -> Result<()> {
+        let mut grids: Vec<_> = graph
+            .edges
+            .iter()
+            .map(|e| {
+                (e.grid)(
+                    graph.vertices[e.from].parallelism as usize,
+                    graph.vertices[e.to].parallelism as usize,
+                )
+            })
+            .collect();
+        for (v, vertex) in graph.vertices.iter().enumerate() {
+            let build = vertex
+                .build
+                .clone()
+                .ok_or_else(|| RuntimeError::InvalidJob(format!("task {} has no sink", vertex.name)))?;
+            for s in 0..vertex.parallelism {
+                let mut inputs = Vec::new();
+                let mut outputs = Vec::new();
+                for (e, edge) in graph.edges.iter().enumerate() {
+                    if edge.to == v {
+                        inputs.append(&mut grids[e].receivers[s as usize]);
+                    }
+                    if edge.from == v {
+                        outputs.append(&mut grids[e].senders[s as usize]);
+                    }
+                }
+                let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+                let index = infos.len();
+                let name = format!("{} ({}/{})", vertex.name, s + 1, vertex.parallelism);
+                let init = InitContext {
+                    job_name: self.name.clone(),
+                    task_name: Arc::from(name.as_str()),
+                    subtask: s,
+                    parallelism: vertex.parallelism,
+                    max_parallelism: self.max_parallelism,
+                    state_backend: self.backend.clone(),
+                    storage: self.storage.clone(),
+                    restore: restore.clone(),
+                };
+                let rt = TaskRuntime {
+                    index,
+                    init,
+                    control: ctl_rx,
+                    events: events.clone(),
+                    writers: writers.clone(),
+                    metrics: self.metrics.clone(),
+                };
+                let body = build(&mut TaskBuild {
+                    runtime: Some(rt),
+                    inputs,
+                    outputs,
+                })?;
+                let handle = tasks.spawn(body);
+                task_of.insert(handle.id(), index);
+                infos.push(TaskInfo {
+                    name,
+                    is_source: vertex.is_source,
+                    control: ctl_tx,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn attempt_loop(
+        &mut self,
+        tasks: &mut JoinSet<Result<()>>,
+        task_of: &HashMap<tokio::task::Id, usize>,
+        infos: &[TaskInfo],
+        events: &mut mpsc::UnboundedReceiver<TaskEvent>,
+        requests: &mut mpsc::UnboundedReceiver<Request>,
+    ) -> Result<()> {
+        let mut finished = vec![false; infos.len()];
+        let mut sources_finishing = false;
+        let interval = self.checkpoint.interval;
+        let mut ticker = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await; // the first tick is immediate
+        loop {
+            let deadline = self.pending.values().map(|p| p.deadline).min();
+            let step = tokio::select! {
+                r = tasks.join_next_with_id() => match r { Some(r) => Step::TaskDone(r), None => Step::AllDone },
+                Some(ev) = events.recv() => Step::Event(ev),
+                _ = ticker.tick(), if interval.is_some() => Step::Tick,
+                r = requests.recv(), if !self.requests_closed => Step::Request(r),
+                _ = sleep_until_opt(deadline), if deadline.is_some() => Step::Timeout,
+            };
+            match step {
+                Step::AllDone => return Ok(()),
+                Step::TaskDone(Ok((id, Ok(())))) => {
+                    if let Some(&i) = task_of.get(&id) {
+                        finished[i] = true;
+                        sources_finishing |= infos[i].is_source;
+                    }
+                }
+                Step::TaskDone(Ok((id, Err(e)))) => {
+                    let name = task_of.get(&id).map(|i| infos[*i].name.as_str()).unwrap_or("?");
+                    error!("task {name} failed: {e}");
+                    return Err(e);
+                }
+                Step::TaskDone(Err(join)) => {
+                    let name = task_of
+                        .get(&join.id())
+                        .map(|i| infos[*i].name.clone())
+                        .unwrap_or_default();
+                    let message = if join.is_panic() {
+                        let p = join.into_panic();
+                        p.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "non-string panic".into())
+                    } else {
+                        "task was cancelled".into()
+                    };
+                    error!("task {name} panicked: {message}");
+                    return Err(RuntimeError::Panic { task: name, message });
+                }
+                Step::Event(ev) => self.on_event(ev, infos).await?,
+                Step::Tick => {
+                    if !sources_finishing {
+                        self.trigger(infos, None, true).await?;
+                    }
+                }
+                // Every handle was dropped: the job runs on, detached.
+                Step::Request(None) => self.requests_closed = true,
+                Step::Request(Some(Request::Cancel)) => {
+                    info!("job {} cancelled", self.name);
+                    return Err(RuntimeError::Cancelled);
+                }
+                Step::Request(Some(Request::Trigger(tx))) => {
+                    if sources_finishing {
+                        let _ = tx.send(Err("the job's sources are finishing; no more checkpoints".into()));
+                    } else {
+                        self.trigger(infos, Some(tx), false).await?;
+                    }
+                }
+                Step::Timeout => {
+                    let now = Instant::now();
+                    let expired: Vec<CheckpointId> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| p.deadline <= now)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in expired {
+                        let reason = format!("timed out after {:?}", self.checkpoint.timeout);
+                        self.fail_checkpoint(id, reason, infos, true).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn trigger(
+        &mut self,
+        infos: &[TaskInfo],
+        responder: Option<oneshot::Sender<std::result::Result<CheckpointId, String>>>,
+        periodic: bool,
+    ) -> Result<()> {
+        if periodic {
+            if self.pending.len() >= self.checkpoint.max_concurrent {
+                return Ok(());
+            }
+            if self
+                .last_completion
+                .is_some_and(|t| t.elapsed() < self.checkpoint.min_pause)
+            {
+                return Ok(());
+            }
+        }
+        let id = self.next_id;
+        self.next_id = id.next();
+        let barrier = CheckpointBarrier {
+            checkpoint_id: id,
+            timestamp_ms: now_ms(),
+            kind: CheckpointKind::Checkpoint,
+            alignment: match self.checkpoint.mode {
+                CheckpointingMode::ExactlyOnce => Alignment::Aligned,
+                CheckpointingMode::AtLeastOnce => Alignment::AtLeastOnce,
+            },
+        };
+        let started = Instant::now();
+        self.pending.insert(
+            id,
+            Pending {
+                barrier,
+                started,
+                deadline: started + self.checkpoint.timeout,
+                acks: HashMap::new(),
+                alignment: Vec::new(),
+                sync_max: Duration::ZERO,
+                async_max: Duration::ZERO,
+                responders: responder.into_iter().collect(),
+            },
+        );
+        self.push_stats(CheckpointStats {
+            id,
+            kind: barrier.kind,
+            trigger_time_ms: barrier.timestamp_ms,
+            status: CheckpointStatus::InProgress,
+            duration: Duration::ZERO,
+            state_size: 0,
+            alignment: Vec::new(),
+            sync_max: Duration::ZERO,
+            async_max: Duration::ZERO,
+        });
+        let mut all_sent = true;
+        for t in infos.iter().filter(|t| t.is_source) {
+            all_sent &= t.control.send(Control::Trigger(barrier)).is_ok();
+        }
+        if !all_sent {
+            self.fail_checkpoint(id, "a source task has finished".into(), infos, false)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn on_event(&mut self, ev: TaskEvent, infos: &[TaskInfo]) -> Result<()> {
+        match ev {
+            TaskEvent::Decline {
+                checkpoint,
+                task,
+                reason,
+            } => {
+                if self.pending.contains_key(&checkpoint) {
+                    let reason = format!("task {} declined: {reason}", infos[task].name);
+                    self.fail_checkpoint(checkpoint, reason, infos, true).await?;
+                }
+            }
+            TaskEvent::Ack {
+                checkpoint,
+                task,
+                parts,
+                alignment,
+                sync,
+                async_part,
+            } => {
+                let Some(p) = self.pending.get_mut(&checkpoint) else {
+                    if self.aborted.contains(&checkpoint) {
+                        // Files written after the abort: remove them too.
+                        let storage = self.storage.clone();
+                        tokio::spawn(async move { storage.discard(checkpoint).await });
+                    }
+                    return Ok(());
+                };
+                p.acks.insert(task, parts);
+                p.alignment.push(alignment);
+                p.sync_max = p.sync_max.max(sync);
+                p.async_max = p.async_max.max(async_part);
+                if p.acks.len() == infos.len() {
+                    self.complete(checkpoint, infos).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn complete(&mut self, id: CheckpointId, infos: &[TaskInfo]) -> Result<()> {
+        let Some(p) = self.pending.remove(&id) else {
+            return Ok(());
+        };
+        let duration = p.started.elapsed();
+        let mut ops: BTreeMap<OperatorUid, OperatorSnapshot> = BTreeMap::new();
+        for part in p.acks.into_values().flatten() {
+            let op = ops.entry(part.uid.clone()).or_insert_with(|| OperatorSnapshot {
+                uid: part.uid.clone(),
+                parallelism: part.parallelism,
+                subtasks: Vec::new(),
+            });
+            op.subtasks.push(part.snapshot);
+        }
+        for op in ops.values_mut() {
+            op.subtasks.sort_by_key(|s| s.subtask);
+        }
+        let meta = CheckpointMetadata {
+            format_version: METADATA_FORMAT_VERSION,
+            job_name: self.name.clone(),
+            checkpoint_id: id,
+            kind: p.barrier.kind,
+            trigger_time_ms: p.barrier.timestamp_ms,
+            duration_ms: duration.as_millis() as u64,
+            max_parallelism: self.max_parallelism,
+            operators: ops.into_values().collect(),
+        };
+        let json = Bytes::from(meta.to_json()?);
+        if let Some(hook) = &self.commit_hook {
+            if let Err(msg) = hook.before_commit(id) {
+                // Simulated crash of the job master: the checkpoint stays
+                // uncommitted; teardown removes its files.
+                self.aborted.insert(id);
+                let _ = self.storage.discard(id).await;
+                return Err(RuntimeError::Injected(msg));
+            }
+        }
+        let committed = match self.storage.commit_metadata(id, json.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e @ sluice_core::Error::Indeterminate { .. }) => {
+                warn!("commit of checkpoint {id} is indeterminate ({e}); reading it back");
+                match self.storage.read_metadata(id).await {
+                    Ok(b) if b == json => Ok(()),
+                    _ => Err(e.to_string()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let state_size = meta.state_size();
+        match committed {
+            Ok(()) => {
+                self.consecutive_failures = 0;
+                self.completed_count += 1;
+                self.last_completion = Some(Instant::now());
+                let align_max = p.alignment.iter().copied().max().unwrap_or_default();
+                info!(
+                    checkpoint = id.0,
+                    "checkpoint {id} completed in {} ms: {} bytes, max alignment {} ms, sync {} ms, async {} ms",
+                    duration.as_millis(),
+                    state_size,
+                    align_max.as_millis(),
+                    p.sync_max.as_millis(),
+                    p.async_max.as_millis()
+                );
+                self.update_stats(id, |s| {
+                    s.status = CheckpointStatus::Completed;
+                    s.duration = duration;
+                    s.state_size = state_size;
+                    s.alignment = p.alignment.clone();
+                    s.sync_max = p.sync_max;
+                    s.async_max = p.async_max;
+                });
+                for t in infos {
+                    let _ = t.control.send(Control::Complete(id));
+                }
+                for r in p.responders {
+                    let _ = r.send(Ok(id));
+                }
+                // Older pending checkpoints are subsumed.
+                let older: Vec<CheckpointId> = self.pending.range(..id).map(|(k, _)| *k).collect();
+                for o in older {
+                    self.fail_checkpoint(o, format!("subsumed by checkpoint {id}"), infos, false)
+                        .await?;
+                }
+                self.completed.push_back(Arc::new(meta));
+                while self.completed.len() > self.checkpoint.retained {
+                    if let Some(old) = self.completed.pop_front() {
+                        if let Err(e) = self.storage.discard(old.checkpoint_id).await {
+                            warn!("could not discard old checkpoint {}: {e}", old.checkpoint_id);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                self.pending.insert(
+                    id,
+                    Pending {
+                        acks: HashMap::new(),
+                        ..p
+                    },
+                );
+                self.fail_checkpoint(id, format!("metadata commit failed: {reason}"), infos, true)
+                    .await
+            }
+        }
+    }
+
+    /// Aborts checkpoint `id`: tasks are told, its files are removed, and if
+    /// `counts`, it counts against the tolerable failures.
+    async fn fail_checkpoint(
+        &mut self,
+        id: CheckpointId,
+        reason: String,
+        infos: &[TaskInfo],
+        counts: bool,
+    ) -> Result<()> {
+        let Some(p) = self.pending.remove(&id) else {
+            return Ok(());
+        };
+        warn!(checkpoint = id.0, "checkpoint {id} failed: {reason}");
+        self.aborted.insert(id);
+        for t in infos {
+            let _ = t.control.send(Control::Abort(id));
+        }
+        if let Err(e) = self.storage.discard(id).await {
+            warn!("could not remove the files of failed checkpoint {id}: {e}");
+        }
+        let duration = p.started.elapsed();
+        self.update_stats(id, |s| {
+            s.status = CheckpointStatus::Failed(reason.clone());
+            s.duration = duration;
+        });
+        for r in p.responders {
+            let _ = r.send(Err(reason.clone()));
+        }
+        if counts {
+            self.consecutive_failures += 1;
+            if self.consecutive_failures > self.checkpoint.tolerable_failures {
+                return Err(RuntimeError::TooManyCheckpointFailures {
+                    failures: self.consecutive_failures,
+                    tolerable: self.checkpoint.tolerable_failures,
+                    last_id: id,
+                    reason,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn push_stats(&self, s: CheckpointStats) {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if stats.len() >= 10_000 {
+            stats.remove(0);
+        }
+        stats.push(s);
+    }
+
+    fn update_stats(&self, id: CheckpointId, f: impl FnOnce(&mut CheckpointStats)) {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = stats.iter_mut().rev().find(|s| s.id == id) {
+            f(s);
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(feature = "memory")]
+fn default_backend() -> Result<Arc<dyn StateBackend>> {
+    Ok(Arc::new(sluice_backend_memory::MemoryStateBackend::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn default_backend() -> Result<Arc<dyn StateBackend>> {
+    Err(RuntimeError::InvalidJob(
+        "no state backend set: call Job::with_state_backend".into(),
+    ))
+}
+
+#[cfg(feature = "memory")]
+fn default_storage() -> Result<Arc<dyn CheckpointStorage>> {
+    Ok(Arc::new(sluice_backend_memory::MemoryCheckpointStorage::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn default_storage() -> Result<Arc<dyn CheckpointStorage>> {
+    Err(RuntimeError::InvalidJob(
+        "no checkpoint storage set: call Job::with_checkpoint_storage".into(),
+    ))
+}

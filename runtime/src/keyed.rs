@@ -1,0 +1,315 @@
+//! Keyed processing: the keyed process operator (one and two inputs) that
+//! scopes state to the current key and restores it by key group.
+
+use crate::error::{Result, RuntimeError};
+use crate::operator::{Collector, InitContext, Operator, Outbox, SnapshotParts};
+use crate::state::{KeyedContext, OpenContext};
+use serde::Serialize;
+use sluice_core::{
+    key_group_for_key, CheckpointBarrier, CheckpointId, KeyGroupRange, KeyedStateStore, OperatorUid, StateId,
+    StoreScope,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A function over a keyed stream with keyed state (Flink's
+/// `KeyedProcessFunction`). It is cloned once per subtask.
+pub trait KeyedProcessFunction<K, I, O>: Clone + Send + Sync + 'static {
+    /// Registers state; called once per subtask after restore.
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()>;
+    /// Processes one record of key `key`.
+    fn process(
+        &mut self,
+        key: &K,
+        value: I,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, O>,
+    ) -> Result<()>;
+}
+
+/// A function over two keyed streams connected by key (Flink's
+/// `KeyedCoProcessFunction`). Both inputs share the keyed state.
+pub trait KeyedCoProcessFunction<K, I1, I2, O>: Clone + Send + Sync + 'static {
+    /// Registers state; called once per subtask after restore.
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()>;
+    /// Processes a record of the first input.
+    fn process1(
+        &mut self,
+        key: &K,
+        value: I1,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, O>,
+    ) -> Result<()>;
+    /// Processes a record of the second input.
+    fn process2(
+        &mut self,
+        key: &K,
+        value: I2,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, O>,
+    ) -> Result<()>;
+}
+
+/// A record of one of two connected inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Either<A, B> {
+    /// From the first input.
+    Left(A),
+    /// From the second input.
+    Right(B),
+}
+
+/// Writes a key's bytes (its postcard encoding) into `buf`.
+#[inline]
+pub(crate) fn encode_key<K: Serialize>(key: &K, buf: &mut Vec<u8>) {
+    buf.clear();
+    match postcard::to_extend(key, std::mem::take(buf)) {
+        Ok(v) => *buf = v,
+        // Only types postcard cannot encode fail; the keyed operator reports it.
+        Err(_) => buf.clear(),
+    }
+}
+
+/// The keyed state of one subtask: store, key scratch buffers, restore.
+pub(crate) struct KeyedBackend {
+    pub uid: OperatorUid,
+    store: Option<Box<dyn KeyedStateStore>>,
+    range: KeyGroupRange,
+    max_parallelism: u32,
+    subtask: u32,
+    key: Vec<u8>,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+    kinds: HashMap<String, &'static str>,
+}
+
+impl KeyedBackend {
+    pub fn new(uid: OperatorUid) -> Self {
+        KeyedBackend {
+            uid,
+            store: None,
+            range: KeyGroupRange { start: 0, end: 0 },
+            max_parallelism: 1,
+            subtask: 0,
+            key: Vec::with_capacity(16),
+            buf: Vec::with_capacity(64),
+            scratch: Vec::new(),
+            kinds: HashMap::new(),
+        }
+    }
+
+    /// Opens the store and restores the key groups this subtask owns.
+    pub async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
+        self.range = KeyGroupRange::for_subtask(ctx.max_parallelism, ctx.parallelism, ctx.subtask);
+        self.max_parallelism = ctx.max_parallelism;
+        self.subtask = ctx.subtask;
+        let mut store = ctx.state_backend.open_store(&StoreScope {
+            job: ctx.job_name.clone(),
+            operator: self.uid.clone(),
+            subtask: ctx.subtask,
+            parallelism: ctx.parallelism,
+            max_parallelism: ctx.max_parallelism,
+            key_groups: self.range,
+        })?;
+        if let Some(meta) = &ctx.restore {
+            if meta.max_parallelism != ctx.max_parallelism {
+                return Err(RuntimeError::Storage(sluice_core::Error::Incompatible {
+                    what: format!("checkpoint {} for operator {}", meta.checkpoint_id, self.uid),
+                    reason: format!(
+                        "written with max parallelism {}, the job has {}; the max parallelism of a job cannot change",
+                        meta.max_parallelism, ctx.max_parallelism
+                    ),
+                }));
+            }
+            if let Some(op) = meta.operator(&self.uid) {
+                let mut ids: HashMap<String, StateId> = HashMap::new();
+                for st in &op.subtasks {
+                    let Some(file) = &st.keyed_state else { continue };
+                    let Some(range) = file.key_groups.intersect(&self.range) else {
+                        continue;
+                    };
+                    let store_ref = &mut store;
+                    sluice_core::format::read_key_groups(
+                        ctx.storage.as_ref(),
+                        file,
+                        range,
+                        &mut |name, kg, k, v| {
+                            let id = match ids.get(name) {
+                                Some(id) => *id,
+                                None => {
+                                    let id = store_ref.register_state(name)?;
+                                    ids.insert(name.to_string(), id);
+                                    id
+                                }
+                            };
+                            store_ref.put(id, kg, k, v)
+                        },
+                    )
+                    .await?;
+                }
+            }
+        }
+        self.store = Some(store);
+        Ok(())
+    }
+
+    fn store(&mut self) -> Result<&mut Box<dyn KeyedStateStore>> {
+        self.store
+            .as_mut()
+            .ok_or_else(|| RuntimeError::InvalidJob(format!("operator {} used before initialize", self.uid)))
+    }
+
+    pub fn open_context(&mut self) -> Result<OpenContext<'_>> {
+        let uid = self.uid.as_str();
+        let store = self
+            .store
+            .as_mut()
+            .ok_or_else(|| RuntimeError::InvalidJob(format!("operator {uid} opened before initialize")))?;
+        Ok(OpenContext {
+            store: store.as_mut(),
+            operator: uid,
+            subtask: self.subtask,
+            kinds: &mut self.kinds,
+        })
+    }
+
+    /// Sets the current key and returns the context for it.
+    #[inline]
+    pub fn context<K: Serialize>(&mut self, key: &K) -> Result<KeyedContext<'_>> {
+        encode_key(key, &mut self.key);
+        let kg = key_group_for_key(&self.key, self.max_parallelism);
+        if !self.range.contains(kg) {
+            return Err(RuntimeError::InvalidJob(format!(
+                "operator {} subtask {} got a key of key group {kg} outside its range {} \
+                 (is the key selector deterministic?)",
+                self.uid, self.subtask, self.range
+            )));
+        }
+        let store = self
+            .store
+            .as_mut()
+            .ok_or_else(|| RuntimeError::InvalidJob("keyed operator used before initialize".into()))?;
+        Ok(KeyedContext {
+            store: store.as_mut(),
+            key_group: kg,
+            key: &self.key,
+            buf: &mut self.buf,
+            scratch: &mut self.scratch,
+        })
+    }
+
+    pub fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
+        let subtask = self.subtask;
+        let uid = self.uid.clone();
+        let snap = self.store()?.snapshot(barrier.checkpoint_id)?;
+        parts.keyed.push((uid, subtask, snap));
+        Ok(())
+    }
+}
+
+/// The keyed process operator.
+pub(crate) struct KeyedProcessOp<K, I, O, F> {
+    pub backend: KeyedBackend,
+    pub key_fn: Arc<dyn Fn(&I) -> K + Send + Sync>,
+    pub func: F,
+    pub out: Box<dyn Operator<O>>,
+}
+
+#[async_trait::async_trait]
+impl<K, I, O, F> Operator<I> for KeyedProcessOp<K, I, O, F>
+where
+    K: Serialize + Send + Sync + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+    F: KeyedProcessFunction<K, I, O>,
+{
+    async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
+        self.backend.initialize(ctx).await?;
+        self.func.open(&mut self.backend.open_context()?)?;
+        self.out.initialize(ctx).await
+    }
+
+    #[inline]
+    fn process(&mut self, record: I) -> Result<()> {
+        let key = (self.key_fn)(&record);
+        let mut ctx = self.backend.context(&key)?;
+        self.func
+            .process(&key, record, &mut ctx, &mut Collector::new(self.out.as_mut()))
+    }
+
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
+        self.backend.snapshot(barrier, parts)?;
+        self.out.snapshot(barrier, parts)
+    }
+
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()> {
+        self.out.checkpoint_complete(id)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.out.finish()
+    }
+
+    fn outbox(&mut self) -> Option<&mut dyn Outbox> {
+        self.out.outbox()
+    }
+}
+
+/// The keyed two-input operator.
+pub(crate) struct KeyedCoProcessOp<K, I1, I2, O, F> {
+    pub backend: KeyedBackend,
+    pub key1: Arc<dyn Fn(&I1) -> K + Send + Sync>,
+    pub key2: Arc<dyn Fn(&I2) -> K + Send + Sync>,
+    pub func: F,
+    pub out: Box<dyn Operator<O>>,
+}
+
+#[async_trait::async_trait]
+impl<K, I1, I2, O, F> Operator<Either<I1, I2>> for KeyedCoProcessOp<K, I1, I2, O, F>
+where
+    K: Serialize + Send + Sync + 'static,
+    I1: Send + 'static,
+    I2: Send + 'static,
+    O: Send + 'static,
+    F: KeyedCoProcessFunction<K, I1, I2, O>,
+{
+    async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
+        self.backend.initialize(ctx).await?;
+        self.func.open(&mut self.backend.open_context()?)?;
+        self.out.initialize(ctx).await
+    }
+
+    fn process(&mut self, record: Either<I1, I2>) -> Result<()> {
+        match record {
+            Either::Left(a) => {
+                let key = (self.key1)(&a);
+                let mut ctx = self.backend.context(&key)?;
+                self.func
+                    .process1(&key, a, &mut ctx, &mut Collector::new(self.out.as_mut()))
+            }
+            Either::Right(b) => {
+                let key = (self.key2)(&b);
+                let mut ctx = self.backend.context(&key)?;
+                self.func
+                    .process2(&key, b, &mut ctx, &mut Collector::new(self.out.as_mut()))
+            }
+        }
+    }
+
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
+        self.backend.snapshot(barrier, parts)?;
+        self.out.snapshot(barrier, parts)
+    }
+
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()> {
+        self.out.checkpoint_complete(id)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.out.finish()
+    }
+
+    fn outbox(&mut self) -> Option<&mut dyn Outbox> {
+        self.out.outbox()
+    }
+}

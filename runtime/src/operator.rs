@@ -1,0 +1,227 @@
+//! Operators and operator chains.
+//!
+//! A task runs a *chain*: operators connected by direct calls (Flink's
+//! operator chaining), ending either in a network output (to the next task)
+//! or in a sink. Every operator forwards the lifecycle calls (initialize,
+//! snapshot, checkpoint complete, finish) to the rest of the chain.
+
+use crate::channel::{Message, OutputWriter};
+use crate::error::Result;
+use futures::future::BoxFuture;
+use sluice_core::{
+    CheckpointBarrier, CheckpointId, CheckpointMetadata, CheckpointStorage, OperatorUid, SplitPosition,
+    StateBackend, StateSnapshot,
+};
+use std::sync::Arc;
+
+/// What an operator needs to open and restore itself.
+#[derive(Clone)]
+pub struct InitContext {
+    /// The job's name.
+    pub job_name: String,
+    /// The task (chain) name, for logs and errors.
+    pub task_name: Arc<str>,
+    /// This subtask's index.
+    pub subtask: u32,
+    /// The task's parallelism.
+    pub parallelism: u32,
+    /// The job's max parallelism.
+    pub max_parallelism: u32,
+    /// Where keyed state lives while running.
+    pub state_backend: Arc<dyn StateBackend>,
+    /// Where checkpoints are stored (restore reads from it).
+    pub storage: Arc<dyn CheckpointStorage>,
+    /// The checkpoint to restore from, if any.
+    pub restore: Option<Arc<CheckpointMetadata>>,
+}
+
+/// What the synchronous part of a snapshot collects from a chain.
+#[derive(Default)]
+pub struct SnapshotParts {
+    /// Keyed state views to encode and write asynchronously, by operator.
+    pub keyed: Vec<(OperatorUid, u32, Box<dyn StateSnapshot>)>,
+    /// Source split positions, by operator.
+    pub splits: Vec<(OperatorUid, u32, Vec<SplitPosition>)>,
+}
+
+/// The network side of a chain, as the task loop sees it (type-erased).
+pub trait Outbox: Send {
+    /// Moves partial batches into the send queue.
+    fn flush_partial(&mut self);
+    /// Whether messages wait for channel capacity.
+    fn has_pending(&self) -> bool;
+    /// Sends queued messages, waiting for capacity.
+    fn drain(&mut self) -> BoxFuture<'_, Result<()>>;
+}
+
+impl<T: Clone + Send + 'static> Outbox for OutputWriter<T> {
+    fn flush_partial(&mut self) {
+        OutputWriter::flush_partial(self)
+    }
+    fn has_pending(&self) -> bool {
+        OutputWriter::has_pending(self)
+    }
+    fn drain(&mut self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(OutputWriter::drain(self))
+    }
+}
+
+/// One link of an operator chain, consuming records of type `T`.
+#[async_trait::async_trait]
+pub trait Operator<T>: Send {
+    /// Opens the operator and restores its state; forwards down the chain.
+    async fn initialize(&mut self, ctx: &InitContext) -> Result<()>;
+    /// Processes one record.
+    fn process(&mut self, record: T) -> Result<()>;
+    /// Synchronous part of checkpoint `barrier`: capture state into `parts`,
+    /// then forward (the chain's network output emits the barrier).
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()>;
+    /// Checkpoint `id` is complete (its metadata is committed).
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()>;
+    /// End of input: flush and forward.
+    fn finish(&mut self) -> Result<()>;
+    /// The chain's network output, if it has one.
+    fn outbox(&mut self) -> Option<&mut dyn Outbox>;
+}
+
+/// Forwards the lifecycle calls of an operator to its `out` field.
+macro_rules! forward_lifecycle {
+    () => {
+        fn snapshot(
+            &mut self,
+            barrier: &sluice_core::CheckpointBarrier,
+            parts: &mut $crate::operator::SnapshotParts,
+        ) -> $crate::error::Result<()> {
+            self.out.snapshot(barrier, parts)
+        }
+        fn checkpoint_complete(&mut self, id: sluice_core::CheckpointId) -> $crate::error::Result<()> {
+            self.out.checkpoint_complete(id)
+        }
+        fn finish(&mut self) -> $crate::error::Result<()> {
+            self.out.finish()
+        }
+        fn outbox(&mut self) -> Option<&mut dyn $crate::operator::Outbox> {
+            self.out.outbox()
+        }
+    };
+}
+
+/// `map`.
+pub(crate) struct MapOp<F, U> {
+    pub f: Arc<F>,
+    pub out: Box<dyn Operator<U>>,
+}
+
+#[async_trait::async_trait]
+impl<T: Send + 'static, U: Send + 'static, F: Fn(T) -> U + Send + Sync + 'static> Operator<T>
+    for MapOp<F, U>
+{
+    #[inline]
+    fn process(&mut self, record: T) -> Result<()> {
+        self.out.process((self.f)(record))
+    }
+    async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
+        self.out.initialize(ctx).await
+    }
+    forward_lifecycle!();
+}
+
+/// `filter`.
+pub(crate) struct FilterOp<F, T> {
+    pub f: Arc<F>,
+    pub out: Box<dyn Operator<T>>,
+}
+
+#[async_trait::async_trait]
+impl<T: Send + 'static, F: Fn(&T) -> bool + Send + Sync + 'static> Operator<T> for FilterOp<F, T> {
+    #[inline]
+    fn process(&mut self, record: T) -> Result<()> {
+        if (self.f)(&record) {
+            self.out.process(record)
+        } else {
+            Ok(())
+        }
+    }
+    async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
+        self.out.initialize(ctx).await
+    }
+    forward_lifecycle!();
+}
+
+/// `flat_map`.
+pub(crate) struct FlatMapOp<F, U> {
+    pub f: Arc<F>,
+    pub out: Box<dyn Operator<U>>,
+}
+
+#[async_trait::async_trait]
+impl<T, U, F, I> Operator<T> for FlatMapOp<F, U>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    I: IntoIterator<Item = U>,
+    F: Fn(T) -> I + Send + Sync + 'static,
+{
+    #[inline]
+    fn process(&mut self, record: T) -> Result<()> {
+        for u in (self.f)(record) {
+            self.out.process(u)?;
+        }
+        Ok(())
+    }
+    async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
+        self.out.initialize(ctx).await
+    }
+    forward_lifecycle!();
+}
+
+/// The end of a chain that feeds the next task.
+pub(crate) struct NetworkOutput<T> {
+    pub writer: OutputWriter<T>,
+}
+
+#[async_trait::async_trait]
+impl<T: Clone + Send + 'static> Operator<T> for NetworkOutput<T> {
+    async fn initialize(&mut self, _ctx: &InitContext) -> Result<()> {
+        Ok(())
+    }
+    #[inline]
+    fn process(&mut self, record: T) -> Result<()> {
+        self.writer.push(record);
+        Ok(())
+    }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, _parts: &mut SnapshotParts) -> Result<()> {
+        let b = *barrier;
+        self.writer.broadcast_event(|| Message::Barrier(b));
+        Ok(())
+    }
+    fn checkpoint_complete(&mut self, _id: CheckpointId) -> Result<()> {
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.writer.broadcast_event(|| Message::EndOfInput);
+        Ok(())
+    }
+    fn outbox(&mut self) -> Option<&mut dyn Outbox> {
+        Some(&mut self.writer)
+    }
+}
+
+/// Emits records to the rest of a chain from inside a user function.
+pub struct Collector<'a, T> {
+    pub(crate) out: &'a mut dyn Operator<T>,
+    pub(crate) emitted: u64,
+}
+
+impl<'a, T> Collector<'a, T> {
+    pub(crate) fn new(out: &'a mut dyn Operator<T>) -> Self {
+        Collector { out, emitted: 0 }
+    }
+
+    /// Emits one record downstream.
+    #[inline]
+    pub fn collect(&mut self, record: T) -> Result<()> {
+        self.emitted += 1;
+        self.out.process(record)
+    }
+}

@@ -1,0 +1,274 @@
+//! The reference workload: **keyed running sum** (see DESIGN.md §6).
+//!
+//! Event `i` for `i` in `0..N` has key `(i * 0x9E3779B97F4A7C15 mod 2^64)
+//! mod K` and value `i`; `key_by(key)`; a keyed process function keeps a
+//! `ValueState<u64>` sum and emits `(key, sum)`. Used by the CLI, the
+//! benchmarks and the exactly-once tests.
+
+use crate::error::{Result, RuntimeError};
+use crate::graph::Job;
+use crate::keyed::KeyedProcessFunction;
+use crate::operator::Collector;
+use crate::sink::{Sink, SinkWriter};
+use crate::source::SequenceSource;
+use crate::state::{KeyedContext, OpenContext, ValueState};
+use rustc_hash::FxHashMap;
+use sluice_core::CheckpointId;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The multiplier of the key function (2^64 / golden ratio).
+pub const KEY_MULTIPLIER: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The key of event `i` among `keys` keys.
+#[inline]
+pub fn key_of(i: u64, keys: u64) -> u64 {
+    i.wrapping_mul(KEY_MULTIPLIER) % keys
+}
+
+/// Every key's expected final sum, computed by a plain loop, and checked
+/// against the closed form of the total, `N (N - 1) / 2`.
+pub fn expected_sums(events: u64, keys: u64) -> Vec<u64> {
+    let mut sums = vec![0u64; keys as usize];
+    for i in 0..events {
+        sums[key_of(i, keys) as usize] = sums[key_of(i, keys) as usize].wrapping_add(i);
+    }
+    let total: u128 = sums.iter().map(|s| u128::from(*s)).sum();
+    debug_assert_eq!(
+        total,
+        u128::from(events) * u128::from(events.saturating_sub(1)) / 2
+    );
+    sums
+}
+
+/// A task failure to inject into the running sum: subtask `subtask` fails
+/// after processing `after` records, once (with a panic if `panic`).
+#[derive(Debug)]
+pub struct InjectedFailure {
+    /// The subtask that fails.
+    pub subtask: u32,
+    /// Records processed by that subtask (in the failing attempt) before it fails.
+    pub after: u64,
+    /// Panic instead of returning an error.
+    pub panic: bool,
+    fired: AtomicBool,
+}
+
+impl InjectedFailure {
+    /// A failure of `subtask` after `after` records.
+    pub fn new(subtask: u32, after: u64, panic: bool) -> Arc<Self> {
+        Arc::new(InjectedFailure {
+            subtask,
+            after,
+            panic,
+            fired: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether it has fired.
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::Relaxed)
+    }
+
+    /// Marks it fired; true only for the first call.
+    pub fn try_fire(&self) -> bool {
+        !self.fired.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// The running-sum function.
+#[derive(Clone, Default)]
+pub struct RunningSum {
+    sum: Option<ValueState<u64>>,
+    failures: Vec<Arc<InjectedFailure>>,
+    subtask: u32,
+    processed: u64,
+}
+
+impl RunningSum {
+    /// A running sum that injects `failures`.
+    pub fn with_failures(failures: Vec<Arc<InjectedFailure>>) -> Self {
+        RunningSum {
+            failures,
+            ..Default::default()
+        }
+    }
+}
+
+impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for RunningSum {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        self.sum = Some(ctx.value_state("sum")?);
+        self.subtask = ctx.subtask();
+        self.processed = 0;
+        Ok(())
+    }
+
+    #[inline]
+    fn process(
+        &mut self,
+        key: &u64,
+        (_, value): (u64, u64),
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, (u64, u64)>,
+    ) -> Result<()> {
+        if !self.failures.is_empty() {
+            self.processed += 1;
+            for f in &self.failures {
+                if f.subtask == self.subtask && self.processed >= f.after && f.try_fire() {
+                    if f.panic {
+                        panic!(
+                            "injected panic in running-sum subtask {} after {} records",
+                            self.subtask, self.processed
+                        );
+                    }
+                    return Err(RuntimeError::Injected(format!(
+                        "running-sum subtask {} failed after {} records",
+                        self.subtask, self.processed
+                    )));
+                }
+            }
+        }
+        let state = self
+            .sum
+            .as_ref()
+            .ok_or_else(|| RuntimeError::InvalidJob("running sum not opened".into()))?;
+        let sum = state.get(ctx)?.unwrap_or(0).wrapping_add(value);
+        state.set(ctx, &sum)?;
+        out.collect((*key, sum))
+    }
+}
+
+/// Adds the keyed running sum to `job`: a sequence source of `events`
+/// events over `keys` keys with `parallelism` splits and subtasks (uid
+/// `events`), the running sum (uid `running-sum`), and `sink`.
+pub fn keyed_sum(
+    job: &Job,
+    events: u64,
+    keys: u64,
+    parallelism: u32,
+    function: RunningSum,
+    sink: impl Sink<(u64, u64)>,
+) -> Result<()> {
+    if keys == 0 {
+        return Err(RuntimeError::InvalidJob(
+            "the keyed sum needs at least one key".into(),
+        ));
+    }
+    job.source(
+        "events",
+        SequenceSource::new(events, parallelism, move |i| (key_of(i, keys), i)),
+        parallelism,
+    )
+    .key_by(|(k, _)| *k)
+    .process("running-sum", function)
+    .set_parallelism(parallelism)
+    .sink(sink)
+}
+
+/// A sink that keeps the largest sum seen per key: for the running sum
+/// (sums only grow), that is the key's final state. Each subtask keeps a
+/// local map and merges it into the shared one at every barrier and at the
+/// end, so nothing emitted before a checkpoint is lost in a failure, and
+/// replays after a failure merge idempotently.
+#[derive(Debug, Clone, Default)]
+pub struct FinalSumSink {
+    sums: Arc<Mutex<FxHashMap<u64, u64>>>,
+}
+
+impl FinalSumSink {
+    /// A new, empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The final sum per key seen so far.
+    pub fn sums(&self) -> FxHashMap<u64, u64> {
+        self.sums.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+struct FinalSumWriter {
+    local: FxHashMap<u64, u64>,
+    shared: Arc<Mutex<FxHashMap<u64, u64>>>,
+}
+
+impl FinalSumWriter {
+    fn merge(&mut self) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in self.local.drain() {
+            let e = shared.entry(k).or_insert(0);
+            *e = (*e).max(v);
+        }
+    }
+}
+
+impl Sink<(u64, u64)> for FinalSumSink {
+    fn open(&self, _subtask: u32, _parallelism: u32) -> Result<Box<dyn SinkWriter<(u64, u64)>>> {
+        Ok(Box::new(FinalSumWriter {
+            local: FxHashMap::default(),
+            shared: self.sums.clone(),
+        }))
+    }
+}
+
+impl SinkWriter<(u64, u64)> for FinalSumWriter {
+    #[inline]
+    fn write(&mut self, (k, sum): (u64, u64)) -> Result<()> {
+        let e = self.local.entry(k).or_insert(0);
+        *e = (*e).max(sum);
+        Ok(())
+    }
+    fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<()> {
+        self.merge();
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.merge();
+        Ok(())
+    }
+}
+
+/// The result of checking final sums against the expected ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Keys checked.
+    pub keys: u64,
+    /// Keys whose sum is larger than expected (records counted twice).
+    pub too_large: u64,
+    /// Keys whose sum is smaller than expected, or missing (records lost).
+    pub too_small: u64,
+    /// The first mismatches: `(key, expected, actual)`.
+    pub examples: Vec<(u64, u64, u64)>,
+}
+
+impl Verification {
+    /// Whether every key's sum is exactly the expected one.
+    pub fn exactly_once(&self) -> bool {
+        self.too_large == 0 && self.too_small == 0
+    }
+}
+
+/// Checks `sums` against the expected final sums of `events` over `keys`.
+pub fn verify(sums: &FxHashMap<u64, u64>, events: u64, keys: u64) -> Verification {
+    let expected = expected_sums(events, keys);
+    let mut v = Verification {
+        keys,
+        too_large: 0,
+        too_small: 0,
+        examples: Vec::new(),
+    };
+    for (k, exp) in expected.iter().enumerate() {
+        let got = sums.get(&(k as u64)).copied().unwrap_or(0);
+        if got != *exp {
+            if got > *exp {
+                v.too_large += 1;
+            } else {
+                v.too_small += 1;
+            }
+            if v.examples.len() < 5 {
+                v.examples.push((k as u64, *exp, got));
+            }
+        }
+    }
+    v
+}
