@@ -46,7 +46,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-type Map = FxHashMap<Box<[u8]>, Vec<u8>>;
+/// Keys and values up to 16 bytes are stored inline in the table (no
+/// pointer to chase on a lookup): the common case of integer keys and sums.
+type Bytes16 = smallvec::SmallVec<[u8; 16]>;
+type Map = FxHashMap<Bytes16, Bytes16>;
 
 /// The heap state backend.
 #[derive(Debug, Clone, Copy, Default)]
@@ -141,7 +144,7 @@ impl KeyedStateStore for MemoryStore {
                 v.extend_from_slice(value);
             }
             None => {
-                map.insert(key.into(), value.to_vec());
+                map.insert(Bytes16::from_slice(key), Bytes16::from_slice(value));
             }
         }
         Ok(())

@@ -389,3 +389,238 @@ pub async fn read_key_groups(
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::CheckpointListing;
+    use crate::{CheckpointId, StateId};
+    use std::collections::BTreeMap;
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    /// A snapshot over a fixed set of entries.
+    struct Fixed {
+        range: KeyGroupRange,
+        names: Vec<String>,
+        entries: BTreeMap<(u32, StateId, Vec<u8>), Vec<u8>>,
+    }
+
+    impl StateSnapshot for Fixed {
+        fn key_groups(&self) -> KeyGroupRange {
+            self.range
+        }
+        fn state_names(&self) -> Vec<String> {
+            self.names.clone()
+        }
+        fn visit_key_group(&self, kg: u32, visit: &mut crate::state::SnapshotVisitor<'_>) -> Result<()> {
+            for ((g, s, k), v) in &self.entries {
+                if *g == kg {
+                    visit(*s, k, v)?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn fixed() -> Fixed {
+        let mut entries = BTreeMap::new();
+        for i in 0..300u32 {
+            let kg = 5 + i % 7;
+            entries.insert(
+                (kg, (i % 2) as StateId, i.to_be_bytes().to_vec()),
+                vec![i as u8; (i % 13) as usize],
+            );
+        }
+        // Key group 11 stays empty.
+        entries.retain(|(g, _, _), _| *g != 11);
+        Fixed {
+            range: KeyGroupRange::new(5, 12).unwrap(),
+            names: vec!["a".into(), "b".into()],
+            entries,
+        }
+    }
+
+    /// A storage that holds one file and counts the bytes read.
+    #[derive(Debug, Default)]
+    struct Counting {
+        file: Mutex<Bytes>,
+        read: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl CheckpointStorage for Counting {
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        async fn write_file(&self, _path: &str, data: Bytes) -> Result<()> {
+            *self.file.lock().unwrap() = data;
+            Ok(())
+        }
+        async fn read_file(&self, _path: &str) -> Result<Bytes> {
+            let f = self.file.lock().unwrap().clone();
+            self.read.fetch_add(f.len() as u64, Ordering::Relaxed);
+            Ok(f)
+        }
+        async fn read_range(&self, path: &str, r: Range<u64>) -> Result<Bytes> {
+            let f = self.file.lock().unwrap().clone();
+            if r.end > f.len() as u64 || r.start > r.end {
+                return Err(Error::corrupt(path, "range past the end"));
+            }
+            self.read.fetch_add(r.end - r.start, Ordering::Relaxed);
+            Ok(f.slice(r.start as usize..r.end as usize))
+        }
+        async fn commit_metadata(&self, _id: CheckpointId, _m: Bytes) -> Result<()> {
+            Ok(())
+        }
+        async fn read_metadata(&self, id: CheckpointId) -> Result<Bytes> {
+            Err(Error::not_found(format!("{id}")))
+        }
+        async fn list(&self) -> Result<Vec<CheckpointListing>> {
+            Ok(vec![])
+        }
+        async fn discard(&self, _id: CheckpointId) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    type Decoded = BTreeMap<(u32, String, Vec<u8>), Vec<u8>>;
+
+    fn decode_all(bytes: &[u8], range: KeyGroupRange) -> Result<Decoded> {
+        let mut m = BTreeMap::new();
+        decode_snapshot("t", bytes, range, &mut |n, kg, k, v| {
+            m.insert((kg, n.to_string(), k.to_vec()), v.to_vec());
+            Ok(())
+        })?;
+        Ok(m)
+    }
+
+    fn handle(enc: &EncodedSnapshot) -> StateFileHandle {
+        StateFileHandle {
+            path: "chk-1/t.kst".into(),
+            size: enc.bytes.len() as u64,
+            crc32: enc.crc32,
+            key_groups: enc.key_groups,
+            entries: enc.entries,
+        }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    #[test]
+    fn round_trip_keeps_every_entry_and_an_empty_key_group() {
+        let snap = fixed();
+        let enc = encode_snapshot(&snap).unwrap();
+        assert_eq!(enc.entries as usize, snap.entries.len());
+        let got = decode_all(&enc.bytes, snap.range).unwrap();
+        let want: BTreeMap<_, _> = snap
+            .entries
+            .iter()
+            .map(|((g, s, k), v)| ((*g, snap.names[*s as usize].clone(), k.clone()), v.clone()))
+            .collect();
+        assert_eq!(got, want);
+        verify_snapshot_file("t", &enc.bytes, enc.crc32).unwrap();
+    }
+
+    #[test]
+    fn reading_a_sub_range_reads_only_its_sections() {
+        let snap = fixed();
+        let enc = encode_snapshot(&snap).unwrap();
+        let storage = Counting::default();
+        block_on(storage.write_file("chk-1/t.kst", enc.bytes.clone())).unwrap();
+        let file = handle(&enc);
+        let mut seen = Vec::new();
+        let n = block_on(read_key_groups(
+            &storage,
+            &file,
+            KeyGroupRange::new(7, 7).unwrap(),
+            &mut |_, kg, _, _| {
+                seen.push(kg);
+                Ok(())
+            },
+        ))
+        .unwrap();
+        assert_eq!(
+            n as usize,
+            snap.entries.keys().filter(|(g, _, _)| *g == 7).count()
+        );
+        assert!(seen.iter().all(|g| *g == 7));
+        let read = storage.read.load(Ordering::Relaxed);
+        assert!(
+            read < enc.bytes.len() as u64 / 3,
+            "read {read} of {} bytes for one key group of eight",
+            enc.bytes.len()
+        );
+        // A range outside the file reads nothing.
+        let n = block_on(read_key_groups(
+            &storage,
+            &file,
+            KeyGroupRange::new(20, 30).unwrap(),
+            &mut |_, _, _, _| Ok(()),
+        ));
+        assert_eq!(n.unwrap(), 0);
+    }
+
+    #[test]
+    fn every_flipped_byte_and_every_truncation_is_detected_as_corrupt() {
+        let enc = encode_snapshot(&fixed()).unwrap();
+        let all = enc.key_groups;
+        for at in 0..enc.bytes.len() {
+            let mut bad = enc.bytes.to_vec();
+            bad[at] ^= 0x01;
+            assert!(
+                verify_snapshot_file("t", &bad, enc.crc32).is_err(),
+                "flip at {at} passed the file checksum"
+            );
+            match decode_all(&bad, all) {
+                Err(Error::Corrupt { .. }) | Err(Error::Incompatible { .. }) => {}
+                other => panic!("flip at {at}: expected Corrupt, got {other:?}"),
+            }
+        }
+        for len in 0..enc.bytes.len() {
+            assert!(
+                matches!(decode_all(&enc.bytes[..len], all), Err(Error::Corrupt { .. })),
+                "truncation to {len} bytes not detected"
+            );
+        }
+    }
+
+    #[test]
+    fn range_reads_detect_damage_in_what_they_read() {
+        let enc = encode_snapshot(&fixed()).unwrap();
+        let file = handle(&enc);
+        let storage = Counting::default();
+        for at in (0..enc.bytes.len()).step_by(7) {
+            let mut bad = enc.bytes.to_vec();
+            bad[at] ^= 0x80;
+            block_on(storage.write_file("chk-1/t.kst", Bytes::from(bad))).unwrap();
+            let r = block_on(read_key_groups(
+                &storage,
+                &file,
+                enc.key_groups,
+                &mut |_, _, _, _| Ok(()),
+            ));
+            assert!(
+                matches!(r, Err(Error::Corrupt { .. }) | Err(Error::Incompatible { .. })),
+                "flip at {at}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_newer_format_version_is_incompatible_not_corrupt() {
+        let enc = encode_snapshot(&fixed()).unwrap();
+        let mut bytes = enc.bytes.to_vec();
+        bytes[4] = 9;
+        let hlen = u32_at(&bytes, bytes.len() - 24) as usize;
+        let crc = crc32fast::hash(&bytes[..hlen - 4]);
+        bytes[hlen - 4..hlen].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            decode_all(&bytes, enc.key_groups),
+            Err(Error::Incompatible { .. })
+        ));
+    }
+}

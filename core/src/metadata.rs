@@ -137,3 +137,70 @@ pub async fn read_checkpoint_metadata(
     let bytes = storage.read_metadata(id).await?;
     CheckpointMetadata::from_json(&format!("{}/_metadata", id.dir()), &bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(path: &str) -> CheckpointMetadata {
+        CheckpointMetadata {
+            format_version: METADATA_FORMAT_VERSION,
+            job_name: "j".into(),
+            checkpoint_id: CheckpointId(3),
+            kind: CheckpointKind::Checkpoint,
+            trigger_time_ms: 1,
+            duration_ms: 2,
+            max_parallelism: 128,
+            operators: vec![OperatorSnapshot {
+                uid: OperatorUid("sum".into()),
+                parallelism: 1,
+                subtasks: vec![SubtaskSnapshot {
+                    subtask: 0,
+                    keyed_state: Some(StateFileHandle {
+                        path: path.into(),
+                        size: 10,
+                        crc32: 7,
+                        key_groups: KeyGroupRange::all(128),
+                        entries: 1,
+                    }),
+                    splits: vec![SplitPosition { split: 0, offset: 42 }],
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn metadata_round_trips_through_json() {
+        let m = meta("chk-3/sum-0.kst");
+        let json = m.to_json().unwrap();
+        assert_eq!(CheckpointMetadata::from_json("m", &json).unwrap(), m);
+        assert_eq!(m.state_size(), 10);
+    }
+
+    #[test]
+    fn paths_that_escape_the_storage_are_refused_as_corrupt() {
+        for bad in ["../x", "/etc/passwd", "chk-3/../../x", "chk-3//x", ""] {
+            let json = meta(bad).to_json().unwrap();
+            assert!(
+                matches!(
+                    CheckpointMetadata::from_json("m", &json),
+                    Err(Error::Corrupt { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_and_other_versions_give_clear_errors() {
+        assert!(matches!(
+            CheckpointMetadata::from_json("m", b"not json"),
+            Err(Error::Corrupt { .. })
+        ));
+        let mut m = meta("chk-3/a");
+        m.format_version = 99;
+        let e = CheckpointMetadata::from_json("m", &m.to_json().unwrap()).unwrap_err();
+        assert!(matches!(e, Error::Incompatible { .. }), "{e}");
+        assert!(e.to_string().contains("99"));
+    }
+}
