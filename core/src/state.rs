@@ -71,6 +71,12 @@ pub trait KeyedStateStore: Send {
         visit: &mut KeyValueVisitor<'_>,
     ) -> Result<()>;
 
+    /// A hint that `key` of `key_group` will be accessed soon, in every
+    /// state. Called for a whole batch of records before they are
+    /// processed, so that a backend can start loading their entries
+    /// (memory-level parallelism, read-ahead). The default does nothing.
+    fn prefetch(&mut self, _key_group: u32, _key: &[u8]) {}
+
     /// The synchronous part of a snapshot: captures a consistent view cheaply
     /// (copy-on-write, a read transaction, a frozen buffer). Writes after this
     /// call are not in the returned snapshot.

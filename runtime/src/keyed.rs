@@ -81,6 +81,10 @@ pub(crate) struct KeyedBackend {
     buf: Vec<u8>,
     scratch: Vec<u8>,
     kinds: HashMap<String, &'static str>,
+    /// The encoded keys of the batch being processed, back to back.
+    batch_keys: Vec<u8>,
+    /// Per record of the batch: key group and the end of its key in `batch_keys`.
+    batch_rows: Vec<(u32, usize)>,
 }
 
 impl KeyedBackend {
@@ -95,6 +99,8 @@ impl KeyedBackend {
             buf: Vec::with_capacity(64),
             scratch: Vec::new(),
             kinds: HashMap::new(),
+            batch_keys: Vec::new(),
+            batch_rows: Vec::new(),
         }
     }
 
@@ -198,6 +204,51 @@ impl KeyedBackend {
         })
     }
 
+    /// Encodes the keys of a batch once, computes their key groups, and
+    /// hints the store about all of them before the batch is processed.
+    pub fn prepare_batch<K: Serialize>(&mut self, keys: impl Iterator<Item = K>) {
+        self.batch_keys.clear();
+        self.batch_rows.clear();
+        for key in keys {
+            let start = self.batch_keys.len();
+            match postcard::to_extend(&key, std::mem::take(&mut self.batch_keys)) {
+                Ok(v) => self.batch_keys = v,
+                // Reported by `context_at` through an empty key's group check.
+                Err(_) => self.batch_keys.truncate(start),
+            }
+            let kg = key_group_for_key(&self.batch_keys[start..], self.max_parallelism);
+            if let Some(store) = self.store.as_mut() {
+                store.prefetch(kg, &self.batch_keys[start..]);
+            }
+            self.batch_rows.push((kg, self.batch_keys.len()));
+        }
+    }
+
+    /// The context of record `i` of the batch prepared by [`Self::prepare_batch`].
+    #[inline]
+    pub fn context_at(&mut self, i: usize) -> Result<KeyedContext<'_>> {
+        let (kg, end) = self.batch_rows[i];
+        let start = if i == 0 { 0 } else { self.batch_rows[i - 1].1 };
+        if !self.range.contains(kg) {
+            return Err(RuntimeError::InvalidJob(format!(
+                "operator {} subtask {} got a key of key group {kg} outside its range {} \
+                 (is the key selector deterministic?)",
+                self.uid, self.subtask, self.range
+            )));
+        }
+        let store = self
+            .store
+            .as_mut()
+            .ok_or_else(|| RuntimeError::InvalidJob("keyed operator used before initialize".into()))?;
+        Ok(KeyedContext {
+            store: store.as_mut(),
+            key_group: kg,
+            key: &self.batch_keys[start..end],
+            buf: &mut self.buf,
+            scratch: &mut self.scratch,
+        })
+    }
+
     pub fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
         let subtask = self.subtask;
         let uid = self.uid.clone();
@@ -235,6 +286,20 @@ where
         let mut ctx = self.backend.context(&key)?;
         self.func
             .process(&key, record, &mut ctx, &mut Collector::new(self.out.as_mut()))
+    }
+
+    fn process_batch(&mut self, batch: Vec<I>) -> Result<()> {
+        // First encode every key and hint the store (independent lookups
+        // whose cache misses overlap), then process with the entries in cache.
+        let key_fn = &self.key_fn;
+        self.backend.prepare_batch(batch.iter().map(|r| key_fn(r)));
+        for (i, record) in batch.into_iter().enumerate() {
+            let key = (self.key_fn)(&record);
+            let mut ctx = self.backend.context_at(i)?;
+            self.func
+                .process(&key, record, &mut ctx, &mut Collector::new(self.out.as_mut()))?;
+        }
+        Ok(())
     }
 
     fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {

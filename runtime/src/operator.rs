@@ -73,6 +73,14 @@ pub trait Operator<T>: Send {
     async fn initialize(&mut self, ctx: &InitContext) -> Result<()>;
     /// Processes one record.
     fn process(&mut self, record: T) -> Result<()>;
+    /// Processes a batch of records (a keyed operator prefetches their
+    /// state first). The default processes them one by one.
+    fn process_batch(&mut self, batch: Vec<T>) -> Result<()> {
+        for r in batch {
+            self.process(r)?;
+        }
+        Ok(())
+    }
     /// Synchronous part of checkpoint `barrier`: capture state into `parts`,
     /// then forward (the chain's network output emits the barrier).
     fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()>;

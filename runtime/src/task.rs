@@ -316,11 +316,7 @@ pub(crate) async fn run_input_task<T: Send + 'static>(
                     task: task_name.to_string(),
                 })
             }
-            (_, Some(Message::Batch(batch))) => {
-                for r in batch {
-                    chain.process(r)?;
-                }
-            }
+            (_, Some(Message::Batch(batch))) => chain.process_batch(batch)?,
             (i, Some(Message::Barrier(b))) => {
                 if let Some(done) = handler.on_barrier(i, b) {
                     rt.snapshot(chain.as_mut(), done, None)?;
