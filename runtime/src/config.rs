@@ -33,6 +33,10 @@ pub struct CheckpointConfig {
     /// Completed checkpoints kept; older ones are discarded once a newer one
     /// completes.
     pub retained: usize,
+    /// Take a final checkpoint when every source has reached its end, before
+    /// the tasks finish (Flink's final checkpoint of bounded jobs): it holds
+    /// the job's final state, and the job ends only once it is committed.
+    pub final_checkpoint: bool,
 }
 
 impl Default for CheckpointConfig {
@@ -45,6 +49,7 @@ impl Default for CheckpointConfig {
             max_concurrent: 1,
             tolerable_failures: 3,
             retained: 1,
+            final_checkpoint: true,
         }
     }
 }

@@ -70,6 +70,15 @@ pub enum RuntimeError {
         /// Why it failed.
         reason: String,
     },
+    /// The final checkpoint, taken when every source reached its end, failed;
+    /// the attempt fails and the job restarts from the latest checkpoint.
+    #[error("final checkpoint {id} failed: {reason}")]
+    FinalCheckpointFailed {
+        /// The final checkpoint.
+        id: CheckpointId,
+        /// Why it failed.
+        reason: String,
+    },
     /// A fault injected by a test ([`crate::testing`]).
     #[error("injected failure: {0}")]
     Injected(String),

@@ -83,6 +83,9 @@ pub struct JobResult {
     pub last_checkpoint: Option<CheckpointId>,
     /// The checkpoint the job was resumed from at start, if any.
     pub resumed_from: Option<CheckpointId>,
+    /// The final checkpoint taken when every source reached its end: it
+    /// holds the job's final state.
+    pub final_checkpoint: Option<CheckpointId>,
     /// Every recovery, in order.
     pub recoveries: Vec<Recovery>,
     /// Wall time of the whole job.
@@ -239,6 +242,9 @@ struct JobMaster {
     consecutive_failures: u32,
     last_completion: Option<Instant>,
     requests_closed: bool,
+    /// The final checkpoint of the current attempt, once triggered.
+    final_id: Option<CheckpointId>,
+    final_failure: Option<(CheckpointId, String)>,
 }
 
 fn now_ms() -> u64 {
@@ -318,6 +324,8 @@ impl JobMaster {
             consecutive_failures: 0,
             last_completion: None,
             requests_closed: false,
+            final_id: None,
+            final_failure: None,
         })
     }
 
@@ -385,6 +393,7 @@ impl JobMaster {
                         completed_checkpoints: self.completed_count,
                         last_checkpoint: self.completed.back().map(|m| m.checkpoint_id),
                         resumed_from,
+                        final_checkpoint: self.final_id,
                         recoveries,
                         duration: job_started.elapsed(),
                     })
@@ -573,6 +582,10 @@ impl JobMaster {
     ) -> Result<()> {
         let mut finished = vec![false; infos.len()];
         let mut sources_finishing = false;
+        let mut exhausted = vec![false; infos.len()];
+        let mut all_done = false;
+        self.final_id = None;
+        self.final_failure = None;
         let interval = self.checkpoint.interval;
         let mut ticker = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -580,14 +593,18 @@ impl JobMaster {
         loop {
             let deadline = self.pending.values().map(|p| p.deadline).min();
             let step = tokio::select! {
-                r = tasks.join_next_with_id() => match r { Some(r) => Step::TaskDone(r), None => Step::AllDone },
+                r = tasks.join_next_with_id(), if !all_done => match r { Some(r) => Step::TaskDone(r), None => Step::AllDone },
                 Some(ev) = events.recv() => Step::Event(ev),
                 _ = ticker.tick(), if interval.is_some() => Step::Tick,
                 r = requests.recv(), if !self.requests_closed => Step::Request(r),
                 _ = sleep_until_opt(deadline), if deadline.is_some() => Step::Timeout,
             };
             match step {
-                Step::AllDone => return Ok(()),
+                Step::AllDone => {
+                    // Wait for the final checkpoint's acknowledgements (its
+                    // writers outlive the tasks) and its commit.
+                    all_done = true;
+                }
                 Step::TaskDone(Ok((id, Ok(())))) => {
                     if let Some(&i) = task_of.get(&id) {
                         finished[i] = true;
@@ -615,6 +632,22 @@ impl JobMaster {
                     };
                     error!("task {name} panicked: {message}");
                     return Err(RuntimeError::Panic { task: name, message });
+                }
+                Step::Event(TaskEvent::SourceExhausted { task }) => {
+                    exhausted[task] = true;
+                    let all = infos
+                        .iter()
+                        .enumerate()
+                        .all(|(i, t)| !t.is_source || exhausted[i]);
+                    if all && !sources_finishing {
+                        sources_finishing = true;
+                        if self.checkpoint.final_checkpoint {
+                            // The sources end once it is committed.
+                            self.trigger_final(infos).await?;
+                        } else {
+                            end_sources(infos);
+                        }
+                    }
                 }
                 Step::Event(ev) => self.on_event(ev, infos).await?,
                 Step::Tick => {
@@ -649,7 +682,33 @@ impl JobMaster {
                     }
                 }
             }
+            if let Some((id, reason)) = self.final_failure.take() {
+                // Failed but tolerated (else fail_checkpoint returned the
+                // error): take the final checkpoint again.
+                info!("final checkpoint {id} failed ({reason}); taking it again");
+                self.trigger_final(infos).await?;
+            }
+            if all_done {
+                return Ok(());
+            }
         }
+    }
+
+    async fn trigger_final(&mut self, infos: &[TaskInfo]) -> Result<()> {
+        self.final_id = self.trigger(infos, None, false).await?;
+        match self.final_id {
+            Some(id) => info!(
+                checkpoint = id.0,
+                "all sources reached their end; final checkpoint {id}"
+            ),
+            None => {
+                return Err(RuntimeError::FinalCheckpointFailed {
+                    id: self.next_id,
+                    reason: "a source task ended before the final checkpoint".into(),
+                })
+            }
+        }
+        Ok(())
     }
 
     async fn trigger(
@@ -657,16 +716,16 @@ impl JobMaster {
         infos: &[TaskInfo],
         responder: Option<oneshot::Sender<std::result::Result<CheckpointId, String>>>,
         periodic: bool,
-    ) -> Result<()> {
+    ) -> Result<Option<CheckpointId>> {
         if periodic {
             if self.pending.len() >= self.checkpoint.max_concurrent {
-                return Ok(());
+                return Ok(None);
             }
             if self
                 .last_completion
                 .is_some_and(|t| t.elapsed() < self.checkpoint.min_pause)
             {
-                return Ok(());
+                return Ok(None);
             }
         }
         let id = self.next_id;
@@ -712,12 +771,15 @@ impl JobMaster {
         if !all_sent {
             self.fail_checkpoint(id, "a source task has finished".into(), infos, false)
                 .await?;
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(id))
     }
 
     async fn on_event(&mut self, ev: TaskEvent, infos: &[TaskInfo]) -> Result<()> {
         match ev {
+            // Handled by the attempt loop.
+            TaskEvent::SourceExhausted { .. } => {}
             TaskEvent::Decline {
                 checkpoint,
                 task,
@@ -831,6 +893,9 @@ impl JobMaster {
                 for t in infos {
                     let _ = t.control.send(Control::Complete(id));
                 }
+                if self.final_id == Some(id) {
+                    end_sources(infos);
+                }
                 for r in p.responders {
                     let _ = r.send(Ok(id));
                 }
@@ -877,6 +942,9 @@ impl JobMaster {
             return Ok(());
         };
         warn!(checkpoint = id.0, "checkpoint {id} failed: {reason}");
+        if self.final_id == Some(id) {
+            self.final_failure = Some((id, reason.clone()));
+        }
         self.aborted.insert(id);
         for t in infos {
             let _ = t.control.send(Control::Abort(id));
@@ -919,6 +987,13 @@ impl JobMaster {
         if let Some(s) = stats.iter_mut().rev().find(|s| s.id == id) {
             f(s);
         }
+    }
+}
+
+/// Tells every source task to finish.
+fn end_sources(infos: &[TaskInfo]) {
+    for t in infos.iter().filter(|t| t.is_source) {
+        let _ = t.control.send(Control::EndInput);
     }
 }
 

@@ -24,6 +24,9 @@ pub(crate) enum Control {
     Complete(CheckpointId),
     /// The checkpoint was aborted.
     Abort(CheckpointId),
+    /// Sources only: every source reached its end and the final checkpoint
+    /// (if any) was triggered; finish now.
+    EndInput,
 }
 
 /// One operator subtask's part of an acknowledgement.
@@ -50,6 +53,8 @@ pub(crate) enum TaskEvent {
         task: usize,
         reason: String,
     },
+    /// A source task has read all its splits and waits for `EndInput`.
+    SourceExhausted { task: usize },
 }
 
 /// Job-wide counters, shared by all tasks and attempts.
@@ -170,8 +175,9 @@ fn apply_control<T>(
             }
             Ok(())
         }
-        // Only sources are triggered; other tasks get barriers in-band.
-        Control::Trigger(_) => Ok(()),
+        // Only sources are triggered or ended; other tasks get barriers
+        // and end of input in-band.
+        Control::Trigger(_) | Control::EndInput => Ok(()),
     }
 }
 
@@ -244,9 +250,36 @@ pub(crate) async fn run_source_task<T: Send + 'static>(
         }
         let live: Vec<usize> = (0..readers.len()).filter(|i| readers[*i].2).collect();
         if live.is_empty() {
-            chain.finish()?;
+            // Every split is read: tell the job master and wait for the
+            // final checkpoint's trigger and the order to end.
             flush_and_drain(chain.as_mut()).await?;
-            return Ok(());
+            let _ = rt.events.send(TaskEvent::SourceExhausted { task: rt.index });
+            loop {
+                match rt.control.recv().await {
+                    Some(Control::Trigger(barrier)) => {
+                        let positions = readers
+                            .iter()
+                            .map(|(s, r, _)| SplitPosition {
+                                split: *s,
+                                offset: r.offset(),
+                            })
+                            .collect();
+                        let done = AlignedCheckpoint {
+                            barrier,
+                            alignment: Duration::ZERO,
+                        };
+                        rt.snapshot(chain.as_mut(), done, Some((uid.clone(), positions)))?;
+                        flush_and_drain(chain.as_mut()).await?;
+                    }
+                    Some(Control::EndInput) => {
+                        chain.finish()?;
+                        flush_and_drain(chain.as_mut()).await?;
+                        return Ok(());
+                    }
+                    Some(c) => apply_control(c, chain.as_mut(), None)?,
+                    None => return Err(RuntimeError::Cancelled),
+                }
+            }
         }
         let i = live[current % live.len()];
         current = current.wrapping_add(1);

@@ -59,8 +59,10 @@ pub struct FaultPlan {
     pub fail_writes: Vec<u64>,
     /// Fail the metadata commits with these sequence numbers.
     pub fail_commits: Vec<u64>,
-    /// Delay every state-file write by this much.
+    /// Delay state-file writes by this much.
     pub write_delay: Duration,
+    /// If not empty, only the writes with these sequence numbers are delayed.
+    pub delay_only: Vec<u64>,
 }
 
 /// A storage wrapper that fails chosen writes and delays others.
@@ -104,7 +106,9 @@ impl CheckpointStorage for FaultyStorage {
 
     async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
         let n = self.writes.fetch_add(1, Ordering::Relaxed);
-        if !self.plan.write_delay.is_zero() {
+        if !self.plan.write_delay.is_zero()
+            && (self.plan.delay_only.is_empty() || self.plan.delay_only.contains(&n))
+        {
             tokio::time::sleep(self.plan.write_delay).await;
         }
         if self.plan.fail_writes.contains(&n) {

@@ -228,6 +228,43 @@ impl SinkWriter<(u64, u64)> for FinalSumWriter {
     }
 }
 
+/// Reads every key's sum from the keyed state of the running sum (uid
+/// `running-sum`) in checkpoint `id`: the durable state, not what a sink saw.
+pub async fn final_sums(
+    storage: &dyn sluice_core::CheckpointStorage,
+    id: CheckpointId,
+) -> Result<FxHashMap<u64, u64>> {
+    let meta = sluice_core::metadata::read_checkpoint_metadata(storage, id).await?;
+    let uid = sluice_core::OperatorUid("running-sum".into());
+    let op = meta
+        .operator(&uid)
+        .ok_or_else(|| RuntimeError::InvalidJob(format!("checkpoint {id} has no state of operator {uid}")))?;
+    let mut sums = FxHashMap::default();
+    let mut bad: Option<String> = None;
+    for st in &op.subtasks {
+        let Some(file) = &st.keyed_state else { continue };
+        sluice_core::format::read_key_groups(storage, file, file.key_groups, &mut |name, _, k, v| {
+            if name == "sum" {
+                match (postcard::from_bytes::<u64>(k), postcard::from_bytes::<u64>(v)) {
+                    (Ok(k), Ok(v)) => {
+                        sums.insert(k, v);
+                    }
+                    _ => bad = Some(format!("undecodable entry in {}", file.path)),
+                }
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    match bad {
+        Some(reason) => Err(RuntimeError::Codec {
+            what: format!("checkpoint {id} running-sum/sum"),
+            reason,
+        }),
+        None => Ok(sums),
+    }
+}
+
 /// The result of checking final sums against the expected ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verification {

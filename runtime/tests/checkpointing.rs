@@ -123,6 +123,7 @@ async fn a_timed_out_checkpoint_is_aborted_and_the_job_completes() {
         inner.clone(),
         FaultPlan {
             write_delay: Duration::from_millis(300),
+            delay_only: (0..4).collect(),
             ..Default::default()
         },
     ));
@@ -154,11 +155,45 @@ async fn a_timed_out_checkpoint_is_aborted_and_the_job_completes() {
             .any(|s| matches!(&s.status, CheckpointStatus::Failed(r) if r.contains("timed out"))),
         "{stats:?}"
     );
+    assert!(
+        stats.iter().any(|s| s.status == CheckpointStatus::Completed),
+        "later checkpoints complete: {stats:?}"
+    );
     let listing = inner.list().await.unwrap();
     assert!(
         listing.iter().all(|c| c.committed),
         "files of timed-out checkpoints removed: {listing:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_checkpoint_holds_every_keys_final_state_and_is_retried_when_it_fails() {
+    let inner = Arc::new(MemoryCheckpointStorage::new());
+    // Without periodic checkpoints, the only checkpoints are final ones: the
+    // first one's state-file writes fail, the second attempt succeeds.
+    let storage = Arc::new(FaultyStorage::new(
+        inner.clone(),
+        FaultPlan {
+            fail_writes: vec![0],
+            ..Default::default()
+        },
+    ));
+    let job = keyed_sum_job("final", storage, CheckpointConfig::default());
+    workload::keyed_sum(&job, 50_000, 777, 2, RunningSum::default(), DiscardSink::new()).unwrap();
+    let handle = job.start().unwrap();
+    let monitor = handle.monitor();
+    let result = handle.wait().await.unwrap();
+    let id = result.final_checkpoint.expect("a final checkpoint");
+    assert_eq!(result.restarts, 0);
+    let stats = monitor.checkpoint_stats();
+    assert!(
+        matches!(stats[0].status, CheckpointStatus::Failed(_)),
+        "{stats:?}"
+    );
+    assert_eq!(stats.last().unwrap().status, CheckpointStatus::Completed);
+    let sums = workload::final_sums(inner.as_ref(), id).await.unwrap();
+    let v = workload::verify(&sums, 50_000, 777);
+    assert!(v.exactly_once(), "{v:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

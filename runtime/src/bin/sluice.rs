@@ -3,8 +3,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_core::{CheckpointStorage, StateBackend};
-use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum};
-use sluice_runtime::{CheckpointConfig, CheckpointingMode, Job, RestartStrategy};
+use sluice_runtime::workload::{self, InjectedFailure, RunningSum};
+use sluice_runtime::{CheckpointConfig, CheckpointingMode, DiscardSink, Job, RestartStrategy};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -173,7 +173,7 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         .build()
         .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
     rt.block_on(async move {
-        let sink = FinalSumSink::new();
+        let storage_for_check = storage.clone();
         let job = Job::new("keyed-sum")
             .with_parallelism(a.parallelism)
             .with_max_parallelism(a.max_parallelism)
@@ -181,7 +181,7 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             .with_checkpoint_storage(storage)
             .with_restart_strategy(RestartStrategy::FixedDelay { attempts: 3, delay: Duration::from_millis(100) })
             .with_checkpointing(CheckpointConfig { interval, mode, retained: a.retained, ..Default::default() });
-        workload::keyed_sum(&job, a.events, a.keys, a.parallelism, RunningSum::with_failures(failures), sink.clone())
+        workload::keyed_sum(&job, a.events, a.keys, a.parallelism, RunningSum::with_failures(failures), DiscardSink::new())
             .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let handle = job.start().map_err(|e| e.to_string())?;
@@ -225,7 +225,16 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             a.events,
             elapsed.as_secs_f64()
         );
-        let v = workload::verify(&sink.sums(), a.events, a.keys);
+        // Check the durable final state: the keyed state in the final
+        // checkpoint, which a resumed run also completes.
+        let final_id = result
+            .final_checkpoint
+            .ok_or("the job ended without a final checkpoint; cannot check its state")?;
+        let sums = workload::final_sums(storage_for_check.as_ref(), final_id)
+            .await
+            .map_err(|e| format!("reading the final state from checkpoint {final_id}: {e}"))?;
+        println!("final state: checkpoint {final_id}, {} keys", sums.len());
+        let v = workload::verify(&sums, a.events, a.keys);
         if v.exactly_once() {
             println!("result: {} keys checked against the expected sums; exactly-once: ok", v.keys);
             Ok(ExitCode::SUCCESS)
