@@ -237,7 +237,9 @@ struct JobMaster {
     next_id: CheckpointId,
     pending: BTreeMap<CheckpointId, Pending>,
     aborted: BTreeSet<CheckpointId>,
-    completed: VecDeque<Arc<CheckpointMetadata>>,
+    completed: VecDeque<CheckpointId>,
+    /// Checkpoints found corrupt: never restored from again.
+    bad: BTreeSet<CheckpointId>,
     completed_count: u64,
     consecutive_failures: u32,
     last_completion: Option<Instant>,
@@ -320,6 +322,7 @@ impl JobMaster {
             pending: BTreeMap::new(),
             aborted: BTreeSet::new(),
             completed: VecDeque::new(),
+            bad: BTreeSet::new(),
             completed_count: 0,
             consecutive_failures: 0,
             last_completion: None,
@@ -331,14 +334,21 @@ impl JobMaster {
 
     /// Reads the newest readable completed checkpoint among `ids` (newest
     /// first), falling back to older ones when metadata is unreadable.
-    async fn load_latest(&self, ids: impl Iterator<Item = CheckpointId>) -> Option<Arc<CheckpointMetadata>> {
+    async fn load_latest(&mut self) -> Option<Arc<CheckpointMetadata>> {
+        let ids: Vec<CheckpointId> = self.completed.iter().rev().copied().collect();
         for id in ids {
+            if self.bad.contains(&id) {
+                continue;
+            }
             match sluice_core::metadata::read_checkpoint_metadata(self.storage.as_ref(), id).await {
                 Ok(m) => return Some(Arc::new(m)),
-                Err(e) => warn!(
-                    checkpoint = id.0,
-                    "cannot restore from checkpoint {id}: {e}; trying an older one"
-                ),
+                Err(e) => {
+                    warn!(
+                        checkpoint = id.0,
+                        "cannot restore from checkpoint {id}: {e}; falling back to an older one"
+                    );
+                    self.bad.insert(id);
+                }
             }
         }
         None
@@ -361,20 +371,23 @@ impl JobMaster {
         }
         let mut restore = None;
         if self.resume {
-            let committed: Vec<CheckpointId> = listing
-                .iter()
-                .filter(|c| c.committed)
-                .map(|c| c.id)
-                .rev()
-                .collect();
-            restore = self.load_latest(committed.into_iter()).await;
+            // The retained checkpoints of the earlier run (newest last);
+            // older ones fall to retention now.
+            let committed: Vec<CheckpointId> = listing.iter().filter(|c| c.committed).map(|c| c.id).collect();
+            let keep = committed.len().saturating_sub(self.checkpoint.retained);
+            for old in &committed[..keep] {
+                if let Err(e) = self.storage.discard(*old).await {
+                    warn!("could not discard old checkpoint {old}: {e}");
+                }
+            }
+            self.completed.extend(committed[keep..].iter().copied());
+            restore = self.load_latest().await;
             match &restore {
                 Some(m) => {
                     info!(
                         checkpoint = m.checkpoint_id.0,
                         "resuming from checkpoint {}", m.checkpoint_id
                     );
-                    self.completed.push_back(m.clone());
                 }
                 None => info!(
                     "no completed checkpoint to resume from in {}; starting from scratch",
@@ -391,7 +404,7 @@ impl JobMaster {
                     return Ok(JobResult {
                         restarts: self.restart.restarts(),
                         completed_checkpoints: self.completed_count,
-                        last_checkpoint: self.completed.back().map(|m| m.checkpoint_id),
+                        last_checkpoint: self.completed.back().copied(),
                         resumed_from,
                         final_checkpoint: self.final_id,
                         recoveries,
@@ -408,10 +421,19 @@ impl JobMaster {
                             last: Box::new(e),
                         });
                     };
+                    if let (Some(m), RuntimeError::Storage(sluice_core::Error::Corrupt { .. })) =
+                        (&restore, &e)
+                    {
+                        warn!(
+                            checkpoint = m.checkpoint_id.0,
+                            "checkpoint {} is corrupt ({e}); it will not be restored from again, \
+                             falling back to the previous retained checkpoint",
+                            m.checkpoint_id
+                        );
+                        self.bad.insert(m.checkpoint_id);
+                    }
                     tokio::time::sleep(delay).await;
-                    let ids: Vec<CheckpointId> =
-                        self.completed.iter().rev().map(|m| m.checkpoint_id).collect();
-                    restore = self.load_latest(ids.into_iter()).await;
+                    restore = self.load_latest().await;
                     match &restore {
                         Some(m) => info!(
                             checkpoint = m.checkpoint_id.0,
@@ -486,7 +508,7 @@ impl JobMaster {
         }
         // Snapshot writers of aborted checkpoints may have finished their
         // files after the abort: remove them now that every writer stopped.
-        let committed: BTreeSet<CheckpointId> = self.completed.iter().map(|m| m.checkpoint_id).collect();
+        let committed: BTreeSet<CheckpointId> = self.completed.iter().copied().collect();
         for id in std::mem::take(&mut self.aborted) {
             if !committed.contains(&id) {
                 if let Err(e) = self.storage.discard(id).await {
@@ -905,11 +927,11 @@ impl JobMaster {
                     self.fail_checkpoint(o, format!("subsumed by checkpoint {id}"), infos, false)
                         .await?;
                 }
-                self.completed.push_back(Arc::new(meta));
+                self.completed.push_back(id);
                 while self.completed.len() > self.checkpoint.retained {
                     if let Some(old) = self.completed.pop_front() {
-                        if let Err(e) = self.storage.discard(old.checkpoint_id).await {
-                            warn!("could not discard old checkpoint {}: {e}", old.checkpoint_id);
+                        if let Err(e) = self.storage.discard(old).await {
+                            warn!("could not discard old checkpoint {}: {e}", old);
                         }
                     }
                 }

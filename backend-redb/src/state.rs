@@ -1,0 +1,452 @@
+//! [`RedbStateBackend`]: keyed working state on disk, larger than memory.
+//!
+//! One redb file per subtask (in a scratch directory; removed when the
+//! store is dropped: working state is rebuilt from checkpoints after a
+//! failure, so it is never made durable on its own). Keys are
+//! `state id (u16 BE) | key group (u32 BE) | key`, so one state's key group
+//! is one contiguous range.
+//!
+//! Writes go to a bounded in-memory buffer of dirty entries and tombstones;
+//! reads look in the buffer, then in a bounded read cache, then in redb.
+//! The buffer is flushed in one write transaction when it is full and at
+//! every checkpoint's synchronous step, which then opens a read
+//! transaction: that MVCC view is the snapshot the asynchronous step
+//! encodes while processing and flushes go on.
+
+use crate::corrupt_or_storage;
+use redb::{Database, Durability, ReadOnlyTable, ReadableDatabase, TableDefinition};
+use rustc_hash::FxHashMap;
+use sluice_core::state::{KeyValueVisitor, SnapshotVisitor};
+use sluice_core::{
+    CheckpointId, Error, KeyGroupRange, KeyedStateStore, Result, StateBackend, StateId, StateSnapshot,
+    StoreScope,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("state");
+const HEADER: usize = 6;
+/// Every this many buffer flushes, one is durable so that redb can reuse
+/// the pages that earlier transactions freed.
+const DURABLE_EVERY: u64 = 8;
+
+/// Memory bounds of the redb state backend.
+#[derive(Debug, Clone)]
+pub struct RedbStateConfig {
+    /// Directory of the per-subtask state files.
+    pub dir: PathBuf,
+    /// Bytes of dirty entries buffered before a flush.
+    pub write_buffer_bytes: usize,
+    /// Bytes of clean entries kept in the read cache.
+    pub read_cache_bytes: usize,
+    /// redb's own page cache, in bytes.
+    pub redb_cache_bytes: usize,
+}
+
+impl RedbStateConfig {
+    /// Defaults: 32 MiB write buffer, 32 MiB read cache, 64 MiB page cache
+    /// per subtask, files under `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        RedbStateConfig {
+            dir: dir.into(),
+            write_buffer_bytes: 32 << 20,
+            read_cache_bytes: 32 << 20,
+            redb_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Keyed state in redb files: larger than memory.
+#[derive(Debug)]
+pub struct RedbStateBackend {
+    config: RedbStateConfig,
+    next: AtomicU64,
+}
+
+impl RedbStateBackend {
+    /// A backend keeping its files under `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::with_config(RedbStateConfig::new(dir))
+    }
+
+    /// A backend with explicit memory bounds.
+    pub fn with_config(config: RedbStateConfig) -> Result<Self> {
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|e| Error::storage(format!("state directory {}", config.dir.display()), e))?;
+        Ok(RedbStateBackend {
+            config,
+            next: AtomicU64::new(0),
+        })
+    }
+}
+
+fn safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl StateBackend for RedbStateBackend {
+    fn name(&self) -> &str {
+        "redb"
+    }
+
+    fn open_store(&self, scope: &StoreScope) -> Result<Box<dyn KeyedStateStore>> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let path = self.config.dir.join(format!(
+            "{}-{}-{}-{}-{n}.redb",
+            safe(&scope.job),
+            safe(scope.operator.as_str()),
+            scope.subtask,
+            std::process::id()
+        ));
+        let name = path.display().to_string();
+        // A left-over of a crashed process with the same pid and counter is
+        // scratch state of this backend: start over.
+        let _ = std::fs::remove_file(&path);
+        let db = Database::builder()
+            .set_cache_size(self.config.redb_cache_bytes)
+            .create(&path)
+            .map_err(|e| Error::storage(&name, e))?;
+        let tx = db.begin_write().map_err(|e| Error::storage(&name, e))?;
+        tx.open_table(STATE).map_err(|e| Error::storage(&name, e))?;
+        tx.commit().map_err(|e| Error::storage(&name, e))?;
+        Ok(Box::new(RedbStore {
+            db: Some(Arc::new(db)),
+            path,
+            name,
+            range: scope.key_groups,
+            names: Vec::new(),
+            buffer: FxHashMap::default(),
+            buffer_bytes: 0,
+            cache: FxHashMap::default(),
+            cache_bytes: 0,
+            reader: None,
+            full: Vec::with_capacity(64),
+            flushes: 0,
+            config: self.config.clone(),
+        }))
+    }
+}
+
+struct RedbStore {
+    db: Option<Arc<Database>>,
+    path: PathBuf,
+    name: String,
+    range: KeyGroupRange,
+    names: Vec<String>,
+    buffer: FxHashMap<Vec<u8>, Option<Vec<u8>>>,
+    buffer_bytes: usize,
+    cache: FxHashMap<Vec<u8>, Vec<u8>>,
+    cache_bytes: usize,
+    reader: Option<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    full: Vec<u8>,
+    flushes: u64,
+    config: RedbStateConfig,
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        self.reader = None;
+        self.db = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn compose(out: &mut Vec<u8>, state: StateId, key_group: u32, key: &[u8]) {
+    out.clear();
+    out.extend_from_slice(&state.to_be_bytes());
+    out.extend_from_slice(&key_group.to_be_bytes());
+    out.extend_from_slice(key);
+}
+
+impl RedbStore {
+    fn db(&self) -> Result<&Arc<Database>> {
+        self.db
+            .as_ref()
+            .ok_or_else(|| Error::storage(&self.name, "store is closed"))
+    }
+
+    fn check(&self, state: StateId, key_group: u32) -> Result<()> {
+        if state as usize >= self.names.len() {
+            return Err(Error::InvalidArgument {
+                what: format!("state id {state}"),
+                reason: "not registered in this store".into(),
+            });
+        }
+        if !self.range.contains(key_group) {
+            return Err(Error::InvalidArgument {
+                what: format!("key group {key_group}"),
+                reason: format!("outside this store's range {}", self.range),
+            });
+        }
+        Ok(())
+    }
+
+    fn reader(&mut self) -> Result<&ReadOnlyTable<&'static [u8], &'static [u8]>> {
+        if self.reader.is_none() {
+            let read = self
+                .db()?
+                .begin_read()
+                .map_err(|e| Error::storage(&self.name, e))?;
+            self.reader = Some(
+                read.open_table(STATE)
+                    .map_err(|e| Error::storage(&self.name, e))?,
+            );
+        }
+        self.reader
+            .as_ref()
+            .ok_or_else(|| Error::storage(&self.name, "no read transaction"))
+    }
+
+    fn cache_insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        let size = key.len() + value.len() + 32;
+        if self.cache_bytes + size > self.config.read_cache_bytes {
+            self.cache.clear();
+            self.cache_bytes = 0;
+        }
+        self.cache_bytes += size;
+        if let Some(old) = self.cache.insert(key, value) {
+            self.cache_bytes = self.cache_bytes.saturating_sub(old.len());
+        }
+    }
+
+    /// Writes the buffer in one transaction.
+    fn flush(&mut self, durable: bool) -> Result<()> {
+        if self.buffer.is_empty() && !durable {
+            return Ok(());
+        }
+        self.flushes += 1;
+        let durable = durable || self.flushes % DURABLE_EVERY == 0;
+        let name = self.name.clone();
+        let mut tx = self.db()?.begin_write().map_err(|e| Error::storage(&name, e))?;
+        tx.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| Error::storage(&name, e))?;
+        let dirty = std::mem::take(&mut self.buffer);
+        self.buffer_bytes = 0;
+        {
+            let mut table = tx.open_table(STATE).map_err(|e| Error::storage(&name, e))?;
+            for (k, v) in &dirty {
+                match v {
+                    Some(v) => {
+                        table
+                            .insert(k.as_slice(), v.as_slice())
+                            .map_err(|e| Error::storage(&name, e))?;
+                    }
+                    None => {
+                        table.remove(k.as_slice()).map_err(|e| Error::storage(&name, e))?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(|e| Error::storage(&name, e))?;
+        self.reader = None;
+        for (k, v) in dirty {
+            match v {
+                Some(v) => self.cache_insert(k, v),
+                None => {
+                    if let Some(old) = self.cache.remove(&k) {
+                        self.cache_bytes = self.cache_bytes.saturating_sub(k.len() + old.len() + 32);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn buffer_write(&mut self, value: Option<&[u8]>) -> Result<()> {
+        let added = self.full.len() + value.map_or(0, |v| v.len()) + 32;
+        match self.buffer.get_mut(self.full.as_slice()) {
+            Some(slot) => match (slot, value) {
+                (Some(old), Some(v)) => {
+                    old.clear();
+                    old.extend_from_slice(v);
+                }
+                (slot, v) => *slot = v.map(|v| v.to_vec()),
+            },
+            None => {
+                self.buffer.insert(self.full.clone(), value.map(|v| v.to_vec()));
+                self.buffer_bytes += added;
+            }
+        }
+        if self.buffer_bytes > self.config.write_buffer_bytes {
+            self.flush(false)?;
+        }
+        Ok(())
+    }
+}
+
+impl KeyedStateStore for RedbStore {
+    fn register_state(&mut self, name: &str) -> Result<StateId> {
+        if let Some(i) = self.names.iter().position(|n| n == name) {
+            return Ok(i as StateId);
+        }
+        if self.names.len() >= StateId::MAX as usize {
+            return Err(Error::InvalidArgument {
+                what: format!("state {name:?}"),
+                reason: "too many states".into(),
+            });
+        }
+        self.names.push(name.to_string());
+        Ok((self.names.len() - 1) as StateId)
+    }
+
+    fn get(&mut self, state: StateId, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        self.check(state, key_group)?;
+        compose(&mut self.full, state, key_group, key);
+        out.clear();
+        if let Some(entry) = self.buffer.get(self.full.as_slice()) {
+            return Ok(match entry {
+                Some(v) => {
+                    out.extend_from_slice(v);
+                    true
+                }
+                None => false,
+            });
+        }
+        if let Some(v) = self.cache.get(self.full.as_slice()) {
+            out.extend_from_slice(v);
+            return Ok(true);
+        }
+        let full = std::mem::take(&mut self.full);
+        let name = self.name.clone();
+        let found = match self
+            .reader()?
+            .get(full.as_slice())
+            .map_err(|e| corrupt_or_storage(&name, e))?
+        {
+            Some(v) => {
+                out.extend_from_slice(v.value());
+                true
+            }
+            None => false,
+        };
+        if found {
+            self.cache_insert(full.clone(), out.clone());
+        }
+        self.full = full;
+        Ok(found)
+    }
+
+    fn put(&mut self, state: StateId, key_group: u32, key: &[u8], value: &[u8]) -> Result<()> {
+        self.check(state, key_group)?;
+        compose(&mut self.full, state, key_group, key);
+        self.buffer_write(Some(value))
+    }
+
+    fn delete(&mut self, state: StateId, key_group: u32, key: &[u8]) -> Result<()> {
+        self.check(state, key_group)?;
+        compose(&mut self.full, state, key_group, key);
+        self.buffer_write(None)
+    }
+
+    fn scan_prefix(
+        &mut self,
+        state: StateId,
+        key_group: u32,
+        prefix: &[u8],
+        visit: &mut KeyValueVisitor<'_>,
+    ) -> Result<()> {
+        self.check(state, key_group)?;
+        let mut start = Vec::new();
+        compose(&mut start, state, key_group, prefix);
+        let mut end = Vec::new();
+        compose(&mut end, state, key_group + 1, &[]);
+        let name = self.name.clone();
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for row in self
+            .reader()?
+            .range(start.as_slice()..end.as_slice())
+            .map_err(|e| corrupt_or_storage(&name, e))?
+        {
+            let (k, v) = row.map_err(|e| corrupt_or_storage(&name, e))?;
+            if !k.value().starts_with(&start) {
+                break;
+            }
+            merged.insert(k.value().to_vec(), Some(v.value().to_vec()));
+        }
+        for (k, v) in &self.buffer {
+            if k.starts_with(&start) {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        for (k, v) in merged {
+            if let Some(v) = v {
+                visit(&k[HEADER..], &v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn prefetch(&mut self, _key_group: u32, _key: &[u8]) {}
+
+    fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
+        self.flush(true)?;
+        let read = self
+            .db()?
+            .begin_read()
+            .map_err(|e| Error::storage(&self.name, e))?;
+        let table = read
+            .open_table(STATE)
+            .map_err(|e| Error::storage(&self.name, e))?;
+        Ok(Box::new(RedbSnapshot {
+            table,
+            names: self.names.clone(),
+            range: self.range,
+            name: self.name.clone(),
+        }))
+    }
+}
+
+/// A read transaction's view of a [`RedbStore`].
+struct RedbSnapshot {
+    table: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    names: Vec<String>,
+    range: KeyGroupRange,
+    name: String,
+}
+
+impl StateSnapshot for RedbSnapshot {
+    fn key_groups(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    fn state_names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+
+    fn visit_key_group(&self, key_group: u32, visit: &mut SnapshotVisitor<'_>) -> Result<()> {
+        if !self.range.contains(key_group) {
+            return Err(Error::InvalidArgument {
+                what: format!("key group {key_group}"),
+                reason: format!("outside the snapshot's range {}", self.range),
+            });
+        }
+        for s in 0..self.names.len() as StateId {
+            let (mut start, mut end) = (Vec::new(), Vec::new());
+            compose(&mut start, s, key_group, &[]);
+            compose(&mut end, s, key_group + 1, &[]);
+            for row in self
+                .table
+                .range(start.as_slice()..end.as_slice())
+                .map_err(|e| corrupt_or_storage(&self.name, e))?
+            {
+                let (k, v) = row.map_err(|e| corrupt_or_storage(&self.name, e))?;
+                visit(s, &k.value()[HEADER..], v.value())?;
+            }
+        }
+        Ok(())
+    }
+}
