@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn sluice(args: &[&str]) -> (i32, String, String) {
+    // Any default ./sluice-data goes to a scratch directory.
+    let cwd = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(cwd.path())
         .args(args)
         .output()
         .expect("run sluice");
@@ -16,9 +19,16 @@ fn sluice(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn keyed_sum_with_an_injected_failure_restores_from_a_checkpoint_and_is_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("redb:{}", dir.path().join("chk.redb").display());
+    let state = dir.path().join("state").display().to_string();
     let (code, out, err) = sluice(&[
         "run",
         "keyed-sum",
+        "--storage",
+        &storage,
+        "--state-dir",
+        &state,
         "--events",
         "400000",
         "--keys",
@@ -62,4 +72,46 @@ fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
             "{args:?}: the message should name {needle}:\n{err}"
         );
     }
+}
+
+#[test]
+fn checkpoints_list_shows_the_retained_checkpoints_of_a_redb_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("redb:{}", dir.path().join("chk.redb").display());
+    let state = dir.path().join("state").display().to_string();
+    let (code, out, err) = sluice(&[
+        "run",
+        "keyed-sum",
+        "--events",
+        "200000",
+        "--keys",
+        "100",
+        "--checkpoint-interval",
+        "5ms",
+        "--retained",
+        "2",
+        "--storage",
+        &storage,
+        "--state-dir",
+        &state,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = sluice(&["checkpoints", "list", "--storage", &storage]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 completed checkpoints"), "{out}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains(" checkpoint ")).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows.iter().all(|r| r.contains('Z')), "times in UTC: {out}");
+    // A file that is not a checkpoint store is refused, not overwritten.
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, b"notes").unwrap();
+    let (code, _, err) = sluice(&[
+        "checkpoints",
+        "list",
+        "--storage",
+        &format!("redb:{}", notes.display()),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("notes.txt"), "{err}");
+    assert_eq!(std::fs::read(&notes).unwrap(), b"notes");
 }

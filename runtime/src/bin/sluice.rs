@@ -27,7 +27,24 @@ enum Command {
         #[command(subcommand)]
         job: RunJob,
     },
+    /// Inspect checkpoint storage.
+    Checkpoints {
+        #[command(subcommand)]
+        command: CheckpointsCommand,
+    },
 }
+
+#[derive(Subcommand)]
+enum CheckpointsCommand {
+    /// List the completed checkpoints (id, time, kind, size, duration).
+    List {
+        /// Checkpoint storage: `redb:PATH`.
+        #[arg(long, default_value = DEFAULT_STORAGE)]
+        storage: String,
+    },
+}
+
+const DEFAULT_STORAGE: &str = "redb:./sluice-data/checkpoints.redb";
 
 #[derive(Subcommand)]
 enum RunJob {
@@ -61,12 +78,19 @@ struct KeyedSumArgs {
     /// Inject one task failure after this many events (counted at the keyed operator).
     #[arg(long)]
     fail_after: Option<u64>,
-    /// Working state backend: `memory`.
-    #[arg(long, default_value = "memory")]
+    /// Working state backend: `redb` (on disk, larger than memory) or `memory`.
+    #[arg(long, default_value = "redb")]
     state: String,
-    /// Checkpoint storage: `memory`.
-    #[arg(long, default_value = "memory")]
+    /// Directory of the redb state backend's working files.
+    #[arg(long, default_value = "./sluice-data/state")]
+    state_dir: std::path::PathBuf,
+    /// Checkpoint storage: `redb:PATH` (a local file) or `memory`.
+    #[arg(long, default_value = DEFAULT_STORAGE)]
     storage: String,
+    /// Resume from the latest completed checkpoint in the storage (after the
+    /// process was killed).
+    #[arg(long)]
+    resume: bool,
     /// Completed checkpoints to retain.
     #[arg(long, default_value_t = 3)]
     retained: usize,
@@ -87,22 +111,35 @@ fn parse_interval(s: &str) -> Result<Option<Duration>, String> {
     Ok(Some(d))
 }
 
-fn state_backend(name: &str) -> Result<Arc<dyn StateBackend>, String> {
+fn state_backend(name: &str, dir: &std::path::Path) -> Result<Arc<dyn StateBackend>, String> {
     match name {
         "memory" => Ok(Arc::new(sluice_backend_memory::MemoryStateBackend::new())),
+        "redb" => sluice_backend_redb::RedbStateBackend::new(dir)
+            .map(|b| Arc::new(b) as Arc<dyn StateBackend>)
+            .map_err(|e| format!("--state redb: {e}")),
         other => Err(format!(
-            "--state {other:?}: unknown state backend (available: memory)"
+            "--state {other:?}: unknown state backend (available: redb, memory)"
         )),
     }
 }
 
 fn checkpoint_storage(spec: &str) -> Result<Arc<dyn CheckpointStorage>, String> {
-    match spec {
-        "memory" => Ok(Arc::new(sluice_backend_memory::MemoryCheckpointStorage::new())),
-        other => Err(format!(
-            "--storage {other:?}: unknown checkpoint storage (available: memory)"
-        )),
+    if spec == "memory" {
+        return Ok(Arc::new(sluice_backend_memory::MemoryCheckpointStorage::new()));
     }
+    if let Some(path) = spec.strip_prefix("redb:") {
+        if path.is_empty() {
+            return Err(
+                "--storage redb:PATH needs a file path, e.g. redb:./sluice-data/checkpoints.redb".into(),
+            );
+        }
+        return sluice_backend_redb::RedbCheckpointStorage::open(path)
+            .map(|s| Arc::new(s) as Arc<dyn CheckpointStorage>)
+            .map_err(|e| format!("--storage {spec}: {e}"));
+    }
+    Err(format!(
+        "--storage {spec:?}: unknown checkpoint storage (available: redb:PATH, memory)"
+    ))
 }
 
 fn main() -> ExitCode {
@@ -118,14 +155,59 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run {
             job: RunJob::KeyedSum(args),
-        } => match run_keyed_sum(args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("sluice: error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        } => finish(run_keyed_sum(args)),
+        Command::Checkpoints {
+            command: CheckpointsCommand::List { storage },
+        } => finish(list_checkpoints(&storage)),
     }
+}
+
+fn finish(r: Result<ExitCode, String>) -> ExitCode {
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the tokio runtime: {e}"))
+}
+
+fn list_checkpoints(spec: &str) -> Result<ExitCode, String> {
+    let storage = checkpoint_storage(spec)?;
+    runtime()?.block_on(async move {
+        let listing = storage.list().await.map_err(|e| e.to_string())?;
+        println!(
+            "{:>8}  {:<20}  {:<10}  {:>12}  {:>9}",
+            "id", "time (UTC)", "kind", "size", "duration"
+        );
+        let mut count = 0;
+        for c in listing.iter().filter(|c| c.committed) {
+            match sluice_core::metadata::read_checkpoint_metadata(storage.as_ref(), c.id).await {
+                Ok(m) => {
+                    let time = std::time::UNIX_EPOCH + Duration::from_millis(m.trigger_time_ms);
+                    println!(
+                        "{:>8}  {:<20}  {:<10}  {:>12}  {:>7}ms",
+                        c.id.0,
+                        humantime::format_rfc3339_seconds(time).to_string(),
+                        m.kind.to_string(),
+                        m.state_size(),
+                        m.duration_ms
+                    );
+                }
+                Err(e) => println!("{:>8}  unreadable metadata: {e}", c.id.0),
+            }
+            count += 1;
+        }
+        println!("{count} completed checkpoints in {}", storage.describe());
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
@@ -139,7 +221,7 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             a.parallelism, a.max_parallelism
         ));
     }
-    let backend = state_backend(&a.state)?;
+    let backend = state_backend(&a.state, &a.state_dir)?;
     let storage = checkpoint_storage(&a.storage)?;
     let mode = match a.mode {
         Mode::ExactlyOnce => CheckpointingMode::ExactlyOnce,
@@ -168,17 +250,14 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         backend.name(),
         storage.describe()
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
-    rt.block_on(async move {
+    runtime()?.block_on(async move {
         let storage_for_check = storage.clone();
         let job = Job::new("keyed-sum")
             .with_parallelism(a.parallelism)
             .with_max_parallelism(a.max_parallelism)
             .with_state_backend(backend)
             .with_checkpoint_storage(storage)
+            .resume_from_latest_checkpoint(a.resume)
             .with_restart_strategy(RestartStrategy::FixedDelay { attempts: 3, delay: Duration::from_millis(100) })
             .with_checkpointing(CheckpointConfig { interval, mode, retained: a.retained, ..Default::default() });
         workload::keyed_sum(&job, a.events, a.keys, a.parallelism, RunningSum::with_failures(failures), DiscardSink::new())
@@ -205,6 +284,9 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         drop(join);
         let elapsed = started.elapsed();
         let result = result.map_err(|e| format!("job failed: {e}"))?;
+        if let Some(id) = result.resumed_from {
+            println!("resumed from checkpoint {id}");
+        }
         for r in &result.recoveries {
             match r.restored_from {
                 Some(id) => println!("recovery: {}; restored from checkpoint {id}", r.cause),
