@@ -1,6 +1,7 @@
-//! The reference workload (keyed running sum) on the memory backend, with
-//! no checkpoints, a checkpoint every second, and every 100 ms, measured in
-//! one run so the figures can be compared as ratios.
+//! The reference workload (keyed running sum): memory state and storage
+//! with no checkpoints, a checkpoint every second and every 100 ms, and the
+//! redb state backend with redb checkpoint storage every second, measured
+//! in one run so the figures can be compared as ratios.
 //!
 //! ```text
 //! cargo run --release -p sluice-bench --bin keyed_sum -- [--events N] [--keys K] [--parallelism P] [--runs R]
@@ -8,6 +9,8 @@
 
 use clap::Parser;
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_backend_redb::{RedbCheckpointStorage, RedbStateBackend};
+use sluice_core::{CheckpointStorage, StateBackend};
 use sluice_runtime::workload::{self, RunningSum};
 use sluice_runtime::{CheckpointConfig, CheckpointStatus, DiscardSink, Job};
 use std::sync::Arc;
@@ -35,12 +38,29 @@ struct Outcome {
     p50_ms: f64,
 }
 
-async fn run(a: &Args, interval: Option<Duration>) -> Outcome {
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Memory,
+    Redb,
+}
+
+async fn run(a: &Args, backend: Backend, interval: Option<Duration>) -> Outcome {
     let sink = DiscardSink::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (state, storage): (Arc<dyn StateBackend>, Arc<dyn CheckpointStorage>) = match backend {
+        Backend::Memory => (
+            Arc::new(MemoryStateBackend::new()),
+            Arc::new(MemoryCheckpointStorage::new()),
+        ),
+        Backend::Redb => (
+            Arc::new(RedbStateBackend::new(dir.path().join("state")).expect("redb state")),
+            Arc::new(RedbCheckpointStorage::open(dir.path().join("chk.redb")).expect("redb storage")),
+        ),
+    };
     let job = Job::new("keyed-sum-bench")
         .with_parallelism(a.parallelism)
-        .with_state_backend(Arc::new(MemoryStateBackend::new()))
-        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()))
+        .with_state_backend(state)
+        .with_checkpoint_storage(storage)
         .with_checkpointing(CheckpointConfig {
             interval,
             retained: 1,
@@ -82,25 +102,32 @@ fn main() {
         .build()
         .expect("tokio runtime");
     println!(
-        "keyed running sum: {} events, {} keys, parallelism {}, memory state + memory storage, best of {} runs",
+        "keyed running sum: {} events, {} keys, parallelism {}, best of {} runs",
         a.events, a.keys, a.parallelism, a.runs
     );
-    println!("| checkpoints | events/s (best) | all runs (M/s) | checkpoints completed | checkpoint p50 | vs none |");
+    println!(
+        "| state + storage, checkpoints | events/s (best) | all runs (M/s) | checkpoints | checkpoint p50 | vs memory, none |"
+    );
     println!("|---|---|---|---|---|---|");
-    let configs: [(&str, Option<Duration>); 3] = [
-        ("none", None),
-        ("every 1 s", Some(Duration::from_secs(1))),
-        ("every 100 ms", Some(Duration::from_millis(100))),
+    let configs: [(&str, Backend, Option<Duration>); 4] = [
+        ("memory, none", Backend::Memory, None),
+        ("memory, every 1 s", Backend::Memory, Some(Duration::from_secs(1))),
+        (
+            "memory, every 100 ms",
+            Backend::Memory,
+            Some(Duration::from_millis(100)),
+        ),
+        ("redb, every 1 s", Backend::Redb, Some(Duration::from_secs(1))),
     ];
     let mut baseline = None;
     // Interleave the configurations run by run so that machine noise hits all alike.
     let mut results: Vec<Vec<Outcome>> = configs.iter().map(|_| Vec::new()).collect();
     for _ in 0..a.runs {
-        for (i, (_, interval)) in configs.iter().enumerate() {
-            results[i].push(rt.block_on(run(&a, *interval)));
+        for (i, (_, backend, interval)) in configs.iter().enumerate() {
+            results[i].push(rt.block_on(run(&a, *backend, *interval)));
         }
     }
-    for ((name, _), outs) in configs.iter().zip(&results) {
+    for ((name, _, _), outs) in configs.iter().zip(&results) {
         let best = outs
             .iter()
             .max_by(|x, y| x.rate.total_cmp(&y.rate))
