@@ -234,7 +234,10 @@ impl RedbStore {
             Durability::None
         })
         .map_err(|e| Error::storage(&name, e))?;
-        let dirty = std::mem::take(&mut self.buffer);
+        // Sorted, the inserts walk the B-tree in order instead of at random.
+        let mut dirty: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            std::mem::take(&mut self.buffer).into_iter().collect();
+        dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         self.buffer_bytes = 0;
         {
             let mut table = tx.open_table(STATE).map_err(|e| Error::storage(&name, e))?;

@@ -126,8 +126,24 @@ fn snapshot_restore(c: &mut Criterion) {
             let mut store = backend.open_store(&scope()).expect("open");
             fill(store.as_mut(), n);
             for (sname, storage) in storages(dir.path()) {
+                // The file the restore benchmark reads (written once, untimed).
+                let file = {
+                    let id = CheckpointId(n);
+                    let enc =
+                        encode_snapshot(store.snapshot(id).expect("snapshot").as_ref()).expect("encode");
+                    let path = format!("{}/restore-0.kst", id.dir());
+                    let handle = StateFileHandle {
+                        path: path.clone(),
+                        size: enc.bytes.len() as u64,
+                        crc32: enc.crc32,
+                        key_groups: enc.key_groups,
+                        entries: enc.entries,
+                    };
+                    rt.block_on(storage.discard(id)).expect("discard");
+                    rt.block_on(storage.write_file(&path, enc.bytes)).expect("write");
+                    handle
+                };
                 let id_counter = std::cell::Cell::new(1u64 + n * 10);
-                let last: std::cell::RefCell<Option<StateFileHandle>> = Default::default();
                 group.bench_function(BenchmarkId::new(format!("snapshot/{bname}->{sname}"), n), |b| {
                     b.iter_custom(|iters| {
                         let mut total = Duration::ZERO;
@@ -138,24 +154,14 @@ fn snapshot_restore(c: &mut Criterion) {
                             let snap = store.snapshot(id).expect("snapshot");
                             let enc = encode_snapshot(snap.as_ref()).expect("encode");
                             let path = format!("{}/bench-0.kst", id.dir());
-                            let size = enc.bytes.len() as u64;
                             rt.block_on(storage.write_file(&path, enc.bytes)).expect("write");
                             total += t.elapsed();
-                            if let Some(old) = last.replace(Some(StateFileHandle {
-                                path,
-                                size,
-                                crc32: enc.crc32,
-                                key_groups: enc.key_groups,
-                                entries: enc.entries,
-                            })) {
-                                let old_id = sluice_core::storage::checkpoint_of_path(&old.path).expect("id");
-                                rt.block_on(storage.discard(old_id)).expect("discard");
-                            }
+                            drop(snap);
+                            rt.block_on(storage.discard(id)).expect("discard");
                         }
                         total
                     })
                 });
-                let file = last.borrow().clone().expect("a snapshot was written");
                 group.bench_function(BenchmarkId::new(format!("restore/{sname}->{bname}"), n), |b| {
                     b.iter_custom(|iters| {
                         let mut total = Duration::ZERO;

@@ -198,6 +198,29 @@ async fn flush_and_drain<T>(chain: &mut dyn Operator<T>) -> Result<()> {
     Ok(())
 }
 
+/// A source's checkpoint: the positions of its splits, then the chain's
+/// synchronous snapshot, which emits the barrier after every record so far.
+fn snapshot_source<T>(
+    rt: &TaskRuntime,
+    uid: &OperatorUid,
+    readers: &[(u32, Box<dyn SplitReader<T>>, bool)],
+    chain: &mut dyn Operator<T>,
+    barrier: CheckpointBarrier,
+) -> Result<()> {
+    let positions = readers
+        .iter()
+        .map(|(s, r, _)| SplitPosition {
+            split: *s,
+            offset: r.offset(),
+        })
+        .collect();
+    let done = AlignedCheckpoint {
+        barrier,
+        alignment: Duration::ZERO,
+    };
+    rt.snapshot(chain, done, Some((uid.clone(), positions)))
+}
+
 /// A source subtask: reads its splits, answers triggers by snapshotting its
 /// positions and emitting the barrier.
 pub(crate) async fn run_source_task<T: Send + 'static>(
@@ -230,18 +253,7 @@ pub(crate) async fn run_source_task<T: Send + 'static>(
         loop {
             match rt.control.try_recv() {
                 Ok(Control::Trigger(barrier)) => {
-                    let positions = readers
-                        .iter()
-                        .map(|(s, r, _)| SplitPosition {
-                            split: *s,
-                            offset: r.offset(),
-                        })
-                        .collect();
-                    let done = AlignedCheckpoint {
-                        barrier,
-                        alignment: Duration::ZERO,
-                    };
-                    rt.snapshot(chain.as_mut(), done, Some((uid.clone(), positions)))?;
+                    snapshot_source(&rt, &uid, &readers, chain.as_mut(), barrier)?
                 }
                 Ok(c) => apply_control(c, chain.as_mut(), None)?,
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -257,18 +269,7 @@ pub(crate) async fn run_source_task<T: Send + 'static>(
             loop {
                 match rt.control.recv().await {
                     Some(Control::Trigger(barrier)) => {
-                        let positions = readers
-                            .iter()
-                            .map(|(s, r, _)| SplitPosition {
-                                split: *s,
-                                offset: r.offset(),
-                            })
-                            .collect();
-                        let done = AlignedCheckpoint {
-                            barrier,
-                            alignment: Duration::ZERO,
-                        };
-                        rt.snapshot(chain.as_mut(), done, Some((uid.clone(), positions)))?;
+                        snapshot_source(&rt, &uid, &readers, chain.as_mut(), barrier)?;
                         flush_and_drain(chain.as_mut()).await?;
                     }
                     Some(Control::EndInput) => {
