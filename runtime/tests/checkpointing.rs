@@ -220,7 +220,15 @@ async fn retention_keeps_the_newest_completed_checkpoints_and_ids_continue_in_a_
     let last = first.last_checkpoint.unwrap();
     assert_eq!(listing.last().unwrap().id, last);
 
-    let job = keyed_sum_job("retention", storage.clone(), config);
+    // No periodic checkpoints: the triggered one is the job's first.
+    let job = keyed_sum_job(
+        "retention",
+        storage.clone(),
+        CheckpointConfig {
+            interval: None,
+            ..config
+        },
+    );
     job.source("events", SequenceSource::new(u64::MAX / 2, 1, |i| (i % 3, i)), 1)
         .key_by(|(k, _)| *k)
         .process("running-sum", RunningSum::default())
