@@ -38,9 +38,12 @@ enum Command {
 enum CheckpointsCommand {
     /// List the completed checkpoints (id, time, kind, size, duration).
     List {
-        /// Checkpoint storage: `redb:PATH`.
+        /// Checkpoint storage: `redb:PATH` or `s3://bucket/prefix`.
         #[arg(long, default_value = DEFAULT_STORAGE)]
         storage: String,
+        /// S3 endpoint URL (else AWS_ENDPOINT_URL or AWS's default).
+        #[arg(long)]
+        s3_endpoint: Option<String>,
     },
 }
 
@@ -84,9 +87,13 @@ struct KeyedSumArgs {
     /// Directory of the redb state backend's working files.
     #[arg(long, default_value = "./sluice-data/state")]
     state_dir: std::path::PathBuf,
-    /// Checkpoint storage: `redb:PATH` (a local file) or `memory`.
+    /// Checkpoint storage: `redb:PATH` (a local file), `s3://bucket/prefix`
+    /// (credentials and region from the usual AWS variables) or `memory`.
     #[arg(long, default_value = DEFAULT_STORAGE)]
     storage: String,
+    /// S3 endpoint URL (else AWS_ENDPOINT_URL or AWS's default).
+    #[arg(long)]
+    s3_endpoint: Option<String>,
     /// Resume from the latest completed checkpoint in the storage (after the
     /// process was killed).
     #[arg(long)]
@@ -123,7 +130,27 @@ fn state_backend(name: &str, dir: &std::path::Path) -> Result<Arc<dyn StateBacke
     }
 }
 
-fn checkpoint_storage(spec: &str) -> Result<Arc<dyn CheckpointStorage>, String> {
+/// Opens the storage named by `spec`. S3 storages hold the job's directory
+/// `<prefix>/<job>`.
+async fn checkpoint_storage(
+    spec: &str,
+    s3_endpoint: Option<&str>,
+    job: &str,
+) -> Result<Arc<dyn CheckpointStorage>, String> {
+    if spec.starts_with("s3://") {
+        let mut config =
+            sluice_backend_s3::S3Config::from_url(spec).map_err(|e| format!("--storage: {e}"))?;
+        config.prefix = if config.prefix.is_empty() {
+            job.to_string()
+        } else {
+            format!("{}/{job}", config.prefix)
+        };
+        config.endpoint_url = s3_endpoint.map(str::to_string);
+        return sluice_backend_s3::S3CheckpointStorage::open(config)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn CheckpointStorage>)
+            .map_err(|e| format!("--storage {spec}: {e}"));
+    }
     if spec == "memory" {
         return Ok(Arc::new(sluice_backend_memory::MemoryCheckpointStorage::new()));
     }
@@ -138,7 +165,7 @@ fn checkpoint_storage(spec: &str) -> Result<Arc<dyn CheckpointStorage>, String> 
             .map_err(|e| format!("--storage {spec}: {e}"));
     }
     Err(format!(
-        "--storage {spec:?}: unknown checkpoint storage (available: redb:PATH, memory)"
+        "--storage {spec:?}: unknown checkpoint storage (available: redb:PATH, s3://bucket/prefix, memory)"
     ))
 }
 
@@ -157,8 +184,8 @@ fn main() -> ExitCode {
             job: RunJob::KeyedSum(args),
         } => finish(run_keyed_sum(args)),
         Command::Checkpoints {
-            command: CheckpointsCommand::List { storage },
-        } => finish(list_checkpoints(&storage)),
+            command: CheckpointsCommand::List { storage, s3_endpoint },
+        } => finish(list_checkpoints(&storage, s3_endpoint.as_deref())),
     }
 }
 
@@ -179,9 +206,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the tokio runtime: {e}"))
 }
 
-fn list_checkpoints(spec: &str) -> Result<ExitCode, String> {
-    let storage = checkpoint_storage(spec)?;
+fn list_checkpoints(spec: &str, s3_endpoint: Option<&str>) -> Result<ExitCode, String> {
     runtime()?.block_on(async move {
+        let storage = checkpoint_storage(spec, s3_endpoint, "keyed-sum").await?;
         let listing = storage.list().await.map_err(|e| e.to_string())?;
         println!(
             "{:>8}  {:<20}  {:<10}  {:>12}  {:>9}",
@@ -222,7 +249,6 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         ));
     }
     let backend = state_backend(&a.state, &a.state_dir)?;
-    let storage = checkpoint_storage(&a.storage)?;
     let mode = match a.mode {
         Mode::ExactlyOnce => CheckpointingMode::ExactlyOnce,
         Mode::AtLeastOnce => CheckpointingMode::AtLeastOnce,
@@ -235,6 +261,12 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         )],
         None => Vec::new(),
     };
+    let rt = runtime()?;
+    let storage = rt.block_on(checkpoint_storage(
+        &a.storage,
+        a.s3_endpoint.as_deref(),
+        "keyed-sum",
+    ))?;
     println!(
         "sluice: keyed-sum: {} events, {} keys, parallelism {}, checkpoints {}, {}, state {}, storage {}",
         a.events,
@@ -250,7 +282,7 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         backend.name(),
         storage.describe()
     );
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         let storage_for_check = storage.clone();
         let job = Job::new("keyed-sum")
             .with_parallelism(a.parallelism)

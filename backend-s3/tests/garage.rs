@@ -1,0 +1,194 @@
+//! `S3CheckpointStorage` against a real S3 server (Garage on 127.0.0.1,
+//! started by `scripts/s3-server.sh start`; `scripts/test.sh` does it and
+//! sets `SLUICE_REQUIRE_S3=1`, so in CI these tests cannot skip).
+
+use sluice_backend_memory::MemoryStateBackend;
+use sluice_backend_s3::{S3CheckpointStorage, S3Config};
+use sluice_core::{testkit, Bytes, CheckpointId, CheckpointStorage, Error};
+
+/// The bucket of the test server, or `None` (with a message) when no server
+/// is configured and none is required.
+fn bucket() -> Option<String> {
+    match (
+        std::env::var("AWS_ENDPOINT_URL"),
+        std::env::var("SLUICE_S3_BUCKET"),
+    ) {
+        (Ok(_), Ok(bucket)) => Some(bucket),
+        _ if std::env::var_os("SLUICE_REQUIRE_S3").is_some() => {
+            panic!("SLUICE_REQUIRE_S3 is set but AWS_ENDPOINT_URL / SLUICE_S3_BUCKET are not: start scripts/s3-server.sh")
+        }
+        _ => {
+            eprintln!("skipped: no S3 server (run `scripts/s3-server.sh start` and `eval $(scripts/s3-server.sh env)`)");
+            None
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("tests/{prefix}-{:016x}", rand_u64())
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+async fn storage(name: &str) -> Option<S3CheckpointStorage> {
+    let bucket = bucket()?;
+    Some(
+        S3CheckpointStorage::open(S3Config::new(bucket, unique(name)))
+            .await
+            .expect("open S3 storage"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_checkpoint_storage_passes_the_storage_suite_against_garage() {
+    let Some(s) = storage("suite").await else { return };
+    testkit::run_checkpoint_storage_suite(&s, &MemoryStateBackend::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_state_file_goes_up_in_parallel_parts_and_round_trips() {
+    let Some(bucket) = bucket() else { return };
+    let mut config = S3Config::new(bucket, unique("multipart"));
+    config.part_size = 8 << 20;
+    let s = S3CheckpointStorage::open(config).await.unwrap();
+    let data: Vec<u8> = (0..100u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let data = Bytes::from(data);
+    s.write_file("chk-1/big-0.kst", data.clone())
+        .await
+        .expect("multipart upload");
+    let back = s.read_file("chk-1/big-0.kst").await.unwrap();
+    assert!(back == data, "the 100 MiB file did not round-trip");
+    let mid = s
+        .read_range("chk-1/big-0.kst", (50 << 20) - 3..(50 << 20) + 5)
+        .await
+        .unwrap();
+    assert_eq!(mid, data.slice((50 << 20) - 3..(50 << 20) + 5));
+    assert!(matches!(
+        s.write_file("chk-1/big-0.kst", data.slice(0..(20 << 20))).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    // An upload left unfinished by a crash is aborted when its checkpoint is discarded.
+    let key = s.key("chk-1/orphan-0.kst");
+    let up = s
+        .client()
+        .create_multipart_upload()
+        .bucket(s_bucket())
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    s.client()
+        .upload_part()
+        .bucket(s_bucket())
+        .key(&key)
+        .upload_id(up.upload_id().unwrap())
+        .part_number(1)
+        .body(aws_sdk_s3::primitives::ByteStream::from(vec![1u8; 6 << 20]))
+        .send()
+        .await
+        .unwrap();
+    s.discard(CheckpointId(1)).await.unwrap();
+    let left = s
+        .client()
+        .list_multipart_uploads()
+        .bucket(s_bucket())
+        .prefix(s.key("chk-1/"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        left.uploads().is_empty(),
+        "orphan parts left: {:?}",
+        left.uploads()
+    );
+    assert!(s.list().await.unwrap().is_empty());
+}
+
+fn s_bucket() -> String {
+    std::env::var("SLUICE_S3_BUCKET").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_gives_clear_errors_without_credentials() {
+    let Some(bucket) = bucket() else { return };
+    // No such bucket.
+    let e = S3CheckpointStorage::open(S3Config::new("no-such-bucket-sluice", "x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+    assert!(
+        e.to_string().contains("no-such-bucket-sluice") && e.to_string().contains("127.0.0.1"),
+        "{e}"
+    );
+    // Unreachable endpoint.
+    let mut c = S3Config::new(bucket.clone(), "x");
+    c.endpoint_url = Some("http://127.0.0.1:9".into());
+    c.max_attempts = 1;
+    let e = S3CheckpointStorage::open(c).await.unwrap_err();
+    assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
+    // Wrong credentials (set for this process only through a profile-free env).
+    let secret = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "wrong_credentials_child",
+            "--nocapture",
+            "--include-ignored",
+        ])
+        .env("AWS_SECRET_ACCESS_KEY", "0".repeat(64))
+        .env("SLUICE_S3_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("rejected the credentials"), "{text}");
+    assert!(!text.contains(&secret), "the real secret leaked into output");
+    assert!(
+        !text.contains(&"0".repeat(64)),
+        "the wrong secret leaked into the error"
+    );
+}
+
+/// Runs in a child process with a wrong secret (see above).
+#[tokio::test]
+#[ignore = "run by bad_configuration_gives_clear_errors_without_credentials"]
+async fn wrong_credentials_child() {
+    if std::env::var_os("SLUICE_S3_CHILD").is_none() {
+        return;
+    }
+    let e = S3CheckpointStorage::open(S3Config::new(s_bucket(), "x"))
+        .await
+        .unwrap_err();
+    println!("error: {e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_is_probed_for_conditional_writes_and_commits_are_create_if_absent_either_way() {
+    let Some(s) = storage("probe").await else { return };
+    println!("conditional writes honoured: {}", s.conditional_writes());
+    s.commit_metadata(CheckpointId(9), Bytes::from_static(b"{\"a\":1}"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.commit_metadata(CheckpointId(9), Bytes::from_static(b"{\"b\":2}"))
+            .await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    assert_eq!(
+        s.read_metadata(CheckpointId(9)).await.unwrap(),
+        Bytes::from_static(b"{\"a\":1}")
+    );
+    s.discard(CheckpointId(9)).await.unwrap();
+}
