@@ -37,10 +37,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use sluice_core::state::{KeyValueVisitor, SnapshotVisitor};
-use sluice_core::storage::{checkpoint_of_path, validate_path};
+use sluice_core::storage::{checkpoint_of_path, dir_prefix, validate_dir, validate_path};
 use sluice_core::{
-    CheckpointId, CheckpointListing, CheckpointStorage, Error, KeyGroupRange, KeyedStateStore, Result,
-    StateBackend, StateId, StateSnapshot, StoreScope,
+    CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, KeyGroupRange, KeyedStateStore,
+    Result, StateBackend, StateId, StateSnapshot, StoreScope,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -266,14 +266,6 @@ impl MemoryCheckpointStorage {
     }
 }
 
-fn file_checkpoint(path: &str) -> Result<CheckpointId> {
-    validate_path(path)?;
-    checkpoint_of_path(path).ok_or_else(|| Error::InvalidArgument {
-        what: format!("storage path {path:?}"),
-        reason: "must start with a checkpoint directory chk-<id>/".into(),
-    })
-}
-
 #[async_trait]
 impl CheckpointStorage for MemoryCheckpointStorage {
     fn describe(&self) -> String {
@@ -281,7 +273,7 @@ impl CheckpointStorage for MemoryCheckpointStorage {
     }
 
     async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
-        file_checkpoint(path)?;
+        validate_path(path)?;
         let mut inner = self.lock();
         if inner.files.contains_key(path) {
             return Err(Error::AlreadyExists {
@@ -352,6 +344,34 @@ impl CheckpointStorage for MemoryCheckpointStorage {
         inner.metadata.remove(&id);
         let prefix = format!("{}/", id.dir());
         inner.files.retain(|p, _| !p.starts_with(&prefix));
+        Ok(())
+    }
+
+    async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
+        // Memory is as durable as it gets here: the same as a write.
+        self.write_file(path, data).await
+    }
+
+    async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
+        validate_dir(dir, true)?;
+        let prefix = dir_prefix(dir);
+        Ok(self
+            .lock()
+            .files
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, b)| FileListing {
+                path: p.clone(),
+                size: b.len() as u64,
+            })
+            .collect())
+    }
+
+    async fn delete_dir(&self, dir: &str) -> Result<()> {
+        validate_dir(dir, false)?;
+        let prefix = dir_prefix(dir);
+        // One lock: the directory disappears at once.
+        self.lock().files.retain(|p, _| !p.starts_with(&prefix));
         Ok(())
     }
 }

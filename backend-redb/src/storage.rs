@@ -19,8 +19,8 @@ use crate::{corrupt_or_storage, spawn_db};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use redb::{Database, Durability, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
-use sluice_core::storage::{checkpoint_of_path, validate_path};
-use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, Result};
+use sluice_core::storage::{checkpoint_of_path, dir_prefix, validate_dir, validate_path};
+use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, Result};
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -237,24 +237,14 @@ fn read_range_blocking(db: &Database, store: &str, path: &str, range: Option<Ran
     Ok(out.freeze())
 }
 
-#[async_trait]
-impl CheckpointStorage for RedbCheckpointStorage {
-    fn describe(&self) -> String {
-        format!("redb:{}", self.path.display())
-    }
-
-    async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
+impl RedbCheckpointStorage {
+    /// Writes a file create-if-absent in one transaction of `durability`.
+    async fn write(&self, path: &str, data: Bytes, durability: Durability) -> Result<()> {
         validate_path(path)?;
-        if checkpoint_of_path(path).is_none() {
-            return Err(Error::InvalidArgument {
-                what: format!("storage path {path:?}"),
-                reason: "must start with a checkpoint directory chk-<id>/".into(),
-            });
-        }
         let (db, store, path) = (self.db.clone(), self.name(), path.to_string());
         spawn_db(move || {
             let mut tx = db.begin_write().map_err(|e| Error::storage(&store, e))?;
-            tx.set_durability(Durability::None)
+            tx.set_durability(durability)
                 .map_err(|e| Error::storage(&store, e))?;
             {
                 let mut files = tx.open_table(FILES).map_err(|e| Error::storage(&store, e))?;
@@ -278,6 +268,41 @@ impl CheckpointStorage for RedbCheckpointStorage {
             tx.commit().map_err(|e| Error::storage(&store, e))
         })
         .await
+    }
+}
+
+/// Removes the files whose paths start with `prefix` (and their chunks) in
+/// the write transaction `tx`.
+fn remove_prefix(tx: &redb::WriteTransaction, store: &str, prefix: &str) -> Result<()> {
+    let mut files = tx.open_table(FILES).map_err(|e| Error::storage(store, e))?;
+    let mut paths = Vec::new();
+    for row in files.range(prefix..).map_err(|e| corrupt_or_storage(store, e))? {
+        let (k, v) = row.map_err(|e| corrupt_or_storage(store, e))?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        paths.push((k.value().to_string(), v.value()));
+    }
+    let mut chunks = tx.open_table(CHUNKS).map_err(|e| Error::storage(store, e))?;
+    for (p, len) in &paths {
+        files.remove(p.as_str()).map_err(|e| Error::storage(store, e))?;
+        for i in 0..len.div_ceil(CHUNK).max(1) {
+            chunks
+                .remove((p.as_str(), i))
+                .map_err(|e| Error::storage(store, e))?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl CheckpointStorage for RedbCheckpointStorage {
+    fn describe(&self) -> String {
+        format!("redb:{}", self.path.display())
+    }
+
+    async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
+        self.write(path, data, Durability::None).await
     }
 
     async fn read_file(&self, path: &str) -> Result<Bytes> {
@@ -382,29 +407,52 @@ impl CheckpointStorage for RedbCheckpointStorage {
                     .open_table(CHECKPOINTS)
                     .map_err(|e| Error::storage(&store, e))?;
                 meta.remove(id.0).map_err(|e| Error::storage(&store, e))?;
-                let prefix = format!("{}/", id.dir());
-                // '0' is the character after '/': the range holds exactly the
-                // paths under the checkpoint's directory.
-                let end = format!("{}0", id.dir());
-                let mut files = tx.open_table(FILES).map_err(|e| Error::storage(&store, e))?;
-                let mut paths = Vec::new();
-                for row in files
-                    .range(prefix.as_str()..end.as_str())
-                    .map_err(|e| corrupt_or_storage(&store, e))?
-                {
-                    let (k, v) = row.map_err(|e| corrupt_or_storage(&store, e))?;
-                    paths.push((k.value().to_string(), v.value()));
-                }
-                let mut chunks = tx.open_table(CHUNKS).map_err(|e| Error::storage(&store, e))?;
-                for (p, len) in &paths {
-                    files.remove(p.as_str()).map_err(|e| Error::storage(&store, e))?;
-                    for i in 0..len.div_ceil(CHUNK).max(1) {
-                        chunks
-                            .remove((p.as_str(), i))
-                            .map_err(|e| Error::storage(&store, e))?;
-                    }
-                }
             }
+            remove_prefix(&tx, &store, &format!("{}/", id.dir()))?;
+            tx.commit().map_err(|e| Error::storage(&store, e))
+        })
+        .await
+    }
+
+    async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
+        // An `Immediate` transaction: durable together with every earlier one.
+        self.write(path, data, Durability::Immediate).await
+    }
+
+    async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
+        validate_dir(dir, true)?;
+        let (db, store, prefix) = (self.db.clone(), self.name(), dir_prefix(dir));
+        spawn_db(move || {
+            let read = db.begin_read().map_err(|e| Error::storage(&store, e))?;
+            let files = read.open_table(FILES).map_err(|e| Error::storage(&store, e))?;
+            let mut out = Vec::new();
+            for row in files
+                .range(prefix.as_str()..)
+                .map_err(|e| corrupt_or_storage(&store, e))?
+            {
+                let (k, v) = row.map_err(|e| corrupt_or_storage(&store, e))?;
+                if !k.value().starts_with(&prefix) {
+                    break;
+                }
+                out.push(FileListing {
+                    path: k.value().to_string(),
+                    size: v.value(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_dir(&self, dir: &str) -> Result<()> {
+        validate_dir(dir, false)?;
+        let (db, store, prefix) = (self.db.clone(), self.name(), dir_prefix(dir));
+        // One transaction: the directory, `_metadata` included, goes at once.
+        spawn_db(move || {
+            let mut tx = db.begin_write().map_err(|e| Error::storage(&store, e))?;
+            tx.set_durability(Durability::Immediate)
+                .map_err(|e| Error::storage(&store, e))?;
+            remove_prefix(&tx, &store, &prefix)?;
             tx.commit().map_err(|e| Error::storage(&store, e))
         })
         .await

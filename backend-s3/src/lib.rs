@@ -36,8 +36,9 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectI
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use sluice_core::storage::{checkpoint_of_path, validate_path};
-use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, Result};
+use sluice_core::metadata::SAVEPOINT_METADATA_FILE;
+use sluice_core::storage::{checkpoint_of_path, dir_prefix, validate_dir, validate_path};
+use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, Result};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
@@ -440,8 +441,18 @@ impl S3CheckpointStorage {
         result
     }
 
-    /// Every object key under the job directory, with pagination.
+    /// Every object key under `prefix`, with pagination.
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_objects(prefix)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    /// Every object (key, size) under `prefix`, with pagination.
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let mut keys = Vec::new();
         let mut pages = self
             .client
@@ -452,7 +463,10 @@ impl S3CheckpointStorage {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| determinate(map_sdk(self, "listing", e)))?;
-            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            keys.extend(page.contents().iter().filter_map(|o| {
+                o.key()
+                    .map(|k| (k.to_string(), o.size().unwrap_or(0).max(0) as u64))
+            }));
         }
         Ok(keys)
     }
@@ -541,12 +555,6 @@ impl CheckpointStorage for S3CheckpointStorage {
 
     async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
         validate_path(path)?;
-        if checkpoint_of_path(path).is_none() {
-            return Err(Error::InvalidArgument {
-                what: format!("storage path {path:?}"),
-                reason: "must start with a checkpoint directory chk-<id>/".into(),
-            });
-        }
         let key = self.key(path);
         let r = if data.len() > self.config.part_size {
             self.multipart(&key, data, path).await
@@ -665,5 +673,52 @@ impl CheckpointStorage for S3CheckpointStorage {
         self.delete_keys(keys, &dir).await?;
         self.abort_incomplete_uploads(&dir).await?;
         Ok(())
+    }
+
+    async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
+        validate_path(path)?;
+        // A completed PUT is durable in S3; timeouts stay indeterminate.
+        self.put_new(&self.key(path), data, path).await
+    }
+
+    async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
+        validate_dir(dir, true)?;
+        let root = self.root();
+        let mut files: Vec<FileListing> = self
+            .list_objects(&self.key(&dir_prefix(dir)))
+            .await?
+            .into_iter()
+            .filter_map(|(key, size)| {
+                key.strip_prefix(&root).map(|p| FileListing {
+                    path: p.to_string(),
+                    size,
+                })
+            })
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+
+    async fn delete_dir(&self, dir: &str) -> Result<()> {
+        validate_dir(dir, false)?;
+        let meta = self.key(&format!("{dir}/{SAVEPOINT_METADATA_FILE}"));
+        // The metadata first: the savepoint stops existing before its files go.
+        self.client
+            .delete_object()
+            .bucket(&self.config.bucket)
+            .key(&meta)
+            .send()
+            .await
+            .map_err(|e| determinate(map_sdk(self, &meta, e)))?;
+        let prefix = self.key(&dir_prefix(dir));
+        let keys = self.list_keys(&prefix).await?;
+        self.delete_keys(keys, dir).await?;
+        self.abort_incomplete_uploads(&prefix).await?;
+        Ok(())
+    }
+
+    fn locate(&self, dir: &str) -> String {
+        let key = self.key(dir);
+        format!("s3://{}/{}", self.config.bucket, key.trim_end_matches('/'))
     }
 }

@@ -483,6 +483,15 @@ mod tests {
         async fn discard(&self, _id: CheckpointId) -> Result<()> {
             Ok(())
         }
+        async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
+            self.write_file(path, data).await
+        }
+        async fn list_files(&self, _dir: &str) -> Result<Vec<crate::FileListing>> {
+            Ok(vec![])
+        }
+        async fn delete_dir(&self, _dir: &str) -> Result<()> {
+            Ok(())
+        }
     }
 
     type Decoded = BTreeMap<(u32, String, Vec<u8>), Vec<u8>>;

@@ -41,6 +41,10 @@ pub use keygroup::{
     check_parallelism, key_group_for_key, operator_index_for_key_group, stable_key_hash, KeyGroupRange,
     DEFAULT_MAX_PARALLELISM,
 };
-pub use metadata::{CheckpointMetadata, SplitPosition, StateFileHandle};
+pub use metadata::{CheckpointMetadata, SplitPosition, StateDescriptor, StateFileHandle};
 pub use state::{KeyedStateStore, StateBackend, StateId, StateSnapshot, StoreScope};
-pub use storage::{CheckpointListing, CheckpointStorage};
+pub use storage::{CheckpointListing, CheckpointStorage, FileListing};
+
+/// The version of Sluice that wrote a checkpoint or savepoint (recorded in
+/// its metadata).
+pub const SLUICE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -45,6 +45,23 @@ pub struct SubtaskSnapshot {
     pub splits: Vec<SplitPosition>,
 }
 
+/// A registered keyed state of an operator: its name, kind and types, so
+/// that a restore can refuse state written with another type, and tools can
+/// decode it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDescriptor {
+    /// The state's name.
+    pub name: String,
+    /// `value`, `list` or `map`.
+    pub kind: String,
+    /// The Rust type of the values (of the list elements, of the map values),
+    /// as `std::any::type_name` spells it.
+    pub value_type: String,
+    /// The Rust type of the map keys (map state only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_key_type: Option<String>,
+}
+
 /// The snapshot of one operator (all its subtasks).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorSnapshot {
@@ -52,6 +69,16 @@ pub struct OperatorSnapshot {
     pub uid: OperatorUid,
     /// The operator's parallelism when the snapshot was taken.
     pub parallelism: u32,
+    /// Keyed operators: the Rust type of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<String>,
+    /// Keyed operators: the states the function registered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub states: Vec<StateDescriptor>,
+    /// Sources: the number of splits of the source (fixed for a source; a
+    /// restore into a source with another number is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_splits: Option<u32>,
     /// One entry per subtask that had something to store.
     pub subtasks: Vec<SubtaskSnapshot>,
 }
@@ -62,6 +89,13 @@ pub struct OperatorSnapshot {
 pub struct CheckpointMetadata {
     /// Metadata format version ([`METADATA_FORMAT_VERSION`]).
     pub format_version: u32,
+    /// The Sluice version that wrote it ([`crate::SLUICE_VERSION`]).
+    #[serde(default)]
+    pub sluice_version: String,
+    /// The version of the snapshot format of its state files
+    /// ([`crate::format::SNAPSHOT_FORMAT_VERSION`]).
+    #[serde(default = "default_snapshot_version")]
+    pub snapshot_format_version: u16,
     /// The job's name.
     pub job_name: String,
     /// The checkpoint id.
@@ -77,6 +111,13 @@ pub struct CheckpointMetadata {
     /// Per operator uid, its snapshot.
     pub operators: Vec<OperatorSnapshot>,
 }
+
+fn default_snapshot_version() -> u16 {
+    1
+}
+
+/// The name of a savepoint's metadata file inside its directory.
+pub const SAVEPOINT_METADATA_FILE: &str = "_metadata";
 
 impl CheckpointMetadata {
     /// Serializes to pretty JSON.
@@ -129,6 +170,27 @@ impl CheckpointMetadata {
     }
 }
 
+/// Reads and parses a savepoint's metadata, `<dir>/_metadata`. Its state file
+/// paths are relative to `dir`.
+pub async fn read_savepoint_metadata(
+    storage: &dyn crate::storage::CheckpointStorage,
+    dir: &str,
+) -> Result<CheckpointMetadata> {
+    let path = if dir.is_empty() {
+        SAVEPOINT_METADATA_FILE.to_string()
+    } else {
+        format!("{dir}/{SAVEPOINT_METADATA_FILE}")
+    };
+    let bytes = storage.read_file(&path).await.map_err(|e| match e {
+        Error::NotFound { .. } => Error::not_found(format!(
+            "savepoint metadata {path} in {} (is it a savepoint directory? an unfinished savepoint has none)",
+            storage.describe()
+        )),
+        other => other,
+    })?;
+    CheckpointMetadata::from_json(&storage.locate(&path), &bytes)
+}
+
 /// Reads and parses a committed checkpoint's metadata.
 pub async fn read_checkpoint_metadata(
     storage: &dyn crate::storage::CheckpointStorage,
@@ -145,6 +207,8 @@ mod tests {
     fn meta(path: &str) -> CheckpointMetadata {
         CheckpointMetadata {
             format_version: METADATA_FORMAT_VERSION,
+            sluice_version: crate::SLUICE_VERSION.into(),
+            snapshot_format_version: 1,
             job_name: "j".into(),
             checkpoint_id: CheckpointId(3),
             kind: CheckpointKind::Checkpoint,
@@ -154,6 +218,14 @@ mod tests {
             operators: vec![OperatorSnapshot {
                 uid: OperatorUid("sum".into()),
                 parallelism: 1,
+                key_type: Some("u64".into()),
+                states: vec![StateDescriptor {
+                    name: "sum".into(),
+                    kind: "value".into(),
+                    value_type: "u64".into(),
+                    map_key_type: None,
+                }],
+                source_splits: None,
                 subtasks: vec![SubtaskSnapshot {
                     subtask: 0,
                     keyed_state: Some(StateFileHandle {

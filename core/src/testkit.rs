@@ -6,13 +6,14 @@
 //!
 //! The functions panic with a message naming the broken rule. Each uses its
 //! own checkpoint ids (1000 and up), so they can share one storage; the
-//! storage must not hold other checkpoints with ids from 1000 to 1999.
+//! storage must not hold other checkpoints with ids from 1000 to 1999, nor
+//! a `savepoints/` directory.
 
 use crate::format::{decode_snapshot, encode_snapshot, read_key_groups, verify_snapshot_file};
 use crate::metadata::StateFileHandle;
 use crate::{
-    key_group_for_key, CheckpointId, CheckpointStorage, Error, KeyGroupRange, KeyedStateStore, OperatorUid,
-    StateBackend, StoreScope,
+    key_group_for_key, CheckpointId, CheckpointStorage, Error, FileListing, KeyGroupRange, KeyedStateStore,
+    OperatorUid, StateBackend, StoreScope,
 };
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -555,6 +556,98 @@ pub async fn storage_large_file(storage: &dyn CheckpointStorage) {
     storage.discard(id).await.unwrap();
 }
 
+/// Savepoint directories: files at any depth outside `chk-<id>/`, listing
+/// by directory (a sibling with a longer name is not inside), a durable
+/// create-if-absent `commit_file`, `delete_dir` of one directory only, and
+/// checkpoint listing that ignores savepoint directories.
+pub async fn storage_directories(storage: &dyn CheckpointStorage) {
+    let dir = "savepoints/savepoint-1050-abc";
+    let sibling = "savepoints/savepoint-1050-abcd";
+    storage
+        .write_file(&format!("{dir}/op-0.kst"), Bytes::from_static(b"zero"))
+        .await
+        .expect("write a file in a savepoint directory");
+    storage
+        .write_file(&format!("{dir}/nested/op-1.kst"), Bytes::from_static(b"one!!"))
+        .await
+        .expect("write a nested file");
+    storage
+        .write_file(&format!("{sibling}/op-0.kst"), Bytes::from_static(b"sib"))
+        .await
+        .unwrap();
+    assert!(
+        storage.list_files("").await.unwrap().len() >= 3,
+        "the root lists every file"
+    );
+    storage
+        .commit_file(&format!("{dir}/_metadata"), Bytes::from_static(b"{\"m\":1}"))
+        .await
+        .expect("commit_file");
+    match storage
+        .commit_file(&format!("{dir}/_metadata"), Bytes::from_static(b"{\"m\":2}"))
+        .await
+    {
+        Err(Error::AlreadyExists { .. }) => {}
+        other => panic!("a second commit_file must be AlreadyExists, got {other:?}"),
+    }
+    assert_eq!(
+        storage.read_file(&format!("{dir}/_metadata")).await.unwrap(),
+        Bytes::from_static(b"{\"m\":1}"),
+        "a refused commit_file must not change the file"
+    );
+    let listed = storage.list_files(dir).await.expect("list_files");
+    assert_eq!(
+        listed,
+        vec![
+            FileListing {
+                path: format!("{dir}/_metadata"),
+                size: 7
+            },
+            FileListing {
+                path: format!("{dir}/nested/op-1.kst"),
+                size: 5
+            },
+            FileListing {
+                path: format!("{dir}/op-0.kst"),
+                size: 4
+            },
+        ],
+        "list_files lists the directory's files at every depth, sorted, and nothing of a sibling"
+    );
+    assert!(
+        storage.list().await.unwrap().iter().all(|c| c.id.0 != 1050),
+        "savepoint directories are not checkpoints"
+    );
+    storage.delete_dir(dir).await.expect("delete_dir");
+    assert!(
+        storage.list_files(dir).await.unwrap().is_empty(),
+        "the directory is gone"
+    );
+    assert!(matches!(
+        storage.read_file(&format!("{dir}/op-0.kst")).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(
+        storage.read_file(&format!("{sibling}/op-0.kst")).await.unwrap(),
+        Bytes::from_static(b"sib"),
+        "delete_dir leaves other directories alone"
+    );
+    storage
+        .delete_dir(dir)
+        .await
+        .expect("deleting a missing directory is fine");
+    assert!(
+        matches!(storage.delete_dir("").await, Err(Error::InvalidArgument { .. })),
+        "an empty directory (the whole storage) is refused"
+    );
+    assert!(
+        storage.delete_dir("../x").await.is_err(),
+        "paths must stay inside the storage"
+    );
+    storage.delete_dir(sibling).await.unwrap();
+    assert!(storage.list_files("savepoints").await.unwrap().is_empty());
+}
+
 /// Runs every checkpoint-storage test. `backend` is any working state
 /// backend (it produces the snapshot files the corruption test damages).
 pub async fn run_checkpoint_storage_suite(storage: &dyn CheckpointStorage, backend: &dyn StateBackend) {
@@ -564,5 +657,6 @@ pub async fn run_checkpoint_storage_suite(storage: &dyn CheckpointStorage, backe
     storage_discard(storage).await;
     storage_corrupt_file_detected(storage, backend).await;
     storage_large_file(storage).await;
+    storage_directories(storage).await;
     state_restore_by_key_group_range(backend, storage).await;
 }

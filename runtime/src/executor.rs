@@ -7,10 +7,12 @@ use crate::config::{CheckpointingMode, RestartTracker};
 use crate::error::{Result, RuntimeError};
 use crate::graph::{Builder, EdgeKind, Job, JobGraph, TaskBuild};
 use crate::operator::InitContext;
+use crate::savepoint::{savepoint_dir_name, RestoreSource, SavepointLocation};
+use crate::task::SavepointTargets;
 use crate::task::{AckPart, Control, Metrics, TaskEvent, TaskRuntime};
 use crate::testing::CommitHook;
 use bytes::Bytes;
-use sluice_core::metadata::{OperatorSnapshot, METADATA_FORMAT_VERSION};
+use sluice_core::metadata::{OperatorSnapshot, METADATA_FORMAT_VERSION, SAVEPOINT_METADATA_FILE};
 use sluice_core::{
     check_parallelism, Alignment, CheckpointBarrier, CheckpointId, CheckpointKind, CheckpointMetadata,
     CheckpointStorage, OperatorUid, StateBackend,
@@ -68,8 +70,59 @@ impl CheckpointStats {
 pub struct Recovery {
     /// What failed.
     pub cause: String,
-    /// The checkpoint restored (None: started from scratch).
+    /// The checkpoint (or savepoint) restored (None: started from scratch).
     pub restored_from: Option<CheckpointId>,
+}
+
+/// A completed savepoint.
+#[derive(Debug, Clone)]
+pub struct Savepoint {
+    /// Its id (from the job's checkpoint id sequence).
+    pub id: CheckpointId,
+    /// Its directory.
+    pub location: SavepointLocation,
+}
+
+impl Savepoint {
+    /// Where it is, as a user writes it (`s3://bucket/prefix/savepoint-7-1a2b3c`).
+    pub fn path(&self) -> String {
+        self.location.describe()
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    /// Tasks are running.
+    Running,
+    /// An attempt failed; the job waits to restart.
+    Restarting,
+    /// The job ended normally (or was stopped with a savepoint).
+    Finished,
+    /// The job ended with an error.
+    Failed,
+    /// The job was cancelled.
+    Cancelled,
+}
+
+/// A job's status, for monitoring (the REST API's `GET /job`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobStatus {
+    /// The job's name.
+    pub name: String,
+    /// Its state.
+    pub state: JobState,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Records emitted by the sources (replays count again).
+    pub source_records: u64,
+    /// Time since the job started, in milliseconds.
+    pub uptime_ms: u64,
+    /// The savepoint or checkpoint the job started from, if any.
+    pub restored_from: Option<String>,
+    /// Why the job failed, if it did.
+    pub failure: Option<String>,
 }
 
 /// How a job ended.
@@ -86,14 +139,25 @@ pub struct JobResult {
     /// The final checkpoint taken when every source reached its end: it
     /// holds the job's final state.
     pub final_checkpoint: Option<CheckpointId>,
+    /// The savepoint the job was stopped with ([`JobHandle::stop_with_savepoint`]).
+    pub stopped_with_savepoint: Option<Savepoint>,
+    /// The savepoint (or other storage's checkpoint) the job started from.
+    pub restored_from_savepoint: Option<String>,
     /// Every recovery, in order.
     pub recoveries: Vec<Recovery>,
     /// Wall time of the whole job.
     pub duration: Duration,
 }
 
+type SavepointResponder = oneshot::Sender<std::result::Result<Savepoint, String>>;
+
 enum Request {
     Trigger(oneshot::Sender<std::result::Result<CheckpointId, String>>),
+    Savepoint {
+        target: SavepointLocation,
+        stop: bool,
+        tx: SavepointResponder,
+    },
     Cancel,
 }
 
@@ -109,6 +173,8 @@ pub struct JobMonitor {
     requests: mpsc::UnboundedSender<Request>,
     stats: Arc<Mutex<Vec<CheckpointStats>>>,
     metrics: Arc<Metrics>,
+    status: Arc<Mutex<JobStatus>>,
+    started: Instant,
 }
 
 impl JobMonitor {
@@ -122,9 +188,50 @@ impl JobMonitor {
             .map_err(|_| "job attempt ended before the checkpoint completed".to_string())?
     }
 
+    /// Triggers a savepoint into a new directory under `target` and waits
+    /// until it completes or fails. The job goes on.
+    pub async fn trigger_savepoint(
+        &self,
+        target: SavepointLocation,
+    ) -> std::result::Result<Savepoint, String> {
+        self.savepoint(target, false).await
+    }
+
+    /// Takes a savepoint into a new directory under `target`; the sources
+    /// emit nothing after its barrier and, once it is complete, the job ends
+    /// cleanly ([`JobResult::stopped_with_savepoint`]). If the savepoint
+    /// fails, the job goes on running.
+    pub async fn stop_with_savepoint(
+        &self,
+        target: SavepointLocation,
+    ) -> std::result::Result<Savepoint, String> {
+        self.savepoint(target, true).await
+    }
+
+    async fn savepoint(
+        &self,
+        target: SavepointLocation,
+        stop: bool,
+    ) -> std::result::Result<Savepoint, String> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Savepoint { target, stop, tx })
+            .map_err(|_| "job is not running".to_string())?;
+        rx.await
+            .map_err(|_| "job attempt ended before the savepoint completed".to_string())?
+    }
+
     /// Cancels the job; waiting on it then returns [`RuntimeError::Cancelled`].
     pub fn cancel(&self) {
         let _ = self.requests.send(Request::Cancel);
+    }
+
+    /// The job's status now.
+    pub fn status(&self) -> JobStatus {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.source_records = self.source_records();
+        s.uptime_ms = self.started.elapsed().as_millis() as u64;
+        s
     }
 
     /// Statistics of every checkpoint so far (oldest first).
@@ -149,6 +256,23 @@ impl JobHandle {
     /// Triggers a checkpoint now and waits until it completes or fails.
     pub async fn trigger_checkpoint(&self) -> std::result::Result<CheckpointId, String> {
         self.monitor.trigger_checkpoint().await
+    }
+
+    /// Triggers a savepoint into a new directory under `target` and waits
+    /// until it completes or fails ([`JobMonitor::trigger_savepoint`]).
+    pub async fn trigger_savepoint(
+        &self,
+        target: SavepointLocation,
+    ) -> std::result::Result<Savepoint, String> {
+        self.monitor.trigger_savepoint(target).await
+    }
+
+    /// Stops the job with a savepoint ([`JobMonitor::stop_with_savepoint`]).
+    pub async fn stop_with_savepoint(
+        &self,
+        target: SavepointLocation,
+    ) -> std::result::Result<Savepoint, String> {
+        self.monitor.stop_with_savepoint(target).await
     }
 
     /// Cancels the job; [`JobHandle::wait`] then returns [`RuntimeError::Cancelled`].
@@ -187,12 +311,15 @@ impl Job {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = master.stats.clone();
         let metrics = master.metrics.clone();
+        let status = master.status.clone();
         let join = tokio::spawn(master.run(rx));
         Ok(JobHandle {
             monitor: JobMonitor {
                 requests: tx,
                 stats,
                 metrics,
+                status,
+                started: Instant::now(),
             },
             join,
         })
@@ -219,6 +346,15 @@ struct Pending {
     sync_max: Duration,
     async_max: Duration,
     responders: Vec<oneshot::Sender<std::result::Result<CheckpointId, String>>>,
+    savepoint: Option<PendingSavepoint>,
+}
+
+/// A savepoint in progress.
+struct PendingSavepoint {
+    /// Its own directory.
+    location: SavepointLocation,
+    stop: bool,
+    responder: Option<SavepointResponder>,
 }
 
 struct JobMaster {
@@ -247,6 +383,18 @@ struct JobMaster {
     /// The final checkpoint of the current attempt, once triggered.
     final_id: Option<CheckpointId>,
     final_failure: Option<(CheckpointId, String)>,
+    /// The operator uids of the job.
+    uids: Vec<OperatorUid>,
+    /// Restore from this savepoint (or other storage's checkpoint) at start.
+    from_savepoint: Option<SavepointLocation>,
+    allow_non_restored_state: bool,
+    /// Where the files of the savepoints in progress go.
+    savepoint_targets: SavepointTargets,
+    /// Savepoints aborted in this attempt: their directories are removed.
+    aborted_savepoints: HashMap<CheckpointId, SavepointLocation>,
+    /// The savepoint the job was stopped with.
+    stopped_with: Option<Savepoint>,
+    status: Arc<Mutex<JobStatus>>,
 }
 
 fn now_ms() -> u64 {
@@ -329,19 +477,34 @@ impl JobMaster {
             requests_closed: false,
             final_id: None,
             final_failure: None,
+            uids: b.uids.clone(),
+            from_savepoint: b.from_savepoint.clone(),
+            allow_non_restored_state: b.allow_non_restored_state,
+            savepoint_targets: Arc::default(),
+            aborted_savepoints: HashMap::new(),
+            stopped_with: None,
+            status: Arc::new(Mutex::new(JobStatus {
+                name: b.name.clone(),
+                state: JobState::Running,
+                restarts: 0,
+                source_records: 0,
+                uptime_ms: 0,
+                restored_from: None,
+                failure: None,
+            })),
         })
     }
 
-    /// Reads the newest readable completed checkpoint among `ids` (newest
-    /// first), falling back to older ones when metadata is unreadable.
-    async fn load_latest(&mut self) -> Option<Arc<CheckpointMetadata>> {
+    /// Reads the newest readable completed checkpoint (newest first),
+    /// falling back to older ones when metadata is unreadable.
+    async fn load_latest(&mut self) -> Option<Arc<RestoreSource>> {
         let ids: Vec<CheckpointId> = self.completed.iter().rev().copied().collect();
         for id in ids {
             if self.bad.contains(&id) {
                 continue;
             }
-            match sluice_core::metadata::read_checkpoint_metadata(self.storage.as_ref(), id).await {
-                Ok(m) => return Some(Arc::new(m)),
+            match RestoreSource::checkpoint(self.storage.clone(), id).await {
+                Ok(r) => return Some(Arc::new(r)),
                 Err(e) => {
                     warn!(
                         checkpoint = id.0,
@@ -354,7 +517,73 @@ impl JobMaster {
         None
     }
 
-    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) -> Result<JobResult> {
+    /// Checks that the job can start from `restore` (a savepoint or another
+    /// storage's checkpoint): same max parallelism, and an operator for
+    /// every uid with state (unless `allow_non_restored_state`).
+    fn check_restore(&self, restore: &RestoreSource) -> Result<()> {
+        let meta = &restore.metadata;
+        if meta.max_parallelism != self.max_parallelism {
+            return Err(sluice_core::Error::Incompatible {
+                what: restore.describe_with_location(),
+                reason: format!(
+                    "written with max parallelism {}, the job has {}; the max parallelism (number of key groups) \
+                     of a job's state cannot change",
+                    meta.max_parallelism, self.max_parallelism
+                ),
+            }
+            .into());
+        }
+        let unknown: Vec<&str> = meta
+            .operators
+            .iter()
+            .filter(|o| !self.uids.contains(&o.uid))
+            .map(|o| o.uid.as_str())
+            .collect();
+        if !unknown.is_empty() {
+            if !self.allow_non_restored_state {
+                return Err(RuntimeError::InvalidJob(format!(
+                    "{} has state for operator uid(s) {} that the job does not have; give the operators their old \
+                     uids, or allow non-restored state to skip that state",
+                    restore.describe_with_location(),
+                    unknown.join(", ")
+                )));
+            }
+            warn!(
+                "skipping the state of operator uid(s) {} of {}: the job has no such operator (non-restored \
+                 state allowed)",
+                unknown.join(", "),
+                restore.describe_with_location()
+            );
+        }
+        for uid in self.uids.iter().filter(|u| meta.operator(u).is_none()) {
+            info!(
+                "operator {uid} has no state in {}; it starts empty",
+                restore.describe_with_location()
+            );
+        }
+        Ok(())
+    }
+
+    fn set_state(&self, state: JobState, failure: Option<String>) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.state = state;
+        s.restarts = self.restart.restarts();
+        if failure.is_some() {
+            s.failure = failure;
+        }
+    }
+
+    async fn run(mut self, requests: mpsc::UnboundedReceiver<Request>) -> Result<JobResult> {
+        let result = self.run_job(requests).await;
+        match &result {
+            Ok(_) => self.set_state(JobState::Finished, None),
+            Err(RuntimeError::Cancelled) => self.set_state(JobState::Cancelled, None),
+            Err(e) => self.set_state(JobState::Failed, Some(e.to_string())),
+        }
+        result
+    }
+
+    async fn run_job(&mut self, mut requests: mpsc::UnboundedReceiver<Request>) -> Result<JobResult> {
         let job_started = Instant::now();
         let listing = self.storage.list().await?;
         if let Some(max) = listing.iter().map(|c| c.id).max() {
@@ -369,7 +598,28 @@ impl JobMaster {
                 warn!("could not discard uncommitted checkpoint {}: {e}", c.id);
             }
         }
-        let mut restore = None;
+        // The savepoint to start from: read and checked before any task
+        // starts; a bad one is a clear error and the job does not start.
+        let initial: Option<Arc<RestoreSource>> = match &self.from_savepoint {
+            Some(loc) => {
+                let r = RestoreSource::open(loc).await.map_err(|e| {
+                    error!("cannot start from {}: {e}", loc.describe());
+                    RuntimeError::from(e)
+                })?;
+                self.check_restore(&r)?;
+                info!("starting job {} from {}", self.name, r.describe_with_location());
+                // Checkpoint ids continue after the savepoint's.
+                self.next_id = self.next_id.max(r.metadata.checkpoint_id.next());
+                Some(Arc::new(r))
+            }
+            None => None,
+        };
+        let restored_from_savepoint = initial.as_ref().map(|r| r.describe_with_location());
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restored_from = restored_from_savepoint.clone();
+        let mut restore = initial.clone();
         if self.resume {
             // The retained checkpoints of the earlier run (newest last);
             // older ones fall to retention now.
@@ -381,21 +631,25 @@ impl JobMaster {
                 }
             }
             self.completed.extend(committed[keep..].iter().copied());
-            restore = self.load_latest().await;
-            match &restore {
-                Some(m) => {
+            match self.load_latest().await {
+                Some(r) => {
                     info!(
-                        checkpoint = m.checkpoint_id.0,
-                        "resuming from checkpoint {}", m.checkpoint_id
+                        checkpoint = r.metadata.checkpoint_id.0,
+                        "resuming from checkpoint {}", r.metadata.checkpoint_id
                     );
+                    restore = Some(r);
                 }
+                None if initial.is_some() => {}
                 None => info!(
                     "no completed checkpoint to resume from in {}; starting from scratch",
                     self.storage.describe()
                 ),
             }
         }
-        let resumed_from = restore.as_ref().map(|m| m.checkpoint_id);
+        let resumed_from = restore
+            .as_ref()
+            .filter(|r| !is_same(r, &initial))
+            .map(|r| r.metadata.checkpoint_id);
         let mut recoveries = Vec::new();
         loop {
             let outcome = self.run_attempt(restore.clone(), &mut requests).await;
@@ -407,6 +661,8 @@ impl JobMaster {
                         last_checkpoint: self.completed.back().copied(),
                         resumed_from,
                         final_checkpoint: self.final_id,
+                        stopped_with_savepoint: self.stopped_with.take(),
+                        restored_from_savepoint,
                         recoveries,
                         duration: job_started.elapsed(),
                     })
@@ -414,6 +670,29 @@ impl JobMaster {
                 Err(RuntimeError::Cancelled) => return Err(RuntimeError::Cancelled),
                 Err(e) => {
                     error!("job {} attempt failed: {e}", self.name);
+                    if let RuntimeError::Storage(sluice_core::Error::Incompatible { .. }) = &e {
+                        // Restarting cannot make the state fit the job.
+                        error!("job {} cannot restore its state; not restarting", self.name);
+                        return Err(e);
+                    }
+                    if let (Some(r), RuntimeError::Storage(sluice_core::Error::Corrupt { .. })) =
+                        (&restore, &e)
+                    {
+                        if is_same(r, &initial) {
+                            error!(
+                                "{} is corrupt ({e}); the job does not start from it",
+                                r.describe()
+                            );
+                            return Err(e);
+                        }
+                        warn!(
+                            checkpoint = r.metadata.checkpoint_id.0,
+                            "checkpoint {} is corrupt ({e}); it will not be restored from again, \
+                             falling back to the previous retained checkpoint",
+                            r.metadata.checkpoint_id
+                        );
+                        self.bad.insert(r.metadata.checkpoint_id);
+                    }
                     let Some(delay) = self.restart.on_failure(Instant::now()) else {
                         return Err(RuntimeError::RestartsExhausted {
                             strategy: self.restart_name.clone(),
@@ -421,26 +700,19 @@ impl JobMaster {
                             last: Box::new(e),
                         });
                     };
-                    if let (Some(m), RuntimeError::Storage(sluice_core::Error::Corrupt { .. })) =
-                        (&restore, &e)
-                    {
-                        warn!(
-                            checkpoint = m.checkpoint_id.0,
-                            "checkpoint {} is corrupt ({e}); it will not be restored from again, \
-                             falling back to the previous retained checkpoint",
-                            m.checkpoint_id
-                        );
-                        self.bad.insert(m.checkpoint_id);
-                    }
+                    self.set_state(JobState::Restarting, Some(e.to_string()));
                     tokio::time::sleep(delay).await;
-                    restore = self.load_latest().await;
+                    restore = match self.load_latest().await {
+                        Some(r) => Some(r),
+                        None => initial.clone(),
+                    };
                     match &restore {
-                        Some(m) => info!(
-                            checkpoint = m.checkpoint_id.0,
-                            "restarting job {} (restart {}) from checkpoint {}",
+                        Some(r) => info!(
+                            checkpoint = r.metadata.checkpoint_id.0,
+                            "restarting job {} (restart {}) from {}",
                             self.name,
                             self.restart.restarts(),
-                            m.checkpoint_id
+                            r.describe()
                         ),
                         None => info!(
                             "restarting job {} (restart {}) from scratch: no completed checkpoint",
@@ -448,9 +720,10 @@ impl JobMaster {
                             self.restart.restarts()
                         ),
                     }
+                    self.set_state(JobState::Running, None);
                     recoveries.push(Recovery {
                         cause: e.to_string(),
-                        restored_from: restore.as_ref().map(|m| m.checkpoint_id),
+                        restored_from: restore.as_ref().map(|r| r.metadata.checkpoint_id),
                     });
                 }
             }
@@ -459,7 +732,7 @@ impl JobMaster {
 
     async fn run_attempt(
         &mut self,
-        restore: Option<Arc<CheckpointMetadata>>,
+        restore: Option<Arc<RestoreSource>>,
         requests: &mut mpsc::UnboundedReceiver<Request>,
     ) -> Result<()> {
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
@@ -510,12 +783,21 @@ impl JobMaster {
         // files after the abort: remove them now that every writer stopped.
         let committed: BTreeSet<CheckpointId> = self.completed.iter().copied().collect();
         for id in std::mem::take(&mut self.aborted) {
-            if !committed.contains(&id) {
+            if let Some(loc) = self.aborted_savepoints.remove(&id) {
+                if let Err(e) = loc.storage.delete_dir(&loc.dir).await {
+                    warn!("could not remove aborted savepoint {}: {e}", loc.describe());
+                }
+            } else if !committed.contains(&id) {
                 if let Err(e) = self.storage.discard(id).await {
                     warn!("could not remove the files of aborted checkpoint {id}: {e}");
                 }
             }
         }
+        self.aborted_savepoints.clear();
+        self.savepoint_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         result
     }
 
@@ -523,7 +805,7 @@ impl JobMaster {
     fn spawn_tasks(
         &mut self,
         graph: &JobGraph,
-        restore: Option<Arc<CheckpointMetadata>>,
+        restore: Option<Arc<RestoreSource>>,
         events: &mpsc::UnboundedSender<TaskEvent>,
         writers: &Arc<Mutex<Vec<JoinHandle<()>>>>,
         tasks: &mut JoinSet<Result<()>>,
@@ -576,6 +858,7 @@ impl JobMaster {
                     events: events.clone(),
                     writers: writers.clone(),
                     metrics: self.metrics.clone(),
+                    savepoints: self.savepoint_targets.clone(),
                 };
                 let body = build(&mut TaskBuild {
                     runtime: Some(rt),
@@ -673,8 +956,22 @@ impl JobMaster {
                 }
                 Step::Event(ev) => self.on_event(ev, infos).await?,
                 Step::Tick => {
-                    if !sources_finishing {
+                    let savepoint_pending = self.pending.values().any(|p| p.savepoint.is_some());
+                    if !sources_finishing && !savepoint_pending && self.stopped_with.is_none() {
                         self.trigger(infos, None, true).await?;
+                    }
+                }
+                Step::Request(Some(Request::Savepoint { target, stop, tx })) => {
+                    let stopping = self
+                        .pending
+                        .values()
+                        .any(|p| p.savepoint.as_ref().is_some_and(|s| s.stop));
+                    if sources_finishing || self.stopped_with.is_some() {
+                        let _ = tx.send(Err("the job's sources are finishing; no more savepoints".into()));
+                    } else if stopping {
+                        let _ = tx.send(Err("the job is being stopped with a savepoint".into()));
+                    } else {
+                        self.trigger_savepoint(infos, target, stop, tx).await?;
                     }
                 }
                 // Every handle was dropped: the job runs on, detached.
@@ -684,7 +981,7 @@ impl JobMaster {
                     return Err(RuntimeError::Cancelled);
                 }
                 Step::Request(Some(Request::Trigger(tx))) => {
-                    if sources_finishing {
+                    if sources_finishing || self.stopped_with.is_some() {
                         let _ = tx.send(Err("the job's sources are finishing; no more checkpoints".into()));
                     } else {
                         self.trigger(infos, Some(tx), false).await?;
@@ -752,15 +1049,70 @@ impl JobMaster {
         }
         let id = self.next_id;
         self.next_id = id.next();
+        let alignment = match self.checkpoint.mode {
+            CheckpointingMode::ExactlyOnce => Alignment::Aligned,
+            CheckpointingMode::AtLeastOnce => Alignment::AtLeastOnce,
+        };
+        self.start(infos, id, CheckpointKind::Checkpoint, alignment, responder, None)
+            .await
+    }
+
+    /// Starts savepoint `id` into a new directory under `target`. Savepoints
+    /// are always aligned (a consistent cut whatever the checkpointing mode)
+    /// and ignore the max-concurrent and min-pause settings, as Flink's do.
+    async fn trigger_savepoint(
+        &mut self,
+        infos: &[TaskInfo],
+        target: SavepointLocation,
+        stop: bool,
+        tx: SavepointResponder,
+    ) -> Result<()> {
+        let id = self.next_id;
+        self.next_id = id.next();
+        let location = target.child(&savepoint_dir_name(id));
+        info!(
+            checkpoint = id.0,
+            "triggering {}savepoint {id} to {}",
+            if stop { "stop-with-" } else { "" },
+            location.describe()
+        );
+        self.savepoint_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, location.clone());
+        let savepoint = PendingSavepoint {
+            location,
+            stop,
+            responder: Some(tx),
+        };
+        self.start(
+            infos,
+            id,
+            CheckpointKind::Savepoint,
+            Alignment::Aligned,
+            None,
+            Some(savepoint),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn start(
+        &mut self,
+        infos: &[TaskInfo],
+        id: CheckpointId,
+        kind: CheckpointKind,
+        alignment: Alignment,
+        responder: Option<oneshot::Sender<std::result::Result<CheckpointId, String>>>,
+        savepoint: Option<PendingSavepoint>,
+    ) -> Result<Option<CheckpointId>> {
         let barrier = CheckpointBarrier {
             checkpoint_id: id,
             timestamp_ms: now_ms(),
-            kind: CheckpointKind::Checkpoint,
-            alignment: match self.checkpoint.mode {
-                CheckpointingMode::ExactlyOnce => Alignment::Aligned,
-                CheckpointingMode::AtLeastOnce => Alignment::AtLeastOnce,
-            },
+            kind,
+            alignment,
         };
+        let stop = savepoint.as_ref().is_some_and(|s| s.stop);
         let started = Instant::now();
         self.pending.insert(
             id,
@@ -773,6 +1125,7 @@ impl JobMaster {
                 sync_max: Duration::ZERO,
                 async_max: Duration::ZERO,
                 responders: responder.into_iter().collect(),
+                savepoint,
             },
         );
         self.push_stats(CheckpointStats {
@@ -788,7 +1141,7 @@ impl JobMaster {
         });
         let mut all_sent = true;
         for t in infos.iter().filter(|t| t.is_source) {
-            all_sent &= t.control.send(Control::Trigger(barrier)).is_ok();
+            all_sent &= t.control.send(Control::Trigger { barrier, stop }).is_ok();
         }
         if !all_sent {
             self.fail_checkpoint(id, "a source task has finished".into(), infos, false)
@@ -821,8 +1174,11 @@ impl JobMaster {
                 async_part,
             } => {
                 let Some(p) = self.pending.get_mut(&checkpoint) else {
-                    if self.aborted.contains(&checkpoint) {
+                    if let Some(loc) = self.aborted_savepoints.get(&checkpoint) {
                         // Files written after the abort: remove them too.
+                        let loc = loc.clone();
+                        tokio::spawn(async move { loc.storage.delete_dir(&loc.dir).await });
+                    } else if self.aborted.contains(&checkpoint) {
                         let storage = self.storage.clone();
                         tokio::spawn(async move { storage.discard(checkpoint).await });
                     }
@@ -841,17 +1197,25 @@ impl JobMaster {
     }
 
     async fn complete(&mut self, id: CheckpointId, infos: &[TaskInfo]) -> Result<()> {
-        let Some(p) = self.pending.remove(&id) else {
+        let Some(mut p) = self.pending.remove(&id) else {
             return Ok(());
         };
         let duration = p.started.elapsed();
         let mut ops: BTreeMap<OperatorUid, OperatorSnapshot> = BTreeMap::new();
-        for part in p.acks.into_values().flatten() {
+        for part in std::mem::take(&mut p.acks).into_values().flatten() {
             let op = ops.entry(part.uid.clone()).or_insert_with(|| OperatorSnapshot {
                 uid: part.uid.clone(),
                 parallelism: part.parallelism,
+                key_type: None,
+                states: Vec::new(),
+                source_splits: None,
                 subtasks: Vec::new(),
             });
+            op.key_type = op.key_type.take().or(part.key_type);
+            op.source_splits = op.source_splits.or(part.source_splits);
+            if op.states.is_empty() {
+                op.states = part.states;
+            }
             op.subtasks.push(part.snapshot);
         }
         for op in ops.values_mut() {
@@ -859,6 +1223,8 @@ impl JobMaster {
         }
         let meta = CheckpointMetadata {
             format_version: METADATA_FORMAT_VERSION,
+            sluice_version: sluice_core::SLUICE_VERSION.to_string(),
+            snapshot_format_version: sluice_core::format::SNAPSHOT_FORMAT_VERSION,
             job_name: self.name.clone(),
             checkpoint_id: id,
             kind: p.barrier.kind,
@@ -868,6 +1234,11 @@ impl JobMaster {
             operators: ops.into_values().collect(),
         };
         let json = Bytes::from(meta.to_json()?);
+        if p.savepoint.is_some() {
+            return self
+                .complete_savepoint(id, p, json, meta.state_size(), infos)
+                .await;
+        }
         if let Some(hook) = &self.commit_hook {
             if let Err(msg) = hook.before_commit(id) {
                 // Simulated crash of the job master: the checkpoint stays
@@ -904,14 +1275,7 @@ impl JobMaster {
                     p.sync_max.as_millis(),
                     p.async_max.as_millis()
                 );
-                self.update_stats(id, |s| {
-                    s.status = CheckpointStatus::Completed;
-                    s.duration = duration;
-                    s.state_size = state_size;
-                    s.alignment = p.alignment.clone();
-                    s.sync_max = p.sync_max;
-                    s.async_max = p.async_max;
-                });
+                self.record_completed(id, duration, state_size, &p);
                 for t in infos {
                     let _ = t.control.send(Control::Complete(id));
                 }
@@ -951,6 +1315,78 @@ impl JobMaster {
         }
     }
 
+    /// Commits savepoint `id`: its `_metadata`, durably and create-if-absent,
+    /// last. It is not a checkpoint: not restored from after a failure, not
+    /// subject to retention, and (but for stop-with-savepoint, after which
+    /// the job ends) tasks are not told it completed, so two-phase-commit
+    /// sinks commit with the next checkpoint, as in Flink.
+    async fn complete_savepoint(
+        &mut self,
+        id: CheckpointId,
+        mut p: Pending,
+        json: Bytes,
+        state_size: u64,
+        infos: &[TaskInfo],
+    ) -> Result<()> {
+        let Some(sp) = p.savepoint.take() else {
+            return Ok(());
+        };
+        let duration = p.started.elapsed();
+        let loc = sp.location.clone();
+        let path = loc.join(SAVEPOINT_METADATA_FILE);
+        let committed = match loc.storage.commit_file(&path, json.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e @ sluice_core::Error::Indeterminate { .. }) => {
+                warn!("commit of savepoint {id} is indeterminate ({e}); reading it back");
+                match loc.storage.read_file(&path).await {
+                    Ok(b) if b == json => Ok(()),
+                    _ => Err(e.to_string()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        self.savepoint_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        match committed {
+            Ok(()) => {
+                info!(
+                    checkpoint = id.0,
+                    "savepoint {id} completed in {} ms: {} bytes at {}",
+                    duration.as_millis(),
+                    state_size,
+                    loc.describe()
+                );
+                self.record_completed(id, duration, state_size, &p);
+                let savepoint = Savepoint { id, location: loc };
+                if sp.stop {
+                    for t in infos {
+                        let _ = t.control.send(Control::Complete(id));
+                    }
+                    end_sources(infos);
+                    self.stopped_with = Some(savepoint.clone());
+                }
+                if let Some(r) = sp.responder {
+                    let _ = r.send(Ok(savepoint));
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                self.pending.insert(
+                    id,
+                    Pending {
+                        acks: HashMap::new(),
+                        savepoint: Some(sp),
+                        ..p
+                    },
+                );
+                self.fail_checkpoint(id, format!("metadata commit failed: {reason}"), infos, false)
+                    .await
+            }
+        }
+    }
+
     /// Aborts checkpoint `id`: tasks are told, its files are removed, and if
     /// `counts`, it counts against the tolerable failures.
     async fn fail_checkpoint(
@@ -970,6 +1406,31 @@ impl JobMaster {
         self.aborted.insert(id);
         for t in infos {
             let _ = t.control.send(Control::Abort(id));
+        }
+        let mut p = p;
+        if let Some(sp) = p.savepoint.take() {
+            // A failed savepoint does not count against the tolerable
+            // checkpoint failures; its partial directory is removed.
+            self.savepoint_targets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            if let Err(e) = sp.location.storage.delete_dir(&sp.location.dir).await {
+                warn!(
+                    "could not remove failed savepoint {}: {e}",
+                    sp.location.describe()
+                );
+            }
+            self.aborted_savepoints.insert(id, sp.location.clone());
+            let duration = p.started.elapsed();
+            self.update_stats(id, |s| {
+                s.status = CheckpointStatus::Failed(reason.clone());
+                s.duration = duration;
+            });
+            if let Some(r) = sp.responder {
+                let _ = r.send(Err(format!("savepoint {id} failed: {reason}")));
+            }
+            return Ok(());
         }
         if let Err(e) = self.storage.discard(id).await {
             warn!("could not remove the files of failed checkpoint {id}: {e}");
@@ -996,6 +1457,17 @@ impl JobMaster {
         Ok(())
     }
 
+    fn record_completed(&self, id: CheckpointId, duration: Duration, state_size: u64, p: &Pending) {
+        self.update_stats(id, |s| {
+            s.status = CheckpointStatus::Completed;
+            s.duration = duration;
+            s.state_size = state_size;
+            s.alignment = p.alignment.clone();
+            s.sync_max = p.sync_max;
+            s.async_max = p.async_max;
+        });
+    }
+
     fn push_stats(&self, s: CheckpointStats) {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         if stats.len() >= 10_000 {
@@ -1010,6 +1482,11 @@ impl JobMaster {
             f(s);
         }
     }
+}
+
+/// Whether `r` is the restore source the job started from (a savepoint).
+fn is_same(r: &Arc<RestoreSource>, initial: &Option<Arc<RestoreSource>>) -> bool {
+    initial.as_ref().is_some_and(|i| Arc::ptr_eq(i, r))
 }
 
 /// Tells every source task to finish.

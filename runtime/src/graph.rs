@@ -129,6 +129,8 @@ pub(crate) struct Builder {
     pub state_backend: Option<Arc<dyn StateBackend>>,
     pub storage: Option<Arc<dyn CheckpointStorage>>,
     pub resume: bool,
+    pub from_savepoint: Option<crate::savepoint::SavepointLocation>,
+    pub allow_non_restored_state: bool,
     pub commit_hook: Option<Arc<dyn crate::testing::CommitHook>>,
     pub vertices: Vec<VertexDef>,
     pub edges: Vec<EdgeDef>,
@@ -160,6 +162,8 @@ impl Job {
                 state_backend: None,
                 storage: None,
                 resume: false,
+                from_savepoint: None,
+                allow_non_restored_state: false,
                 commit_hook: None,
                 vertices: Vec::new(),
                 edges: Vec::new(),
@@ -210,6 +214,26 @@ impl Job {
     /// empty; checkpoint ids continue after the highest in storage anyway.
     pub fn resume_from_latest_checkpoint(self, resume: bool) -> Self {
         self.inner.borrow_mut().resume = resume;
+        self
+    }
+
+    /// Start from the savepoint (or retained checkpoint, `…#chk-<id>`) at
+    /// `location` (Flink's `-s`): keyed state maps to operators by uid (at
+    /// any parallelism up to the max parallelism, which must be the
+    /// savepoint's), sources seek to its positions. An operator with no state
+    /// in it starts empty; state of a uid the job does not have is an error
+    /// unless [`allow_non_restored_state`](Self::allow_non_restored_state).
+    /// After a failure the job restores from its latest checkpoint, or from
+    /// this savepoint if it has none yet.
+    pub fn from_savepoint(self, location: crate::savepoint::SavepointLocation) -> Self {
+        self.inner.borrow_mut().from_savepoint = Some(location);
+        self
+    }
+
+    /// Skip (and log) the state of savepoint operators that the job does
+    /// not have, instead of refusing to start.
+    pub fn allow_non_restored_state(self, allow: bool) -> Self {
+        self.inner.borrow_mut().allow_non_restored_state = allow;
         self
     }
 
@@ -453,7 +477,7 @@ impl<T: Record, K: Serialize + Send + Sync + 'static> KeyedStream<T, K> {
             let rx = tb.take_inputs::<T>()?;
             let rt = tb.runtime()?;
             let op = KeyedProcessOp {
-                backend: KeyedBackend::new(uid.clone()),
+                backend: KeyedBackend::new(uid.clone(), std::any::type_name::<K>()),
                 key_fn: key_fn.clone(),
                 func: func.clone(),
                 out,
@@ -505,7 +529,7 @@ impl<T1: Record, T2: Record, K: Serialize + Send + Sync + 'static> ConnectedKeye
             let rx = tb.take_inputs::<Either<T1, T2>>()?;
             let rt = tb.runtime()?;
             let op = KeyedCoProcessOp {
-                backend: KeyedBackend::new(uid.clone()),
+                backend: KeyedBackend::new(uid.clone(), std::any::type_name::<K>()),
                 key1: k1.clone(),
                 key2: k2.clone(),
                 func: func.clone(),

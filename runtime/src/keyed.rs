@@ -2,12 +2,12 @@
 //! scopes state to the current key and restores it by key group.
 
 use crate::error::{Result, RuntimeError};
-use crate::operator::{Collector, InitContext, Operator, Outbox, SnapshotParts};
+use crate::operator::{Collector, InitContext, KeyedPart, Operator, Outbox, SnapshotParts};
 use crate::state::{KeyedContext, OpenContext};
 use serde::Serialize;
 use sluice_core::{
-    key_group_for_key, CheckpointBarrier, CheckpointId, KeyGroupRange, KeyedStateStore, OperatorUid, StateId,
-    StoreScope,
+    key_group_for_key, CheckpointBarrier, CheckpointId, KeyGroupRange, KeyedStateStore, OperatorUid,
+    StateDescriptor, StateId, StoreScope,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -80,7 +80,10 @@ pub(crate) struct KeyedBackend {
     key: Vec<u8>,
     buf: Vec<u8>,
     scratch: Vec<u8>,
-    kinds: HashMap<String, &'static str>,
+    /// The states the function registered in `open`.
+    states: Vec<StateDescriptor>,
+    /// The Rust type of the key.
+    key_type: &'static str,
     /// The encoded keys of the batch being processed, back to back.
     batch_keys: Vec<u8>,
     /// Per record of the batch: key group and the end of its key in `batch_keys`.
@@ -88,7 +91,7 @@ pub(crate) struct KeyedBackend {
 }
 
 impl KeyedBackend {
-    pub fn new(uid: OperatorUid) -> Self {
+    pub fn new(uid: OperatorUid, key_type: &'static str) -> Self {
         KeyedBackend {
             uid,
             store: None,
@@ -98,7 +101,8 @@ impl KeyedBackend {
             key: Vec::with_capacity(16),
             buf: Vec::with_capacity(64),
             scratch: Vec::new(),
-            kinds: HashMap::new(),
+            states: Vec::new(),
+            key_type,
             batch_keys: Vec::new(),
             batch_rows: Vec::new(),
         }
@@ -117,10 +121,11 @@ impl KeyedBackend {
             max_parallelism: ctx.max_parallelism,
             key_groups: self.range,
         })?;
-        if let Some(meta) = &ctx.restore {
+        if let Some(restore) = &ctx.restore {
+            let meta = &restore.metadata;
             if meta.max_parallelism != ctx.max_parallelism {
                 return Err(RuntimeError::Storage(sluice_core::Error::Incompatible {
-                    what: format!("checkpoint {} for operator {}", meta.checkpoint_id, self.uid),
+                    what: format!("{} for operator {}", restore.describe(), self.uid),
                     reason: format!(
                         "written with max parallelism {}, the job has {}; the max parallelism of a job cannot change",
                         meta.max_parallelism, ctx.max_parallelism
@@ -128,6 +133,16 @@ impl KeyedBackend {
                 }));
             }
             if let Some(op) = meta.operator(&self.uid) {
+                if let Some(written) = op.key_type.as_deref().filter(|k| *k != self.key_type) {
+                    return Err(RuntimeError::Storage(sluice_core::Error::Incompatible {
+                        what: format!("keyed state of operator {} in {}", self.uid, restore.describe()),
+                        reason: format!(
+                            "its keys were written as {written}, the job's key type is {}; give the changed \
+                             operator a new uid (its state then starts empty)",
+                            self.key_type
+                        ),
+                    }));
+                }
                 let mut ids: HashMap<String, StateId> = HashMap::new();
                 for st in &op.subtasks {
                     let Some(file) = &st.keyed_state else { continue };
@@ -136,8 +151,8 @@ impl KeyedBackend {
                     };
                     let store_ref = &mut store;
                     sluice_core::format::read_key_groups(
-                        ctx.storage.as_ref(),
-                        file,
+                        restore.storage.as_ref(),
+                        &restore.resolve(file),
                         range,
                         &mut |name, kg, k, v| {
                             let id = match ids.get(name) {
@@ -159,6 +174,38 @@ impl KeyedBackend {
         Ok(())
     }
 
+    /// After the function's `open`: refuses restored state whose registered
+    /// kind or type differs from what the function registers now.
+    pub fn check_restored_states(&self, ctx: &InitContext) -> Result<()> {
+        let Some(restore) = &ctx.restore else {
+            return Ok(());
+        };
+        let Some(op) = restore.metadata.operator(&self.uid) else {
+            return Ok(());
+        };
+        for written in &op.states {
+            if let Some(now) = self.states.iter().find(|d| d.name == written.name) {
+                if now != written {
+                    return Err(RuntimeError::Storage(sluice_core::Error::Incompatible {
+                        what: format!(
+                            "state {:?} of operator {} in {}",
+                            written.name,
+                            self.uid,
+                            restore.describe()
+                        ),
+                        reason: format!(
+                            "it was written as {}, the job now registers it as {}; keep the type, or register \
+                             the new state under a new name (or give the operator a new uid)",
+                            crate::state::describe_state(written),
+                            crate::state::describe_state(now)
+                        ),
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn store(&mut self) -> Result<&mut Box<dyn KeyedStateStore>> {
         self.store
             .as_mut()
@@ -175,7 +222,7 @@ impl KeyedBackend {
             store: store.as_mut(),
             operator: uid,
             subtask: self.subtask,
-            kinds: &mut self.kinds,
+            states: &mut self.states,
         })
     }
 
@@ -250,10 +297,14 @@ impl KeyedBackend {
     }
 
     pub fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
-        let subtask = self.subtask;
-        let uid = self.uid.clone();
-        let snap = self.store()?.snapshot(barrier.checkpoint_id)?;
-        parts.keyed.push((uid, subtask, snap));
+        let snapshot = self.store()?.snapshot(barrier.checkpoint_id)?;
+        parts.keyed.push(KeyedPart {
+            uid: self.uid.clone(),
+            subtask: self.subtask,
+            snapshot,
+            key_type: self.key_type.to_string(),
+            states: self.states.clone(),
+        });
         Ok(())
     }
 }
@@ -277,6 +328,7 @@ where
     async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
         self.backend.initialize(ctx).await?;
         self.func.open(&mut self.backend.open_context()?)?;
+        self.backend.check_restored_states(ctx)?;
         self.out.initialize(ctx).await
     }
 
@@ -341,6 +393,7 @@ where
     async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
         self.backend.initialize(ctx).await?;
         self.func.open(&mut self.backend.open_context()?)?;
+        self.backend.check_restored_states(ctx)?;
         self.out.initialize(ctx).await
     }
 

@@ -49,8 +49,13 @@ pub mod config;
 pub mod error;
 pub mod executor;
 pub mod graph;
+pub mod inspect;
 pub mod keyed;
+pub mod location;
 pub mod operator;
+#[cfg(feature = "rest")]
+pub mod rest;
+pub mod savepoint;
 pub mod sink;
 pub mod source;
 pub mod state;
@@ -60,10 +65,14 @@ pub mod workload;
 
 pub use config::{CheckpointConfig, CheckpointingMode, RestartStrategy};
 pub use error::{Result, RuntimeError};
-pub use executor::{CheckpointStats, CheckpointStatus, JobHandle, JobMonitor, JobResult, Recovery};
+pub use executor::{
+    CheckpointStats, CheckpointStatus, JobHandle, JobMonitor, JobResult, JobState, JobStatus, Recovery,
+    Savepoint,
+};
 pub use graph::{ConnectedKeyedStreams, DataStream, Job, KeyedStream, Record};
 pub use keyed::{Either, KeyedCoProcessFunction, KeyedProcessFunction};
 pub use operator::Collector;
+pub use savepoint::{copy_savepoint, RestoreSource, SavepointLocation};
 pub use sink::{CollectSink, DiscardSink, Sink, SinkWriter};
 pub use source::{FileLinesSource, SequenceSource, Source, SplitReader, VecSource};
 pub use state::{KeyedContext, ListState, MapState, OpenContext, ValueState};

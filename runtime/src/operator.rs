@@ -7,10 +7,11 @@
 
 use crate::channel::{Message, OutputWriter};
 use crate::error::Result;
+use crate::savepoint::RestoreSource;
 use futures::future::BoxFuture;
 use sluice_core::{
-    CheckpointBarrier, CheckpointId, CheckpointMetadata, CheckpointStorage, OperatorUid, SplitPosition,
-    StateBackend, StateSnapshot,
+    CheckpointBarrier, CheckpointId, CheckpointStorage, OperatorUid, SplitPosition, StateBackend,
+    StateDescriptor, StateSnapshot,
 };
 use std::sync::Arc;
 
@@ -29,19 +30,45 @@ pub struct InitContext {
     pub max_parallelism: u32,
     /// Where keyed state lives while running.
     pub state_backend: Arc<dyn StateBackend>,
-    /// Where checkpoints are stored (restore reads from it).
+    /// Where checkpoints are stored.
     pub storage: Arc<dyn CheckpointStorage>,
-    /// The checkpoint to restore from, if any.
-    pub restore: Option<Arc<CheckpointMetadata>>,
+    /// The checkpoint or savepoint to restore from, if any.
+    pub restore: Option<Arc<RestoreSource>>,
+}
+
+/// One keyed operator's part of a snapshot.
+pub struct KeyedPart {
+    /// The operator's uid.
+    pub uid: OperatorUid,
+    /// The subtask index.
+    pub subtask: u32,
+    /// The consistent view the asynchronous part encodes.
+    pub snapshot: Box<dyn StateSnapshot>,
+    /// The Rust type of the key.
+    pub key_type: String,
+    /// The states the function registered.
+    pub states: Vec<StateDescriptor>,
+}
+
+/// One source's part of a snapshot.
+pub struct SourcePart {
+    /// The source's uid.
+    pub uid: OperatorUid,
+    /// The subtask index.
+    pub subtask: u32,
+    /// The source's number of splits.
+    pub num_splits: u32,
+    /// The positions of the subtask's splits.
+    pub positions: Vec<SplitPosition>,
 }
 
 /// What the synchronous part of a snapshot collects from a chain.
 #[derive(Default)]
 pub struct SnapshotParts {
     /// Keyed state views to encode and write asynchronously, by operator.
-    pub keyed: Vec<(OperatorUid, u32, Box<dyn StateSnapshot>)>,
+    pub keyed: Vec<KeyedPart>,
     /// Source split positions, by operator.
-    pub splits: Vec<(OperatorUid, u32, Vec<SplitPosition>)>,
+    pub splits: Vec<SourcePart>,
 }
 
 /// The network side of a chain, as the task loop sees it (type-erased).

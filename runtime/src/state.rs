@@ -8,8 +8,7 @@
 use crate::error::{Result, RuntimeError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sluice_core::{KeyedStateStore, StateId};
-use std::collections::HashMap;
+use sluice_core::{KeyedStateStore, StateDescriptor, StateId};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ pub struct OpenContext<'a> {
     pub(crate) store: &'a mut dyn KeyedStateStore,
     pub(crate) operator: &'a str,
     pub(crate) subtask: u32,
-    pub(crate) kinds: &'a mut HashMap<String, &'static str>,
+    pub(crate) states: &'a mut Vec<StateDescriptor>,
 }
 
 impl OpenContext<'_> {
@@ -27,23 +26,38 @@ impl OpenContext<'_> {
         self.subtask
     }
 
-    fn register(&mut self, name: &str, kind: &'static str) -> Result<(StateId, Arc<str>)> {
-        if let Some(k) = self.kinds.get(name) {
-            if *k != kind {
+    fn register(
+        &mut self,
+        name: &str,
+        kind: &str,
+        value_type: &str,
+        map_key_type: Option<&str>,
+    ) -> Result<(StateId, Arc<str>)> {
+        let desc = StateDescriptor {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            value_type: value_type.to_string(),
+            map_key_type: map_key_type.map(str::to_string),
+        };
+        match self.states.iter().find(|d| d.name == name) {
+            Some(d) if *d != desc => {
                 return Err(RuntimeError::InvalidJob(format!(
-                    "operator {}: state {name:?} is registered both as {k} and as {kind}",
-                    self.operator
-                )));
+                    "operator {}: state {name:?} is registered both as {} and as {}",
+                    self.operator,
+                    describe_state(d),
+                    describe_state(&desc)
+                )))
             }
+            Some(_) => {}
+            None => self.states.push(desc),
         }
-        self.kinds.insert(name.to_string(), kind);
         let id = self.store.register_state(name)?;
         Ok((id, Arc::from(format!("{}/{name}", self.operator))))
     }
 
     /// A single value per key.
     pub fn value_state<T: Serialize + DeserializeOwned>(&mut self, name: &str) -> Result<ValueState<T>> {
-        let (id, what) = self.register(name, "value state")?;
+        let (id, what) = self.register(name, "value", std::any::type_name::<T>(), None)?;
         Ok(ValueState {
             id,
             what,
@@ -53,7 +67,7 @@ impl OpenContext<'_> {
 
     /// A list of values per key.
     pub fn list_state<T: Serialize + DeserializeOwned>(&mut self, name: &str) -> Result<ListState<T>> {
-        let (id, what) = self.register(name, "list state")?;
+        let (id, what) = self.register(name, "list", std::any::type_name::<T>(), None)?;
         Ok(ListState {
             id,
             what,
@@ -66,12 +80,25 @@ impl OpenContext<'_> {
         &mut self,
         name: &str,
     ) -> Result<MapState<K, V>> {
-        let (id, what) = self.register(name, "map state")?;
+        let (id, what) = self.register(
+            name,
+            "map",
+            std::any::type_name::<V>(),
+            Some(std::any::type_name::<K>()),
+        )?;
         Ok(MapState {
             id,
             what,
             _t: PhantomData,
         })
+    }
+}
+
+/// `value state of u64`, `map state of String -> u64`.
+pub(crate) fn describe_state(d: &StateDescriptor) -> String {
+    match &d.map_key_type {
+        Some(k) => format!("{} state of {k} -> {}", d.kind, d.value_type),
+        None => format!("{} state of {}", d.kind, d.value_type),
     }
 }
 

@@ -4,11 +4,15 @@
 use crate::barrier_handler::{AlignedCheckpoint, BarrierHandler};
 use crate::channel::{InputGate, Message};
 use crate::error::{Result, RuntimeError};
-use crate::operator::{Collector, InitContext, Operator, SnapshotParts};
+use crate::operator::{Collector, InitContext, Operator, SnapshotParts, SourcePart};
+use crate::savepoint::SavepointLocation;
 use crate::source::{Source, SplitReader};
 use sluice_core::metadata::SubtaskSnapshot;
-use sluice_core::{CheckpointBarrier, CheckpointId, OperatorUid, SplitPosition, StateFileHandle};
-use std::collections::BTreeMap;
+use sluice_core::{
+    CheckpointBarrier, CheckpointId, CheckpointKind, OperatorUid, SplitPosition, StateDescriptor,
+    StateFileHandle,
+};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,8 +22,10 @@ use tokio::task::JoinHandle;
 /// From the job master to a task.
 #[derive(Debug, Clone)]
 pub(crate) enum Control {
-    /// Sources only: start checkpoint `barrier`.
-    Trigger(CheckpointBarrier),
+    /// Sources only: start checkpoint `barrier`; with `stop`, emit nothing
+    /// after the barrier until told to end (or, if the checkpoint is aborted,
+    /// to go on).
+    Trigger { barrier: CheckpointBarrier, stop: bool },
     /// The checkpoint is complete.
     Complete(CheckpointId),
     /// The checkpoint was aborted.
@@ -35,7 +41,13 @@ pub(crate) struct AckPart {
     pub uid: OperatorUid,
     pub parallelism: u32,
     pub snapshot: SubtaskSnapshot,
+    pub key_type: Option<String>,
+    pub states: Vec<StateDescriptor>,
+    pub source_splits: Option<u32>,
 }
+
+/// Where the state files of the savepoints in progress go, by id.
+pub(crate) type SavepointTargets = Arc<Mutex<HashMap<CheckpointId, SavepointLocation>>>;
 
 /// From a task to the job master.
 #[derive(Debug)]
@@ -72,6 +84,7 @@ pub(crate) struct TaskRuntime {
     pub events: mpsc::UnboundedSender<TaskEvent>,
     pub writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
     pub metrics: Arc<Metrics>,
+    pub savepoints: SavepointTargets,
 }
 
 impl TaskRuntime {
@@ -81,16 +94,27 @@ impl TaskRuntime {
         &self,
         chain: &mut dyn Operator<T>,
         done: AlignedCheckpoint,
-        splits: Option<(OperatorUid, Vec<SplitPosition>)>,
+        source: Option<SourcePart>,
     ) -> Result<()> {
         let started = Instant::now();
         let mut parts = SnapshotParts::default();
-        if let Some((uid, positions)) = splits {
-            parts.splits.push((uid, self.init.subtask, positions));
-        }
+        parts.splits.extend(source);
         chain.snapshot(&done.barrier, &mut parts)?;
         let sync = started.elapsed();
         let id = done.barrier.checkpoint_id;
+        // Checkpoint files go to `chk-<id>/` of the job's storage, with paths
+        // relative to the storage; savepoint files to the savepoint's own
+        // directory, with paths relative to it.
+        let target = match done.barrier.kind {
+            CheckpointKind::Checkpoint => None,
+            CheckpointKind::Savepoint => Some(
+                self.savepoints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&id)
+                    .cloned(),
+            ),
+        };
         let storage = self.init.storage.clone();
         let events = self.events.clone();
         let task = self.index;
@@ -98,32 +122,52 @@ impl TaskRuntime {
         let handle = tokio::spawn(async move {
             let started = Instant::now();
             let result: sluice_core::Result<Vec<AckPart>> = async {
+                let (storage, dir) = match target {
+                    None => (storage, None),
+                    Some(Some(loc)) => (loc.storage.clone(), Some(loc)),
+                    Some(None) => {
+                        return Err(sluice_core::Error::not_found(format!(
+                            "the target directory of savepoint {id} (it was aborted)"
+                        )))
+                    }
+                };
                 let mut acks: Vec<AckPart> = Vec::new();
-                for (uid, subtask, positions) in parts.splits {
+                for p in parts.splits {
                     acks.push(AckPart {
-                        uid,
+                        uid: p.uid,
                         parallelism,
                         snapshot: SubtaskSnapshot {
-                            subtask,
+                            subtask: p.subtask,
                             keyed_state: None,
-                            splits: positions,
+                            splits: p.positions,
                         },
+                        key_type: None,
+                        states: Vec::new(),
+                        source_splits: Some(p.num_splits),
                     });
                 }
-                for (uid, subtask, snap) in parts.keyed {
+                for k in parts.keyed {
+                    let snap = k.snapshot;
                     let encoded = tokio::task::spawn_blocking(move || {
                         sluice_core::format::encode_snapshot(snap.as_ref())
                     })
                     .await
                     .map_err(|e| sluice_core::Error::storage("snapshot encoder", e.to_string()))??;
-                    let path = format!("{}/{}-{}.kst", id.dir(), uid, subtask);
+                    let name = format!("{}-{}.kst", k.uid, k.subtask);
+                    let (path, write_path) = match &dir {
+                        None => {
+                            let p = format!("{}/{name}", id.dir());
+                            (p.clone(), p)
+                        }
+                        Some(loc) => (name.clone(), loc.join(&name)),
+                    };
                     let size = encoded.bytes.len() as u64;
-                    storage.write_file(&path, encoded.bytes).await?;
+                    storage.write_file(&write_path, encoded.bytes).await?;
                     acks.push(AckPart {
-                        uid,
+                        uid: k.uid,
                         parallelism,
                         snapshot: SubtaskSnapshot {
-                            subtask,
+                            subtask: k.subtask,
                             keyed_state: Some(StateFileHandle {
                                 path,
                                 size,
@@ -133,6 +177,9 @@ impl TaskRuntime {
                             }),
                             splits: Vec::new(),
                         },
+                        key_type: Some(k.key_type),
+                        states: k.states,
+                        source_splits: None,
                     });
                 }
                 Ok(acks)
@@ -177,7 +224,7 @@ fn apply_control<T>(
         }
         // Only sources are triggered or ended; other tasks get barriers
         // and end of input in-band.
-        Control::Trigger(_) | Control::EndInput => Ok(()),
+        Control::Trigger { .. } | Control::EndInput => Ok(()),
     }
 }
 
@@ -203,6 +250,7 @@ async fn flush_and_drain<T>(chain: &mut dyn Operator<T>) -> Result<()> {
 fn snapshot_source<T>(
     rt: &TaskRuntime,
     uid: &OperatorUid,
+    num_splits: u32,
     readers: &[(u32, Box<dyn SplitReader<T>>, bool)],
     chain: &mut dyn Operator<T>,
     barrier: CheckpointBarrier,
@@ -218,7 +266,21 @@ fn snapshot_source<T>(
         barrier,
         alignment: Duration::ZERO,
     };
-    rt.snapshot(chain, done, Some((uid.clone(), positions)))
+    let part = SourcePart {
+        uid: uid.clone(),
+        subtask: rt.init.subtask,
+        num_splits,
+        positions,
+    };
+    rt.snapshot(chain, done, Some(part))
+}
+
+/// How a source's wait for the job master ended.
+enum Resume {
+    /// Go on reading (a stop-with-savepoint was aborted).
+    Read,
+    /// The source finished (end of input sent down the chain).
+    Ended,
 }
 
 /// A source subtask: reads its splits, answers triggers by snapshotting its
@@ -231,9 +293,19 @@ pub(crate) async fn run_source_task<T: Send + 'static>(
 ) -> Result<()> {
     chain.initialize(&rt.init).await?;
     let (subtask, parallelism) = (rt.init.subtask, rt.init.parallelism);
+    let num_splits = source.num_splits();
     let mut stored: BTreeMap<u32, u64> = BTreeMap::new();
-    if let Some(meta) = &rt.init.restore {
-        if let Some(op) = meta.operator(&uid) {
+    if let Some(restore) = &rt.init.restore {
+        if let Some(op) = restore.metadata.operator(&uid) {
+            if let Some(n) = op.source_splits.filter(|n| *n != num_splits) {
+                return Err(RuntimeError::Storage(sluice_core::Error::Incompatible {
+                    what: format!("source {uid} in {}", restore.describe()),
+                    reason: format!(
+                        "it was written by a source with {n} splits, the job's source has {num_splits}; the \
+                         splits of a source are fixed (its parallelism may change)"
+                    ),
+                }));
+            }
             for st in &op.subtasks {
                 for p in &st.splits {
                     stored.insert(p.split, p.offset);
@@ -242,22 +314,64 @@ pub(crate) async fn run_source_task<T: Send + 'static>(
         }
     }
     let mut readers: Vec<(u32, Box<dyn SplitReader<T>>, bool)> = Vec::new();
-    for split in (0..source.num_splits()).filter(|s| s % parallelism == subtask) {
+    for split in (0..num_splits).filter(|s| s % parallelism == subtask) {
         let offset = stored.get(&split).copied().unwrap_or(0);
         readers.push((split, source.open_split(split, offset)?, true));
     }
     let mut current = 0usize;
     let mut batches = 0u64;
     let (batch_size, pause) = (source.batch_size(), source.pause());
+    // Waits for the job master after a stop-with-savepoint barrier (or, with
+    // `exhausted`, after every split was read): nothing is emitted until it
+    // says to end or, the savepoint aborted, to go on.
+    macro_rules! wait {
+        ($stopping:expr, $exhausted:expr) => {{
+            let mut stopping: Option<CheckpointId> = $stopping;
+            loop {
+                match rt.control.recv().await {
+                    Some(Control::Trigger { barrier, stop }) => {
+                        snapshot_source(&rt, &uid, num_splits, &readers, chain.as_mut(), barrier)?;
+                        flush_and_drain(chain.as_mut()).await?;
+                        if stop {
+                            stopping = Some(barrier.checkpoint_id);
+                        }
+                    }
+                    Some(Control::EndInput) => {
+                        chain.finish()?;
+                        flush_and_drain(chain.as_mut()).await?;
+                        break Resume::Ended;
+                    }
+                    Some(Control::Abort(id)) if stopping == Some(id) && !$exhausted => {
+                        apply_control(Control::Abort(id), chain.as_mut(), None)?;
+                        break Resume::Read;
+                    }
+                    Some(c) => apply_control(c, chain.as_mut(), None)?,
+                    None => return Err(RuntimeError::Cancelled),
+                }
+            }
+        }};
+    }
     loop {
+        let mut stop_at = None;
         loop {
             match rt.control.try_recv() {
-                Ok(Control::Trigger(barrier)) => {
-                    snapshot_source(&rt, &uid, &readers, chain.as_mut(), barrier)?
+                Ok(Control::Trigger { barrier, stop }) => {
+                    snapshot_source(&rt, &uid, num_splits, &readers, chain.as_mut(), barrier)?;
+                    if stop {
+                        stop_at = Some(barrier.checkpoint_id);
+                        break;
+                    }
                 }
                 Ok(c) => apply_control(c, chain.as_mut(), None)?,
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => return Err(RuntimeError::Cancelled),
+            }
+        }
+        if stop_at.is_some() {
+            flush_and_drain(chain.as_mut()).await?;
+            match wait!(stop_at, false) {
+                Resume::Read => continue,
+                Resume::Ended => return Ok(()),
             }
         }
         let live: Vec<usize> = (0..readers.len()).filter(|i| readers[*i].2).collect();
@@ -266,20 +380,8 @@ pub(crate) async fn run_source_task<T: Send + 'static>(
             // final checkpoint's trigger and the order to end.
             flush_and_drain(chain.as_mut()).await?;
             let _ = rt.events.send(TaskEvent::SourceExhausted { task: rt.index });
-            loop {
-                match rt.control.recv().await {
-                    Some(Control::Trigger(barrier)) => {
-                        snapshot_source(&rt, &uid, &readers, chain.as_mut(), barrier)?;
-                        flush_and_drain(chain.as_mut()).await?;
-                    }
-                    Some(Control::EndInput) => {
-                        chain.finish()?;
-                        flush_and_drain(chain.as_mut()).await?;
-                        return Ok(());
-                    }
-                    Some(c) => apply_control(c, chain.as_mut(), None)?,
-                    None => return Err(RuntimeError::Cancelled),
-                }
+            match wait!(None, true) {
+                Resume::Read | Resume::Ended => return Ok(()),
             }
         }
         let i = live[current % live.len()];

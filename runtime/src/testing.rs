@@ -8,7 +8,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, Result};
+use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, Result};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +57,8 @@ pub struct FaultPlan {
     /// Fail the state-file writes with these sequence numbers (0-based count
     /// of `write_file` calls).
     pub fail_writes: Vec<u64>,
-    /// Fail the metadata commits with these sequence numbers.
+    /// Fail the metadata commits with these sequence numbers (checkpoint
+    /// metadata and savepoint `_metadata` files, counted together).
     pub fail_commits: Vec<u64>,
     /// Delay state-file writes by this much.
     pub write_delay: Duration,
@@ -143,6 +144,23 @@ impl CheckpointStorage for FaultyStorage {
 
     async fn discard(&self, id: CheckpointId) -> Result<()> {
         self.inner.discard(id).await
+    }
+
+    /// Counted with the metadata commits (a savepoint's `_metadata`).
+    async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
+        let n = self.commits.fetch_add(1, Ordering::Relaxed);
+        if self.plan.fail_commits.contains(&n) {
+            return Err(self.fail(format!("commit of {path}")));
+        }
+        self.inner.commit_file(path, data).await
+    }
+
+    async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
+        self.inner.list_files(dir).await
+    }
+
+    async fn delete_dir(&self, dir: &str) -> Result<()> {
+        self.inner.delete_dir(dir).await
     }
 }
 

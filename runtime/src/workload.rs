@@ -149,6 +149,20 @@ pub fn keyed_sum(
     function: RunningSum,
     sink: impl Sink<(u64, u64)>,
 ) -> Result<()> {
+    keyed_sum_with_splits(job, events, keys, parallelism, parallelism, function, sink)
+}
+
+/// [`keyed_sum`] with a source of `splits` splits, fixed whatever the
+/// parallelism, so that a savepoint restores at another parallelism.
+pub fn keyed_sum_with_splits(
+    job: &Job,
+    events: u64,
+    keys: u64,
+    splits: u32,
+    parallelism: u32,
+    function: RunningSum,
+    sink: impl Sink<(u64, u64)>,
+) -> Result<()> {
     if keys == 0 {
         return Err(RuntimeError::InvalidJob(
             "the keyed sum needs at least one key".into(),
@@ -156,7 +170,7 @@ pub fn keyed_sum(
     }
     job.source(
         "events",
-        SequenceSource::new(events, parallelism, move |i| (key_of(i, keys), i)),
+        SequenceSource::new(events, splits, move |i| (key_of(i, keys), i)),
         parallelism,
     )
     .key_by(|(k, _)| *k)
@@ -235,15 +249,35 @@ pub async fn final_sums(
     id: CheckpointId,
 ) -> Result<FxHashMap<u64, u64>> {
     let meta = sluice_core::metadata::read_checkpoint_metadata(storage, id).await?;
-    let uid = sluice_core::OperatorUid("running-sum".into());
-    let op = meta
-        .operator(&uid)
-        .ok_or_else(|| RuntimeError::InvalidJob(format!("checkpoint {id} has no state of operator {uid}")))?;
+    sums_of(storage, "", &meta, "running-sum").await
+}
+
+/// Reads every key's sum (state `sum`) of the running sum with uid `uid`
+/// from a checkpoint or savepoint.
+pub async fn sums_in(source: &crate::savepoint::RestoreSource, uid: &str) -> Result<FxHashMap<u64, u64>> {
+    sums_of(source.storage.as_ref(), &source.base, &source.metadata, uid).await
+}
+
+async fn sums_of(
+    storage: &dyn sluice_core::CheckpointStorage,
+    base: &str,
+    meta: &sluice_core::CheckpointMetadata,
+    uid: &str,
+) -> Result<FxHashMap<u64, u64>> {
+    let uid = sluice_core::OperatorUid(uid.into());
+    let id = meta.checkpoint_id;
+    let op = meta.operator(&uid).ok_or_else(|| {
+        RuntimeError::InvalidJob(format!("{} {id} has no state of operator {uid}", meta.kind))
+    })?;
     let mut sums = FxHashMap::default();
     let mut bad: Option<String> = None;
     for st in &op.subtasks {
         let Some(file) = &st.keyed_state else { continue };
-        sluice_core::format::read_key_groups(storage, file, file.key_groups, &mut |name, _, k, v| {
+        let mut file = file.clone();
+        if !base.is_empty() {
+            file.path = format!("{base}/{}", file.path);
+        }
+        sluice_core::format::read_key_groups(storage, &file, file.key_groups, &mut |name, _, k, v| {
             if name == "sum" {
                 match (postcard::from_bytes::<u64>(k), postcard::from_bytes::<u64>(v)) {
                     (Ok(k), Ok(v)) => {
@@ -258,7 +292,7 @@ pub async fn final_sums(
     }
     match bad {
         Some(reason) => Err(RuntimeError::Codec {
-            what: format!("checkpoint {id} running-sum/sum"),
+            what: format!("{} {id} {uid}/sum", meta.kind),
             reason,
         }),
         None => Ok(sums),

@@ -1,10 +1,18 @@
 //! The `sluice` command line: runs the reference workload with
-//! checkpointing and failure injection, and checks the result.
+//! checkpointing and failure injection and checks the result; controls a
+//! running job through its REST API (status, checkpoint, savepoint, stop,
+//! cancel); lists checkpoints; inspects and copies savepoints.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_core::{CheckpointStorage, StateBackend};
+use sluice_runtime::location;
+use sluice_runtime::rest::RestClient;
 use sluice_runtime::workload::{self, InjectedFailure, RunningSum};
-use sluice_runtime::{CheckpointConfig, CheckpointingMode, DiscardSink, Job, RestartStrategy};
+use sluice_runtime::{
+    copy_savepoint, CheckpointConfig, CheckpointingMode, DiscardSink, Job, RestartStrategy, RestoreSource,
+    SavepointLocation,
+};
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +39,70 @@ enum Command {
     Checkpoints {
         #[command(subcommand)]
         command: CheckpointsCommand,
+    },
+    /// Take a savepoint of a running job (started with `--rest`), into a new
+    /// directory under TARGET (`redb:PATH[#DIR]` or `s3://bucket/prefix`).
+    Savepoint {
+        /// The job's REST address, e.g. `http://127.0.0.1:8081`.
+        #[arg(long)]
+        job: String,
+        /// Stop the job with the savepoint (its sources emit nothing after
+        /// it; the job ends once it is complete).
+        #[arg(long)]
+        stop: bool,
+        /// Where the savepoint goes.
+        target: String,
+    },
+    /// Trigger a checkpoint of a running job now.
+    Checkpoint {
+        /// The job's REST address.
+        #[arg(long)]
+        job: String,
+    },
+    /// Show a running job's status and checkpoint statistics.
+    Status {
+        /// The job's REST address.
+        #[arg(long)]
+        job: String,
+        /// Print the JSON the job answered.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a running job.
+    Cancel {
+        /// The job's REST address.
+        #[arg(long)]
+        job: String,
+    },
+    /// Print a savepoint's or checkpoint's metadata (PATH: `redb:FILE#DIR`,
+    /// `s3://bucket/prefix/DIR`; DIR a savepoint directory or `chk-<id>`).
+    Inspect {
+        /// The savepoint or checkpoint.
+        path: String,
+        /// Print the metadata as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The operator whose state `--dump` prints.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Print the operator's keyed state as JSON lines (key group, key,
+        /// state name, value).
+        #[arg(long, requires = "operator")]
+        dump: bool,
+        /// S3 endpoint URL (else AWS_ENDPOINT_URL or AWS's default).
+        #[arg(long)]
+        s3_endpoint: Option<String>,
+    },
+    /// Copy a savepoint directory to another place (another folder, file,
+    /// bucket, or kind of storage); the copy restores the same.
+    Copy {
+        /// The savepoint.
+        src: String,
+        /// The new directory (must be empty).
+        dst: String,
+        /// S3 endpoint URL (else AWS_ENDPOINT_URL or AWS's default).
+        #[arg(long)]
+        s3_endpoint: Option<String>,
     },
 }
 
@@ -104,6 +176,29 @@ struct KeyedSumArgs {
     /// Max parallelism (number of key groups).
     #[arg(long, default_value_t = 128)]
     max_parallelism: u32,
+    /// Splits of the source (fixed: a savepoint restores at any parallelism
+    /// only into a source with the same number of splits).
+    #[arg(long, default_value_t = 8)]
+    splits: u32,
+    /// Start from this savepoint (or retained checkpoint `…#chk-<id>`).
+    #[arg(long)]
+    from_savepoint: Option<String>,
+    /// With `--from-savepoint`: skip state of operators the job does not have.
+    #[arg(long)]
+    allow_non_restored_state: bool,
+    /// Serve the job's REST API on this address (`PORT` or `ADDR:PORT`; a
+    /// bare port binds 127.0.0.1). It has no authentication.
+    #[arg(long)]
+    rest: Option<String>,
+}
+
+/// Stops the REST server when the job is done.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn parse_interval(s: &str) -> Result<Option<Duration>, String> {
@@ -137,36 +232,26 @@ async fn checkpoint_storage(
     s3_endpoint: Option<&str>,
     job: &str,
 ) -> Result<Arc<dyn CheckpointStorage>, String> {
-    if spec.starts_with("s3://") {
-        let mut config =
-            sluice_backend_s3::S3Config::from_url(spec).map_err(|e| format!("--storage: {e}"))?;
-        config.prefix = if config.prefix.is_empty() {
-            job.to_string()
-        } else {
-            format!("{}/{job}", config.prefix)
-        };
-        config.endpoint_url = s3_endpoint.map(str::to_string);
-        return sluice_backend_s3::S3CheckpointStorage::open(config)
-            .await
-            .map(|s| Arc::new(s) as Arc<dyn CheckpointStorage>)
-            .map_err(|e| format!("--storage {spec}: {e}"));
+    let s3 = s3_options(s3_endpoint);
+    let spec_for_job = match spec.strip_prefix("s3://") {
+        Some(rest) => format!("s3://{}/{job}", rest.trim_end_matches('/')),
+        None => spec.to_string(),
+    };
+    location::open_storage(&spec_for_job, &s3)
+        .await
+        .map_err(|e| format!("--storage {spec}: {e}"))
+}
+
+fn s3_options(endpoint: Option<&str>) -> location::S3Options {
+    location::S3Options {
+        endpoint: endpoint.map(str::to_string),
     }
-    if spec == "memory" {
-        return Ok(Arc::new(sluice_backend_memory::MemoryCheckpointStorage::new()));
-    }
-    if let Some(path) = spec.strip_prefix("redb:") {
-        if path.is_empty() {
-            return Err(
-                "--storage redb:PATH needs a file path, e.g. redb:./sluice-data/checkpoints.redb".into(),
-            );
-        }
-        return sluice_backend_redb::RedbCheckpointStorage::open(path)
-            .map(|s| Arc::new(s) as Arc<dyn CheckpointStorage>)
-            .map_err(|e| format!("--storage {spec}: {e}"));
-    }
-    Err(format!(
-        "--storage {spec:?}: unknown checkpoint storage (available: redb:PATH, s3://bucket/prefix, memory)"
-    ))
+}
+
+async fn open_location(spec: &str, s3_endpoint: Option<&str>) -> Result<SavepointLocation, String> {
+    location::open_location(spec, &s3_options(s3_endpoint))
+        .await
+        .map_err(|e| format!("{spec}: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -186,7 +271,175 @@ fn main() -> ExitCode {
         Command::Checkpoints {
             command: CheckpointsCommand::List { storage, s3_endpoint },
         } => finish(list_checkpoints(&storage, s3_endpoint.as_deref())),
+        Command::Savepoint { job, stop, target } => finish(client_savepoint(&job, stop, &target)),
+        Command::Checkpoint { job } => finish(client_checkpoint(&job)),
+        Command::Status { job, json } => finish(client_status(&job, json)),
+        Command::Cancel { job } => finish(client_cancel(&job)),
+        Command::Inspect {
+            path,
+            json,
+            operator,
+            dump,
+            s3_endpoint,
+        } => finish(inspect(
+            &path,
+            json,
+            operator.as_deref(),
+            dump,
+            s3_endpoint.as_deref(),
+        )),
+        Command::Copy {
+            src,
+            dst,
+            s3_endpoint,
+        } => finish(copy(&src, &dst, s3_endpoint.as_deref())),
     }
+}
+
+fn client(job: &str) -> RestClient {
+    // Savepoints answer when complete: allow for the checkpoint timeout.
+    RestClient::new(job, Duration::from_secs(15 * 60))
+}
+
+fn client_savepoint(job: &str, stop: bool, target: &str) -> Result<ExitCode, String> {
+    let r = client(job).post(
+        "/savepoints",
+        serde_json::json!({ "target": target, "stop": stop }),
+    )?;
+    let location = r["location"].as_str().unwrap_or("?");
+    if stop {
+        println!("job stopped with savepoint {} at {location}", r["id"]);
+    } else {
+        println!("savepoint {} completed at {location}", r["id"]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client_checkpoint(job: &str) -> Result<ExitCode, String> {
+    let r = client(job).post("/checkpoints", serde_json::json!({}))?;
+    println!("checkpoint {} completed", r["id"]);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client_cancel(job: &str) -> Result<ExitCode, String> {
+    client(job).post("/cancel", serde_json::json!({}))?;
+    println!("job cancelled");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client_status(job: &str, json: bool) -> Result<ExitCode, String> {
+    let c = client(job);
+    let status = c.get("/job")?;
+    let checkpoints = c.get("/checkpoints")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "job": status, "checkpoints": checkpoints }))
+                .map_err(|e| e.to_string())?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "job {}: {}, up {:.1}s, {} restarts, {} source records",
+        status["name"].as_str().unwrap_or("?"),
+        status["state"].as_str().unwrap_or("?"),
+        status["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1e3,
+        status["restarts"],
+        status["source_records"]
+    );
+    let counts = &checkpoints["counts"];
+    println!(
+        "checkpoints: {} completed, {} failed, {} in progress; duration p50 {} ms, p99 {} ms",
+        counts["completed"],
+        counts["failed"],
+        counts["in_progress"],
+        checkpoints["summary"]["duration_p50_ms"],
+        checkpoints["summary"]["duration_p99_ms"]
+    );
+    let history = checkpoints["history"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:>8}  {:<10}  {:<11}  {:>12}  {:>9}",
+        "id", "kind", "status", "size", "duration"
+    );
+    for h in history.iter().rev().take(10).rev() {
+        println!(
+            "{:>8}  {:<10}  {:<11}  {:>12}  {:>7}ms",
+            h["id"].to_string(),
+            h["kind"].as_str().unwrap_or("?"),
+            h["status"].as_str().unwrap_or("?"),
+            h["state_size"].to_string(),
+            h["duration_ms"].to_string()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(
+    path: &str,
+    json: bool,
+    operator: Option<&str>,
+    dump: bool,
+    s3_endpoint: Option<&str>,
+) -> Result<ExitCode, String> {
+    runtime()?.block_on(async move {
+        let location = open_location(path, s3_endpoint).await?;
+        let source = RestoreSource::open(&location).await.map_err(|e| e.to_string())?;
+        if dump {
+            let uid = operator.unwrap_or_default();
+            let mut out = std::io::BufWriter::new(std::io::stdout());
+            let mut failed: Option<std::io::Error> = None;
+            let n = sluice_runtime::inspect::dump_operator(&source, uid, &mut |v| {
+                if failed.is_none() {
+                    if let Err(e) = writeln!(out, "{v}") {
+                        failed = Some(e);
+                    }
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            let flushed = out.flush();
+            drop(out);
+            match failed.or(flushed.err()) {
+                // The reader went away (`| head`): not an error.
+                Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
+                Some(e) => return Err(format!("writing the dump: {e}")),
+                None => {}
+            }
+            eprintln!("{n} entries of operator {uid}");
+        } else if json {
+            let text = String::from_utf8(source.metadata.to_json().map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+            println!("{text}");
+        } else {
+            print!("{}", sluice_runtime::inspect::describe(&source));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn copy(src: &str, dst: &str, s3_endpoint: Option<&str>) -> Result<ExitCode, String> {
+    runtime()?.block_on(async move {
+        let from = open_location(src, s3_endpoint).await?;
+        let to = open_location(dst, s3_endpoint).await?;
+        let meta = copy_savepoint(&from, &to).await.map_err(|e| e.to_string())?;
+        println!(
+            "copied {} {} ({} bytes of state) to {}",
+            meta.kind,
+            meta.checkpoint_id,
+            meta.state_size(),
+            to.describe()
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `PORT` or `ADDR:PORT`; a bare port binds to loopback.
+fn rest_address(spec: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = spec.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    spec.parse()
+        .map_err(|e| format!("--rest {spec:?}: {e} (examples: 8081, 127.0.0.1:8081)"))
 }
 
 fn finish(r: Result<ExitCode, String>) -> ExitCode {
@@ -248,6 +501,10 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             a.parallelism, a.max_parallelism
         ));
     }
+    if a.splits == 0 {
+        return Err("--splits must be at least 1".into());
+    }
+    let rest_addr = a.rest.as_deref().map(rest_address).transpose()?;
     let backend = state_backend(&a.state, &a.state_dir)?;
     let mode = match a.mode {
         Mode::ExactlyOnce => CheckpointingMode::ExactlyOnce,
@@ -267,6 +524,10 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         a.s3_endpoint.as_deref(),
         "keyed-sum",
     ))?;
+    let from_savepoint = match &a.from_savepoint {
+        Some(p) => Some(rt.block_on(open_location(p, a.s3_endpoint.as_deref()))?),
+        None => None,
+    };
     println!(
         "sluice: keyed-sum: {} events, {} keys, parallelism {}, checkpoints {}, {}, state {}, storage {}",
         a.events,
@@ -290,12 +551,43 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             .with_state_backend(backend)
             .with_checkpoint_storage(storage)
             .resume_from_latest_checkpoint(a.resume)
+            .allow_non_restored_state(a.allow_non_restored_state)
             .with_restart_strategy(RestartStrategy::FixedDelay { attempts: 3, delay: Duration::from_millis(100) })
             .with_checkpointing(CheckpointConfig { interval, mode, retained: a.retained, ..Default::default() });
-        workload::keyed_sum(&job, a.events, a.keys, a.parallelism, RunningSum::with_failures(failures), DiscardSink::new())
-            .map_err(|e| e.to_string())?;
+        let job = match from_savepoint {
+            Some(loc) => job.from_savepoint(loc),
+            None => job,
+        };
+        workload::keyed_sum_with_splits(
+            &job,
+            a.events,
+            a.keys,
+            a.splits,
+            a.parallelism,
+            RunningSum::with_failures(failures),
+            DiscardSink::new(),
+        )
+        .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let handle = job.start().map_err(|e| e.to_string())?;
+        let _rest = match rest_addr {
+            Some(addr) => {
+                let s3 = s3_options(a.s3_endpoint.as_deref());
+                let resolve: sluice_runtime::rest::TargetResolver = Arc::new(move |target: String| {
+                    let s3 = s3.clone();
+                    Box::pin(async move { location::open_location(&target, &s3).await.map_err(|e| e.to_string()) })
+                });
+                let (bound, task) = sluice_runtime::rest::serve(addr, handle.monitor(), resolve)
+                    .await
+                    .map_err(|e| format!("--rest {addr}: cannot listen: {e}"))?;
+                if !bound.ip().is_loopback() {
+                    eprintln!("sluice: warning: the REST API on {bound} is reachable from other machines and has no authentication");
+                }
+                println!("sluice: REST API on http://{bound} (no authentication)");
+                Some(AbortOnDrop(task))
+            }
+            None => None,
+        };
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.tick().await;
         let mut last = (0u64, Instant::now());
@@ -316,6 +608,9 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         drop(join);
         let elapsed = started.elapsed();
         let result = result.map_err(|e| format!("job failed: {e}"))?;
+        if let Some(from) = &result.restored_from_savepoint {
+            println!("started from {from}");
+        }
         if let Some(id) = result.resumed_from {
             println!("resumed from checkpoint {id}");
         }
@@ -333,12 +628,18 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             stats.iter().filter(|s| matches!(s.status, sluice_runtime::CheckpointStatus::Failed(_))).count(),
             result.restarts
         );
+        let read = monitor.source_records();
         println!(
-            "throughput: {:.2} M events/s ({} events in {:.2}s)",
-            a.events as f64 / elapsed.as_secs_f64() / 1e6,
-            a.events,
+            "throughput: {:.2} M events/s ({} events read in {:.2}s)",
+            read as f64 / elapsed.as_secs_f64() / 1e6,
+            read,
             elapsed.as_secs_f64()
         );
+        if let Some(sp) = &result.stopped_with_savepoint {
+            println!("stopped with savepoint {} at {}", sp.id, sp.path());
+            println!("continue with: sluice run keyed-sum ... --from-savepoint '{}'", sp.path());
+            return Ok(ExitCode::SUCCESS);
+        }
         // Check the durable final state: the keyed state in the final
         // checkpoint, which a resumed run also completes.
         let final_id = result

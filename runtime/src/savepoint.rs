@@ -1,0 +1,210 @@
+//! Savepoints: where they go ([`SavepointLocation`]), where a job restores
+//! from ([`RestoreSource`]: a checkpoint of the job's own storage, or a
+//! savepoint or retained checkpoint anywhere), and copying a savepoint
+//! between storages ([`copy_savepoint`]).
+//!
+//! A savepoint is a self-contained directory: its state files and a
+//! `_metadata` file (written last, durably and create-if-absent) whose state
+//! file paths are relative to the directory. Copying the directory anywhere
+//! — another folder, another bucket, another kind of storage — gives a
+//! savepoint that restores the same. Savepoints are never created or deleted
+//! automatically.
+
+use crate::error::{Result, RuntimeError};
+use sluice_core::metadata::{read_checkpoint_metadata, read_savepoint_metadata, SAVEPOINT_METADATA_FILE};
+use sluice_core::storage::{checkpoint_of_path, validate_dir};
+use sluice_core::{
+    CheckpointId, CheckpointKind, CheckpointMetadata, CheckpointStorage, Error, StateFileHandle,
+};
+use std::sync::Arc;
+
+/// A directory of a checkpoint storage: where a savepoint is written (a
+/// target, under which each savepoint gets its own directory), or where
+/// one is (a savepoint directory, or a retained checkpoint's `chk-<id>`).
+#[derive(Clone, Debug)]
+pub struct SavepointLocation {
+    /// The storage.
+    pub storage: Arc<dyn CheckpointStorage>,
+    /// The directory inside it (`""`: the storage's root).
+    pub dir: String,
+}
+
+impl SavepointLocation {
+    /// Directory `dir` of `storage`. `dir` is empty (the root) or a relative
+    /// path without `.`/`..` segments.
+    pub fn new(storage: Arc<dyn CheckpointStorage>, dir: impl Into<String>) -> sluice_core::Result<Self> {
+        let dir = dir.into().trim_matches('/').to_string();
+        validate_dir(&dir, true)?;
+        Ok(SavepointLocation { storage, dir })
+    }
+
+    /// The location as a user writes it (`redb:/x.redb#dir`, `s3://b/p/dir`).
+    pub fn describe(&self) -> String {
+        self.storage.locate(&self.dir)
+    }
+
+    /// The path of `file` inside the directory.
+    pub fn join(&self, file: &str) -> String {
+        join(&self.dir, file)
+    }
+
+    /// The location of the sub-directory `name`.
+    pub fn child(&self, name: &str) -> SavepointLocation {
+        SavepointLocation {
+            storage: self.storage.clone(),
+            dir: self.join(name),
+        }
+    }
+
+    /// If the directory is a checkpoint's (`chk-<id>`, at the root), its id.
+    pub fn checkpoint_id(&self) -> Option<CheckpointId> {
+        if self.dir.contains('/') {
+            return None;
+        }
+        checkpoint_of_path(&self.dir)
+    }
+}
+
+fn join(dir: &str, file: &str) -> String {
+    if dir.is_empty() {
+        file.to_string()
+    } else {
+        format!("{dir}/{file}")
+    }
+}
+
+/// The directory name of savepoint `id`: `savepoint-<id>-<6 random hex digits>`
+/// (as Flink's `savepoint-<job>-<random>`), so that savepoints of several
+/// runs can share a target.
+pub fn savepoint_dir_name(id: CheckpointId) -> String {
+    format!("savepoint-{}-{:06x}", id.0, rand::random::<u32>() & 0xff_ffff)
+}
+
+/// What a job restores from: metadata, the storage holding the state files,
+/// and the directory their paths are relative to.
+#[derive(Debug, Clone)]
+pub struct RestoreSource {
+    /// The checkpoint's or savepoint's metadata.
+    pub metadata: Arc<CheckpointMetadata>,
+    /// Where its state files are.
+    pub storage: Arc<dyn CheckpointStorage>,
+    /// The directory the metadata's state file paths are relative to: `""`
+    /// for checkpoints (their paths start with `chk-<id>/`), the savepoint's
+    /// directory for savepoints.
+    pub base: String,
+    /// Where it is, for logs and errors.
+    pub location: String,
+}
+
+impl RestoreSource {
+    /// Checkpoint `id` of `storage`.
+    pub async fn checkpoint(
+        storage: Arc<dyn CheckpointStorage>,
+        id: CheckpointId,
+    ) -> sluice_core::Result<Self> {
+        let metadata = read_checkpoint_metadata(storage.as_ref(), id).await?;
+        Ok(RestoreSource {
+            metadata: Arc::new(metadata),
+            location: storage.locate(&id.dir()),
+            storage,
+            base: String::new(),
+        })
+    }
+
+    /// The savepoint (or retained checkpoint, `…#chk-<id>`) at `location`.
+    /// Its metadata is read and validated (JSON, version, no path escaping
+    /// the directory); state files are checked when they are read.
+    pub async fn open(location: &SavepointLocation) -> sluice_core::Result<Self> {
+        if let Some(id) = location.checkpoint_id() {
+            return Self::checkpoint(location.storage.clone(), id).await;
+        }
+        if location.dir.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: format!("savepoint location {}", location.describe()),
+                reason: "names a whole storage; name the savepoint's directory (savepoint-<id>-<hex>) or a \
+                         retained checkpoint (chk-<id>)"
+                    .into(),
+            });
+        }
+        let metadata = read_savepoint_metadata(location.storage.as_ref(), &location.dir).await?;
+        Ok(RestoreSource {
+            metadata: Arc::new(metadata),
+            storage: location.storage.clone(),
+            base: location.dir.clone(),
+            location: location.describe(),
+        })
+    }
+
+    /// The storage path of a state file of the metadata.
+    pub fn path_of(&self, file: &StateFileHandle) -> String {
+        join(&self.base, &file.path)
+    }
+
+    /// A copy of `file` whose path is its storage path.
+    pub fn resolve(&self, file: &StateFileHandle) -> StateFileHandle {
+        StateFileHandle {
+            path: self.path_of(file),
+            ..file.clone()
+        }
+    }
+
+    /// `checkpoint 7 at redb:/x.redb#chk-7` or `savepoint 9 at s3://…`.
+    pub fn describe_with_location(&self) -> String {
+        format!(
+            "{} {} at {}",
+            self.metadata.kind, self.metadata.checkpoint_id, self.location
+        )
+    }
+
+    /// `checkpoint 7` (of the job's own storage) or `savepoint 9 at s3://…`.
+    pub fn describe(&self) -> String {
+        match self.metadata.kind {
+            CheckpointKind::Checkpoint if self.base.is_empty() => {
+                format!("checkpoint {}", self.metadata.checkpoint_id)
+            }
+            kind => format!("{kind} {} at {}", self.metadata.checkpoint_id, self.location),
+        }
+    }
+}
+
+/// Copies the savepoint at `src` to the directory `dst` (of any storage):
+/// every state file named by its metadata, byte for byte, its checksum
+/// verified on the way, then the metadata itself, unchanged, last (durably,
+/// create-if-absent). The copy is a savepoint only once the metadata is
+/// written; a copy that fails part way has no `_metadata` and can be
+/// deleted. Refuses a destination that already holds files.
+pub async fn copy_savepoint(src: &SavepointLocation, dst: &SavepointLocation) -> Result<CheckpointMetadata> {
+    if src.checkpoint_id().is_some() {
+        return Err(RuntimeError::InvalidJob(format!(
+            "{} is a checkpoint: its paths are relative to its storage, not to its directory; restore from it \
+             directly, or take a savepoint to copy",
+            src.describe()
+        )));
+    }
+    let source = RestoreSource::open(src).await?;
+    if dst.dir.is_empty() {
+        return Err(RuntimeError::InvalidJob(format!(
+            "copy destination {}: name a directory for the savepoint",
+            dst.describe()
+        )));
+    }
+    if !dst.storage.list_files(&dst.dir).await?.is_empty() {
+        return Err(Error::AlreadyExists {
+            what: format!("files in {} (copy to an empty directory)", dst.describe()),
+        }
+        .into());
+    }
+    for op in &source.metadata.operators {
+        for st in &op.subtasks {
+            let Some(file) = &st.keyed_state else { continue };
+            let bytes = source.storage.read_file(&source.path_of(file)).await?;
+            sluice_core::format::verify_snapshot_file(&src.join(&file.path), &bytes, file.crc32)?;
+            dst.storage.write_file(&dst.join(&file.path), bytes).await?;
+        }
+    }
+    let meta = src.storage.read_file(&src.join(SAVEPOINT_METADATA_FILE)).await?;
+    dst.storage
+        .commit_file(&dst.join(SAVEPOINT_METADATA_FILE), meta)
+        .await?;
+    Ok((*source.metadata).clone())
+}
