@@ -15,6 +15,17 @@ pub enum Alignment {
     /// barrier arrives. Records after the barrier on a fast input may be in
     /// the snapshot and are replayed after a failure (duplicates).
     AtLeastOnce,
+    /// Exactly-once without blocking: the first barrier to reach a task
+    /// makes it snapshot at once and forward the barrier ahead of the
+    /// records queued for its outputs; the records the barrier overtook (on
+    /// the task's inputs, and in its output queue) are stored with the
+    /// checkpoint as channel state and replayed on restore.
+    Unaligned,
+    /// Exactly-once, starting aligned: a task whose alignment takes longer
+    /// than its configured timeout switches to unaligned for this checkpoint
+    /// (Flink's aligned checkpoint timeout). Savepoints and final
+    /// checkpoints are plain [`Alignment::Aligned`]: they never switch.
+    AlignedWithTimeout,
 }
 
 /// A checkpoint barrier: splits every stream into "before checkpoint n" and

@@ -41,7 +41,7 @@ pub use keygroup::{
     check_parallelism, key_group_for_key, operator_index_for_key_group, stable_key_hash, KeyGroupRange,
     DEFAULT_MAX_PARALLELISM,
 };
-pub use metadata::{CheckpointMetadata, SplitPosition, StateDescriptor, StateFileHandle};
+pub use metadata::{ChannelStateHandle, CheckpointMetadata, SplitPosition, StateDescriptor, StateFileHandle};
 pub use state::{KeyedStateStore, StateBackend, StateId, StateSnapshot, StoreScope};
 pub use storage::{CheckpointListing, CheckpointStorage, FileListing};
 

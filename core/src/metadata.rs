@@ -43,6 +43,37 @@ pub struct SubtaskSnapshot {
     /// Source split positions, if the operator is a source.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub splits: Vec<SplitPosition>,
+    /// Small non-keyed operator state, e.g. a two-phase-commit sink's
+    /// pre-committed transactions (JSON, readable in the metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_state: Option<serde_json::Value>,
+}
+
+/// In-flight records of one task subtask, stored by an unaligned
+/// checkpoint: the records its barrier overtook, on its inputs and in its
+/// output queue. Replayed before new input on restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelStateHandle {
+    /// The task (vertex) index in the job graph.
+    pub task: u32,
+    /// The task's name, for people.
+    pub task_name: String,
+    /// The subtask index.
+    pub subtask: u32,
+    /// The task's parallelism when the checkpoint was taken.
+    pub parallelism: u32,
+    /// Path relative to the storage root (`chk-<id>/channel-<task>-<subtask>.cst`).
+    pub path: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// CRC-32 (IEEE) of the whole file.
+    pub crc32: u32,
+    /// Records that were on the task's input channels before the barrier
+    /// (processed first on restore).
+    pub input_records: u64,
+    /// Records the task had queued for its outputs when the barrier
+    /// overtook them (sent first on restore).
+    pub output_records: u64,
 }
 
 /// A registered keyed state of an operator: its name, kind and types, so
@@ -110,6 +141,10 @@ pub struct CheckpointMetadata {
     pub max_parallelism: u32,
     /// Per operator uid, its snapshot.
     pub operators: Vec<OperatorSnapshot>,
+    /// Unaligned checkpoints: the in-flight records of each task subtask
+    /// that had any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channel_state: Vec<ChannelStateHandle>,
 }
 
 fn default_snapshot_version() -> u16 {
@@ -143,25 +178,34 @@ impl CheckpointMetadata {
                 ),
             });
         }
-        for op in &meta.operators {
-            for st in &op.subtasks {
-                if let Some(f) = &st.keyed_state {
-                    crate::storage::validate_path(&f.path)
-                        .map_err(|_| Error::corrupt(path, format!("unsafe state file path {:?}", f.path)))?;
-                }
-            }
+        let files = meta
+            .operators
+            .iter()
+            .flat_map(|o| &o.subtasks)
+            .filter_map(|s| s.keyed_state.as_ref().map(|f| &f.path))
+            .chain(meta.channel_state.iter().map(|c| &c.path));
+        for f in files {
+            crate::storage::validate_path(f)
+                .map_err(|_| Error::corrupt(path, format!("unsafe state file path {f:?}")))?;
         }
         Ok(meta)
     }
 
-    /// Total size of the state files in bytes.
+    /// Total size of the state files in bytes (keyed state and channel
+    /// state).
     pub fn state_size(&self) -> u64 {
         self.operators
             .iter()
             .flat_map(|o| &o.subtasks)
             .filter_map(|s| s.keyed_state.as_ref())
             .map(|f| f.size)
-            .sum()
+            .sum::<u64>()
+            + self.channel_state_size()
+    }
+
+    /// Size of the channel-state files in bytes.
+    pub fn channel_state_size(&self) -> u64 {
+        self.channel_state.iter().map(|c| c.size).sum()
     }
 
     /// The snapshot of the operator with this uid.
@@ -236,8 +280,10 @@ mod tests {
                         entries: 1,
                     }),
                     splits: vec![SplitPosition { split: 0, offset: 42 }],
+                    operator_state: None,
                 }],
             }],
+            channel_state: vec![],
         }
     }
 

@@ -37,6 +37,14 @@ pub struct CheckpointConfig {
     /// the tasks finish (Flink's final checkpoint of bounded jobs): it holds
     /// the job's final state, and the job ends only once it is committed.
     pub final_checkpoint: bool,
+    /// Unaligned checkpoints (exactly-once only): barriers overtake the
+    /// records queued between tasks, which are stored with the checkpoint as
+    /// channel state, so checkpoints complete under backpressure.
+    pub unaligned: bool,
+    /// With `unaligned`: start every checkpoint aligned and switch a task to
+    /// unaligned when its alignment takes longer than this (Flink's
+    /// `aligned-checkpoint-timeout`). `None`: unaligned from the start.
+    pub aligned_checkpoint_timeout: Option<Duration>,
 }
 
 impl Default for CheckpointConfig {
@@ -50,6 +58,8 @@ impl Default for CheckpointConfig {
             tolerable_failures: 3,
             retained: 1,
             final_checkpoint: true,
+            unaligned: false,
+            aligned_checkpoint_timeout: None,
         }
     }
 }
@@ -78,6 +88,17 @@ impl CheckpointConfig {
         if self.retained == 0 {
             return Err(RuntimeError::InvalidJob(
                 "retained checkpoints must be at least 1".into(),
+            ));
+        }
+        if self.unaligned && self.mode != CheckpointingMode::ExactlyOnce {
+            return Err(RuntimeError::InvalidJob(
+                "unaligned checkpoints need the exactly-once mode (at-least-once does not align anyway)"
+                    .into(),
+            ));
+        }
+        if self.aligned_checkpoint_timeout.is_some() && !self.unaligned {
+            return Err(RuntimeError::InvalidJob(
+                "an aligned checkpoint timeout switches to unaligned checkpoints: set `unaligned` too".into(),
             ));
         }
         if self.timeout.is_zero() {

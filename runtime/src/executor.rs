@@ -13,6 +13,7 @@ use crate::task::{AckPart, Control, Metrics, TaskEvent, TaskRuntime};
 use crate::testing::CommitHook;
 use bytes::Bytes;
 use sluice_core::metadata::{OperatorSnapshot, METADATA_FORMAT_VERSION, SAVEPOINT_METADATA_FILE};
+use sluice_core::ChannelStateHandle;
 use sluice_core::{
     check_parallelism, Alignment, CheckpointBarrier, CheckpointId, CheckpointKind, CheckpointMetadata,
     CheckpointStorage, OperatorUid, StateBackend,
@@ -56,6 +57,8 @@ pub struct CheckpointStats {
     pub sync_max: Duration,
     /// Longest asynchronous snapshot part of any task.
     pub async_max: Duration,
+    /// Bytes of channel state (records in flight; unaligned checkpoints).
+    pub channel_state_size: u64,
 }
 
 impl CheckpointStats {
@@ -342,6 +345,7 @@ struct Pending {
     started: Instant,
     deadline: Instant,
     acks: HashMap<usize, Vec<AckPart>>,
+    channel_state: Vec<ChannelStateHandle>,
     alignment: Vec<Duration>,
     sync_max: Duration,
     async_max: Duration,
@@ -841,6 +845,10 @@ impl JobMaster {
                 let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
                 let index = infos.len();
                 let name = format!("{} ({}/{})", vertex.name, s + 1, vertex.parallelism);
+                let alignment_timeout = match self.checkpoint.unaligned {
+                    true => self.checkpoint.aligned_checkpoint_timeout,
+                    false => None,
+                };
                 let init = InitContext {
                     job_name: self.name.clone(),
                     task_name: Arc::from(name.as_str()),
@@ -850,9 +858,13 @@ impl JobMaster {
                     state_backend: self.backend.clone(),
                     storage: self.storage.clone(),
                     restore: restore.clone(),
+                    vertex: v as u32,
                 };
                 let rt = TaskRuntime {
                     index,
+                    vertex: v as u32,
+                    vertex_name: Arc::from(vertex.name.as_str()),
+                    alignment_timeout,
                     init,
                     control: ctl_rx,
                     events: events.clone(),
@@ -958,7 +970,7 @@ impl JobMaster {
                 Step::Tick => {
                     let savepoint_pending = self.pending.values().any(|p| p.savepoint.is_some());
                     if !sources_finishing && !savepoint_pending && self.stopped_with.is_none() {
-                        self.trigger(infos, None, true).await?;
+                        self.trigger(infos, None, true, false).await?;
                     }
                 }
                 Step::Request(Some(Request::Savepoint { target, stop, tx })) => {
@@ -984,7 +996,7 @@ impl JobMaster {
                     if sources_finishing || self.stopped_with.is_some() {
                         let _ = tx.send(Err("the job's sources are finishing; no more checkpoints".into()));
                     } else {
-                        self.trigger(infos, Some(tx), false).await?;
+                        self.trigger(infos, Some(tx), false, false).await?;
                     }
                 }
                 Step::Timeout => {
@@ -1014,7 +1026,9 @@ impl JobMaster {
     }
 
     async fn trigger_final(&mut self, infos: &[TaskInfo]) -> Result<()> {
-        self.final_id = self.trigger(infos, None, false).await?;
+        // Aligned even with unaligned checkpoints: no record may be in flight
+        // behind the final checkpoint, which the tasks end after.
+        self.final_id = self.trigger(infos, None, false, true).await?;
         match self.final_id {
             Some(id) => info!(
                 checkpoint = id.0,
@@ -1035,6 +1049,7 @@ impl JobMaster {
         infos: &[TaskInfo],
         responder: Option<oneshot::Sender<std::result::Result<CheckpointId, String>>>,
         periodic: bool,
+        aligned: bool,
     ) -> Result<Option<CheckpointId>> {
         if periodic {
             if self.pending.len() >= self.checkpoint.max_concurrent {
@@ -1050,7 +1065,12 @@ impl JobMaster {
         let id = self.next_id;
         self.next_id = id.next();
         let alignment = match self.checkpoint.mode {
-            CheckpointingMode::ExactlyOnce => Alignment::Aligned,
+            // With an alignment timeout, tasks start aligned and switch.
+            CheckpointingMode::ExactlyOnce if aligned || !self.checkpoint.unaligned => Alignment::Aligned,
+            CheckpointingMode::ExactlyOnce if self.checkpoint.aligned_checkpoint_timeout.is_some() => {
+                Alignment::AlignedWithTimeout
+            }
+            CheckpointingMode::ExactlyOnce => Alignment::Unaligned,
             CheckpointingMode::AtLeastOnce => Alignment::AtLeastOnce,
         };
         self.start(infos, id, CheckpointKind::Checkpoint, alignment, responder, None)
@@ -1121,6 +1141,7 @@ impl JobMaster {
                 started,
                 deadline: started + self.checkpoint.timeout,
                 acks: HashMap::new(),
+                channel_state: Vec::new(),
                 alignment: Vec::new(),
                 sync_max: Duration::ZERO,
                 async_max: Duration::ZERO,
@@ -1138,6 +1159,7 @@ impl JobMaster {
             alignment: Vec::new(),
             sync_max: Duration::ZERO,
             async_max: Duration::ZERO,
+            channel_state_size: 0,
         });
         let mut all_sent = true;
         for t in infos.iter().filter(|t| t.is_source) {
@@ -1169,6 +1191,7 @@ impl JobMaster {
                 checkpoint,
                 task,
                 parts,
+                channel_state,
                 alignment,
                 sync,
                 async_part,
@@ -1185,6 +1208,7 @@ impl JobMaster {
                     return Ok(());
                 };
                 p.acks.insert(task, parts);
+                p.channel_state.extend(channel_state);
                 p.alignment.push(alignment);
                 p.sync_max = p.sync_max.max(sync);
                 p.async_max = p.async_max.max(async_part);
@@ -1232,8 +1256,10 @@ impl JobMaster {
             duration_ms: duration.as_millis() as u64,
             max_parallelism: self.max_parallelism,
             operators: ops.into_values().collect(),
+            channel_state: std::mem::take(&mut p.channel_state),
         };
         let json = Bytes::from(meta.to_json()?);
+        let meta_channel = meta.channel_state_size();
         if p.savepoint.is_some() {
             return self
                 .complete_savepoint(id, p, json, meta.state_size(), infos)
@@ -1275,7 +1301,7 @@ impl JobMaster {
                     p.sync_max.as_millis(),
                     p.async_max.as_millis()
                 );
-                self.record_completed(id, duration, state_size, &p);
+                self.record_completed(id, duration, state_size, meta_channel, &p);
                 for t in infos {
                     let _ = t.control.send(Control::Complete(id));
                 }
@@ -1358,7 +1384,7 @@ impl JobMaster {
                     state_size,
                     loc.describe()
                 );
-                self.record_completed(id, duration, state_size, &p);
+                self.record_completed(id, duration, state_size, 0, &p);
                 let savepoint = Savepoint { id, location: loc };
                 if sp.stop {
                     for t in infos {
@@ -1457,8 +1483,16 @@ impl JobMaster {
         Ok(())
     }
 
-    fn record_completed(&self, id: CheckpointId, duration: Duration, state_size: u64, p: &Pending) {
+    fn record_completed(
+        &self,
+        id: CheckpointId,
+        duration: Duration,
+        state_size: u64,
+        channel: u64,
+        p: &Pending,
+    ) {
         self.update_stats(id, |s| {
+            s.channel_state_size = channel;
             s.status = CheckpointStatus::Completed;
             s.duration = duration;
             s.state_size = state_size;
@@ -1496,7 +1530,7 @@ fn end_sources(infos: &[TaskInfo]) {
     }
 }
 
-async fn sleep_until_opt(deadline: Option<Instant>) {
+pub(crate) async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,

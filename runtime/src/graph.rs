@@ -5,7 +5,9 @@
 //! same tokio task through direct calls. `key_by`, `rebalance`, `broadcast`
 //! and `forward` start a new task connected by channels.
 
-use crate::channel::{InputGate, Message, OutputWriter, Partitioner, CHANNEL_CAPACITY};
+use crate::channel::{
+    channel, ChannelReceiver, ChannelSender, InputGate, OutputWriter, Partitioner, CHANNEL_CAPACITY,
+};
 use crate::config::{CheckpointConfig, RestartStrategy};
 use crate::error::{Result, RuntimeError};
 use crate::keyed::{
@@ -16,18 +18,21 @@ use crate::operator::{FilterOp, FlatMapOp, MapOp, NetworkOutput, Operator};
 use crate::sink::{Sink, SinkOp};
 use crate::source::Source;
 use crate::task::{run_input_task, run_source_task, TaskRuntime};
+use crate::two_phase::{TwoPhaseCommitSink, TwoPhaseSinkOp};
 use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice_core::{CheckpointStorage, OperatorUid, StateBackend, DEFAULT_MAX_PARALLELISM};
 use std::any::Any;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
-/// A record type: what flows between operators.
-pub trait Record: Clone + Send + 'static {}
-impl<T: Clone + Send + 'static> Record for T {}
+/// A record type: what flows between operators. Records are serde types
+/// because unaligned checkpoints store the records in flight between tasks
+/// (as Flink requires a serializer for every type).
+pub trait Record: Clone + Send + Serialize + DeserializeOwned + 'static {}
+impl<T: Clone + Send + Serialize + DeserializeOwned + 'static> Record for T {}
 
 pub(crate) type TaskBody = BoxFuture<'static, Result<()>>;
 type AnyBox = Box<dyn Any + Send>;
@@ -46,22 +51,22 @@ impl TaskBuild {
             .ok_or_else(|| RuntimeError::InvalidJob("task built twice".into()))
     }
 
-    fn take_inputs<T: 'static>(&mut self) -> Result<Vec<mpsc::Receiver<Message<T>>>> {
+    fn take_inputs<T: 'static>(&mut self) -> Result<Vec<ChannelReceiver<T>>> {
         std::mem::take(&mut self.inputs)
             .into_iter()
             .map(|b| {
-                b.downcast::<mpsc::Receiver<Message<T>>>()
+                b.downcast::<ChannelReceiver<T>>()
                     .map(|b| *b)
                     .map_err(|_| RuntimeError::InvalidJob("input channel of the wrong record type".into()))
             })
             .collect()
     }
 
-    fn take_outputs<T: 'static>(&mut self) -> Result<Vec<mpsc::Sender<Message<T>>>> {
+    fn take_outputs<T: 'static>(&mut self) -> Result<Vec<ChannelSender<T>>> {
         std::mem::take(&mut self.outputs)
             .into_iter()
             .map(|b| {
-                b.downcast::<mpsc::Sender<Message<T>>>()
+                b.downcast::<ChannelSender<T>>()
                     .map(|b| *b)
                     .map_err(|_| RuntimeError::InvalidJob("output channel of the wrong record type".into()))
             })
@@ -86,7 +91,7 @@ fn grid<T: Send + 'static>(ups: usize, downs: usize) -> ChannelGrid {
     let mut receivers: Vec<Vec<AnyBox>> = (0..downs).map(|_| Vec::new()).collect();
     for up in senders.iter_mut() {
         for down in receivers.iter_mut() {
-            let (tx, rx) = mpsc::channel::<Message<T>>(CHANNEL_CAPACITY);
+            let (tx, rx) = channel::<T>(CHANNEL_CAPACITY);
             up.push(Box::new(tx));
             down.push(Box::new(rx));
         }
@@ -366,13 +371,15 @@ impl<T: Record> DataStream<T> {
             let build: BuildFn = Arc::new(move |tb| {
                 let senders = tb.take_outputs::<T>()?;
                 let subtask = tb.runtime.as_ref().map(|r| r.init.subtask).unwrap_or(0) as usize;
+                let timeout = tb.runtime.as_ref().and_then(|r| r.alignment_timeout);
                 let writer = OutputWriter::new(
                     senders,
                     partitioner.clone(),
                     subtask,
                     max_parallelism,
                     task_name.clone(),
-                );
+                )
+                .with_alignment_timeout(timeout);
                 open(tb, Box::new(NetworkOutput { writer }))
             });
             b.vertices[from].build = Some(build);
@@ -428,28 +435,50 @@ impl<T: Record> DataStream<T> {
 
     /// Writes the stream to a sink.
     pub fn sink(self, sink: impl Sink<T>) -> Result<()> {
+        let sink: Arc<dyn Sink<T>> = Arc::new(sink);
+        self.end_with(move |subtask, parallelism| {
+            let writer = sink.open(subtask, parallelism)?;
+            Ok(Box::new(SinkOp { writer }))
+        });
+        Ok(())
+    }
+
+    /// Writes the stream to an exactly-once sink ([`TwoPhaseCommitSink`])
+    /// under operator uid `uid` (its pre-committed transactions are stored
+    /// in checkpoints under it).
+    pub fn transactional_sink<S: TwoPhaseCommitSink<T>>(self, uid: &str, sink: S) -> Result<()> {
+        let uid = self.job.register_uid(uid);
+        let sink = Arc::new(sink);
+        self.end_with(move |subtask, parallelism| {
+            let writer = sink.open(subtask, parallelism)?;
+            Ok(Box::new(TwoPhaseSinkOp::new(uid.clone(), writer, subtask)))
+        });
+        Ok(())
+    }
+
+    /// Ends every open chain (one, after a rebalance of a union) with the
+    /// operator `make(subtask, parallelism)` builds.
+    fn end_with(self, make: impl Fn(u32, u32) -> Result<Box<dyn Operator<T>>> + Send + Sync + 'static) {
         let stream = if self.parts.len() > 1 {
             self.rebalance()
         } else {
             self
         };
-        let sink: Arc<dyn Sink<T>> = Arc::new(sink);
+        let make = Arc::new(make);
         let job = stream.job.clone();
         let mut b = job.inner.borrow_mut();
         for (v, open) in stream.parts {
-            let sink = sink.clone();
+            let make = make.clone();
             let build: BuildFn = Arc::new(move |tb| {
                 let (subtask, parallelism) = tb
                     .runtime
                     .as_ref()
                     .map(|r| (r.init.subtask, r.init.parallelism))
                     .unwrap_or((0, 1));
-                let writer = sink.open(subtask, parallelism)?;
-                open(tb, Box::new(SinkOp { writer }))
+                open(tb, make(subtask, parallelism)?)
             });
             b.vertices[v].build = Some(build);
         }
-        Ok(())
     }
 }
 

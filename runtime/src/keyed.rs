@@ -51,7 +51,7 @@ pub trait KeyedCoProcessFunction<K, I1, I2, O>: Clone + Send + Sync + 'static {
 }
 
 /// A record of one of two connected inputs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Either<A, B> {
     /// From the first input.
     Left(A),

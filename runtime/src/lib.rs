@@ -48,6 +48,7 @@ pub mod channel;
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod file_sink;
 pub mod graph;
 pub mod inspect;
 pub mod keyed;
@@ -61,6 +62,7 @@ pub mod source;
 pub mod state;
 pub(crate) mod task;
 pub mod testing;
+pub mod two_phase;
 pub mod workload;
 
 pub use config::{CheckpointConfig, CheckpointingMode, RestartStrategy};
@@ -69,6 +71,7 @@ pub use executor::{
     CheckpointStats, CheckpointStatus, JobHandle, JobMonitor, JobResult, JobState, JobStatus, Recovery,
     Savepoint,
 };
+pub use file_sink::FileSink;
 pub use graph::{ConnectedKeyedStreams, DataStream, Job, KeyedStream, Record};
 pub use keyed::{Either, KeyedCoProcessFunction, KeyedProcessFunction};
 pub use operator::Collector;
@@ -77,6 +80,7 @@ pub use sink::{CollectSink, DiscardSink, Sink, SinkWriter};
 pub use source::{FileLinesSource, SequenceSource, Source, SplitReader, VecSource};
 pub use state::{KeyedContext, ListState, MapState, OpenContext, ValueState};
 pub use task::Metrics;
+pub use two_phase::{TransactionalWriter, TwoPhaseCommitSink};
 
 /// Everything a job definition usually needs.
 pub mod prelude {

@@ -9,8 +9,10 @@ use crate::channel::{Message, OutputWriter};
 use crate::error::Result;
 use crate::savepoint::RestoreSource;
 use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use sluice_core::{
-    CheckpointBarrier, CheckpointId, CheckpointStorage, OperatorUid, SplitPosition, StateBackend,
+    Alignment, CheckpointBarrier, CheckpointId, CheckpointStorage, OperatorUid, SplitPosition, StateBackend,
     StateDescriptor, StateSnapshot,
 };
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub struct InitContext {
     pub storage: Arc<dyn CheckpointStorage>,
     /// The checkpoint or savepoint to restore from, if any.
     pub restore: Option<Arc<RestoreSource>>,
+    /// The task's vertex in the job graph (names its channel state).
+    pub vertex: u32,
 }
 
 /// One keyed operator's part of a snapshot.
@@ -62,6 +66,16 @@ pub struct SourcePart {
     pub positions: Vec<SplitPosition>,
 }
 
+/// One operator's small non-keyed state (stored in the metadata as JSON).
+pub struct OperatorStatePart {
+    /// The operator's uid.
+    pub uid: OperatorUid,
+    /// The subtask index.
+    pub subtask: u32,
+    /// The state.
+    pub state: serde_json::Value,
+}
+
 /// What the synchronous part of a snapshot collects from a chain.
 #[derive(Default)]
 pub struct SnapshotParts {
@@ -69,7 +83,16 @@ pub struct SnapshotParts {
     pub keyed: Vec<KeyedPart>,
     /// Source split positions, by operator.
     pub splits: Vec<SourcePart>,
+    /// Non-keyed operator state (two-phase-commit sinks' transactions).
+    pub operator_state: Vec<OperatorStatePart>,
+    /// Unaligned checkpoints: the records the chain's network output had
+    /// queued when the barrier overtook them, encoded by the asynchronous
+    /// part (bytes, record count).
+    pub output_state: Option<OutputStateEncoder>,
 }
+
+/// Encodes a chain's output channel state (in the asynchronous part).
+pub type OutputStateEncoder = Box<dyn FnOnce() -> sluice_core::Result<(Vec<u8>, u64)> + Send>;
 
 /// The network side of a chain, as the task loop sees it (type-erased).
 pub trait Outbox: Send {
@@ -79,6 +102,11 @@ pub trait Outbox: Send {
     fn has_pending(&self) -> bool;
     /// Sends queued messages, waiting for capacity.
     fn drain(&mut self) -> BoxFuture<'_, Result<()>>;
+    /// When a barrier in place turns into a priority barrier (aligned
+    /// checkpoints with a timeout).
+    fn next_deadline(&self) -> Option<std::time::Instant>;
+    /// Sends the barriers whose deadline passed on the priority lanes.
+    fn fire_deadlines(&mut self, now: std::time::Instant);
 }
 
 impl<T: Clone + Send + 'static> Outbox for OutputWriter<T> {
@@ -90,6 +118,12 @@ impl<T: Clone + Send + 'static> Outbox for OutputWriter<T> {
     }
     fn drain(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(OutputWriter::drain(self))
+    }
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        OutputWriter::next_deadline(self)
+    }
+    fn fire_deadlines(&mut self, now: std::time::Instant) {
+        OutputWriter::fire_deadlines(self, now)
     }
 }
 
@@ -216,18 +250,39 @@ pub(crate) struct NetworkOutput<T> {
 }
 
 #[async_trait::async_trait]
-impl<T: Clone + Send + 'static> Operator<T> for NetworkOutput<T> {
-    async fn initialize(&mut self, _ctx: &InitContext) -> Result<()> {
-        Ok(())
+impl<T: Clone + Send + Serialize + DeserializeOwned + 'static> Operator<T> for NetworkOutput<T> {
+    async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
+        // The records this subtask had queued for its outputs at the restored
+        // unaligned checkpoint go out first.
+        let state: Vec<(u32, Vec<T>)> = crate::task::restored_channel_state(ctx, false).await?;
+        self.writer.restore_output(state)
     }
     #[inline]
     fn process(&mut self, record: T) -> Result<()> {
         self.writer.push(record);
         Ok(())
     }
-    fn snapshot(&mut self, barrier: &CheckpointBarrier, _parts: &mut SnapshotParts) -> Result<()> {
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
         let b = *barrier;
-        self.writer.broadcast_event(|| Message::Barrier(b));
+        if b.alignment == Alignment::Unaligned {
+            // Ahead of the records queued here, which become this task's
+            // output channel state; receivers record what is in the channels.
+            let state = self.writer.unaligned_barrier(b);
+            let count: u64 = state.iter().map(|(_, v)| v.len() as u64).sum();
+            if count > 0 {
+                parts.output_state = Some(Box::new(move || {
+                    let bytes =
+                        postcard::to_allocvec(&state).map_err(|e| sluice_core::Error::Serialization {
+                            what: "output channel state".into(),
+                            reason: e.to_string(),
+                        })?;
+                    Ok((bytes, count))
+                }));
+            }
+        } else {
+            // In its place after the records emitted so far.
+            self.writer.barrier(b);
+        }
         Ok(())
     }
     fn checkpoint_complete(&mut self, _id: CheckpointId) -> Result<()> {

@@ -140,6 +140,11 @@ impl RestoreSource {
         join(&self.base, &file.path)
     }
 
+    /// The storage path of a channel-state file of the metadata.
+    pub fn path_of_channel(&self, c: &sluice_core::ChannelStateHandle) -> String {
+        join(&self.base, &c.path)
+    }
+
     /// A copy of `file` whose path is its storage path.
     pub fn resolve(&self, file: &StateFileHandle) -> StateFileHandle {
         StateFileHandle {

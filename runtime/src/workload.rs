@@ -138,6 +138,82 @@ impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for RunningSum {
     }
 }
 
+/// A two-input running sum (for two-input tests): records of the first
+/// input add their value, records of the second input twice their value;
+/// emits `(key, sum)`. Injects `failures` as [`RunningSum`] does.
+#[derive(Clone, Default)]
+pub struct TwoInputSum {
+    sum: Option<ValueState<u64>>,
+    failures: Vec<Arc<InjectedFailure>>,
+    subtask: u32,
+    seen: u64,
+}
+
+impl TwoInputSum {
+    /// A two-input sum that injects `failures`.
+    pub fn with_failures(failures: Vec<Arc<InjectedFailure>>) -> Self {
+        TwoInputSum {
+            failures,
+            ..Default::default()
+        }
+    }
+
+    fn add(
+        &mut self,
+        key: u64,
+        v: u64,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, (u64, u64)>,
+    ) -> Result<()> {
+        self.seen += 1;
+        for f in &self.failures {
+            if f.subtask == self.subtask && self.seen >= f.after && f.try_fire() {
+                if f.panic {
+                    panic!("injected panic in two-input subtask {}", self.subtask);
+                }
+                return Err(RuntimeError::Injected(format!(
+                    "two-input subtask {} failed after {} records",
+                    self.subtask, self.seen
+                )));
+            }
+        }
+        let s = self
+            .sum
+            .as_ref()
+            .ok_or_else(|| RuntimeError::InvalidJob("two-input sum used before open".into()))?;
+        let sum = s.get(ctx)?.unwrap_or(0) + v;
+        s.set(ctx, &sum)?;
+        out.collect((key, sum))
+    }
+}
+
+impl crate::keyed::KeyedCoProcessFunction<u64, (u64, u64), (u64, u64), (u64, u64)> for TwoInputSum {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        self.sum = Some(ctx.value_state("sum")?);
+        self.subtask = ctx.subtask();
+        self.seen = 0;
+        Ok(())
+    }
+    fn process1(
+        &mut self,
+        key: &u64,
+        (_, v): (u64, u64),
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, (u64, u64)>,
+    ) -> Result<()> {
+        self.add(*key, v, ctx, out)
+    }
+    fn process2(
+        &mut self,
+        key: &u64,
+        (_, v): (u64, u64),
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, (u64, u64)>,
+    ) -> Result<()> {
+        self.add(*key, 2 * v, ctx, out)
+    }
+}
+
 /// Adds the keyed running sum to `job`: a sequence source of `events`
 /// events over `keys` keys with `parallelism` splits and subtasks (uid
 /// `events`), the running sum (uid `running-sum`), and `sink`.

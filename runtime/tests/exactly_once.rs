@@ -14,7 +14,7 @@ use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_core::CheckpointStorage;
 use sluice_runtime::prelude::*;
 use sluice_runtime::testing::{CrashBeforeCommit, FaultPlan, FaultyStorage};
-use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum};
+use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum, TwoInputSum};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -232,52 +232,6 @@ async fn at_least_once_mode_shows_duplicates_under_the_same_harness() {
         duplicated > 0,
         "no duplicates in {tried} at-least-once runs with failures: the harness cannot tell the modes apart"
     );
-}
-
-/// Two inputs connected by key: input 1 adds its value, input 2 adds twice its value.
-#[derive(Clone, Default)]
-struct TwoInputSum {
-    sum: Option<ValueState<u64>>,
-}
-
-impl TwoInputSum {
-    fn add(
-        &mut self,
-        key: u64,
-        v: u64,
-        ctx: &mut KeyedContext<'_>,
-        out: &mut Collector<'_, (u64, u64)>,
-    ) -> Result<()> {
-        let s = self.sum.as_ref().expect("opened");
-        let sum = s.get(ctx)?.unwrap_or(0) + v;
-        s.set(ctx, &sum)?;
-        out.collect((key, sum))
-    }
-}
-
-impl KeyedCoProcessFunction<u64, (u64, u64), (u64, u64), (u64, u64)> for TwoInputSum {
-    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
-        self.sum = Some(ctx.value_state("sum")?);
-        Ok(())
-    }
-    fn process1(
-        &mut self,
-        key: &u64,
-        (_, v): (u64, u64),
-        ctx: &mut KeyedContext<'_>,
-        out: &mut Collector<'_, (u64, u64)>,
-    ) -> Result<()> {
-        self.add(*key, v, ctx, out)
-    }
-    fn process2(
-        &mut self,
-        key: &u64,
-        (_, v): (u64, u64),
-        ctx: &mut KeyedContext<'_>,
-        out: &mut Collector<'_, (u64, u64)>,
-    ) -> Result<()> {
-        self.add(*key, 2 * v, ctx, out)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
