@@ -46,10 +46,120 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Keys and values up to 16 bytes are stored inline in the table (no
-/// pointer to chase on a lookup): the common case of integer keys and sums.
+/// Values up to 16 bytes are stored inline in the table (no pointer to
+/// chase on a lookup): the common case of sums and counters.
 type Bytes16 = smallvec::SmallVec<[u8; 16]>;
-type Map = FxHashMap<Bytes16, Bytes16>;
+
+/// A key of up to 23 bytes, inline: its length in the last byte. Hashing
+/// and comparing it are three word operations (no `memcmp` call).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct ShortKey([u8; 24]);
+
+impl ShortKey {
+    const MAX: usize = 23;
+
+    #[inline]
+    fn new(key: &[u8]) -> Self {
+        let mut b = [0u8; 24];
+        b[..key.len()].copy_from_slice(key);
+        b[23] = key.len() as u8;
+        ShortKey(b)
+    }
+
+    #[inline]
+    fn words(&self) -> [u64; 3] {
+        let w = |i: usize| {
+            u64::from_ne_bytes([
+                self.0[i],
+                self.0[i + 1],
+                self.0[i + 2],
+                self.0[i + 3],
+                self.0[i + 4],
+                self.0[i + 5],
+                self.0[i + 6],
+                self.0[i + 7],
+            ])
+        };
+        [w(0), w(8), w(16)]
+    }
+
+    #[inline]
+    fn as_slice(&self) -> &[u8] {
+        &self.0[..usize::from(self.0[23])]
+    }
+}
+
+impl PartialEq for ShortKey {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+}
+
+impl Eq for ShortKey {}
+
+impl std::hash::Hash for ShortKey {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let [a, b, c] = self.words();
+        state.write_u64(a);
+        state.write_u64(b);
+        state.write_u64(c);
+    }
+}
+
+/// The entries of one (state, key group): short keys inline, longer ones
+/// boxed.
+#[derive(Clone, Default)]
+struct Map {
+    short: FxHashMap<ShortKey, Bytes16>,
+    long: FxHashMap<Box<[u8]>, Bytes16>,
+}
+
+impl Map {
+    #[inline]
+    fn get(&self, key: &[u8]) -> Option<&Bytes16> {
+        if key.len() <= ShortKey::MAX {
+            self.short.get(&ShortKey::new(key))
+        } else {
+            self.long.get(key)
+        }
+    }
+
+    #[inline]
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        let slot = if key.len() <= ShortKey::MAX {
+            self.short.entry(ShortKey::new(key)).or_default()
+        } else {
+            match self.long.get_mut(key) {
+                Some(v) => v,
+                None => self.long.entry(key.into()).or_default(),
+            }
+        };
+        slot.clear();
+        slot.extend_from_slice(value);
+    }
+
+    fn contains_key(&self, key: &[u8]) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        if key.len() <= ShortKey::MAX {
+            self.short.remove(&ShortKey::new(key));
+        } else {
+            self.long.remove(key);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &Bytes16)> {
+        self.short
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v))
+            .chain(self.long.iter().map(|(k, v)| (&k[..], v)))
+    }
+}
 
 /// The heap state backend.
 #[derive(Debug, Clone, Copy, Default)]
@@ -137,16 +247,7 @@ impl KeyedStateStore for MemoryStore {
     #[inline]
     fn put(&mut self, state: StateId, key_group: u32, key: &[u8], value: &[u8]) -> Result<()> {
         let (s, g) = self.slot(state, key_group)?;
-        let map = Arc::make_mut(&mut self.states[s][g]);
-        match map.get_mut(key) {
-            Some(v) => {
-                v.clear();
-                v.extend_from_slice(value);
-            }
-            None => {
-                map.insert(Bytes16::from_slice(key), Bytes16::from_slice(value));
-            }
-        }
+        Arc::make_mut(&mut self.states[s][g]).put(key, value);
         Ok(())
     }
 

@@ -1,6 +1,15 @@
-//! Backend benchmarks: state get/put throughput (memory vs redb state
-//! backend), snapshot and restore time versus state size on memory and redb
-//! storage, and checkpoint storage write/read throughput.
+//! Backend benchmarks, one group per concern, each on every backend:
+//! - `state_get_put`: get, update (get + put) and scan throughput of the
+//!   memory and redb state backends;
+//! - `snapshot_restore`: the synchronous snapshot step, the asynchronous
+//!   step (encode + write to each checkpoint storage) and the restore
+//!   (read + put into a fresh store) versus state size (10^4 … 10^6 keys,
+//!   10^7 with `SLUICE_BENCH_HUGE=1`);
+//! - `storage_throughput`: write and read MB/s of each checkpoint storage.
+//!
+//! The S3 storage joins when `AWS_ENDPOINT_URL` and `SLUICE_S3_BUCKET` are
+//! set (`eval "$(scripts/s3-server.sh env)"`). No backend has incremental
+//! checkpoints yet, so there is no incremental-vs-full group.
 //!
 //! ```text
 //! cargo bench -p sluice-bench --bench backends
@@ -10,6 +19,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_backend_redb::{RedbCheckpointStorage, RedbStateBackend};
+use sluice_backend_s3::{S3CheckpointStorage, S3Config};
 use sluice_core::format::{encode_snapshot, read_key_groups};
 use sluice_core::{
     Bytes, CheckpointId, CheckpointStorage, KeyGroupRange, KeyedStateStore, OperatorUid, StateBackend,
@@ -42,14 +52,28 @@ fn backends(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn StateBackend>)>
     ]
 }
 
-fn storages(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn CheckpointStorage>)> {
-    vec![
+fn storages(
+    dir: &std::path::Path,
+    rt: &tokio::runtime::Runtime,
+) -> Vec<(&'static str, Arc<dyn CheckpointStorage>)> {
+    let mut v: Vec<(&'static str, Arc<dyn CheckpointStorage>)> = vec![
         ("memory", Arc::new(MemoryCheckpointStorage::new())),
         (
             "redb",
             Arc::new(RedbCheckpointStorage::open(dir.join("checkpoints.redb")).expect("redb storage")),
         ),
-    ]
+    ];
+    if let (Some(_), Ok(bucket)) = (
+        std::env::var_os("AWS_ENDPOINT_URL"),
+        std::env::var("SLUICE_S3_BUCKET"),
+    ) {
+        let prefix = format!("bench/criterion-{}", std::process::id());
+        let s3 = rt
+            .block_on(S3CheckpointStorage::open(S3Config::new(bucket, prefix)))
+            .expect("S3 storage (AWS_ENDPOINT_URL is set)");
+        v.push(("s3", Arc::new(s3)));
+    }
+    v
 }
 
 /// Key bytes and key group of key `i`, as the runtime computes them.
@@ -103,6 +127,28 @@ fn state_get_put(c: &mut Criterion) {
         });
     }
     group.finish();
+    // Scans: every entry of every key group.
+    let mut group = c.benchmark_group("state_scan");
+    group.throughput(Throughput::Elements(keys)).sample_size(10);
+    for (name, backend) in backends(dir.path()) {
+        let mut store = backend.open_store(&scope()).expect("open");
+        let s = fill(store.as_mut(), keys);
+        group.bench_function(BenchmarkId::new("scan", name), |b| {
+            b.iter(|| {
+                let mut n = 0u64;
+                for g in 0..MAX_PARALLELISM {
+                    store
+                        .scan_prefix(s, g, &[], &mut |_, v| {
+                            n += v.len() as u64;
+                            Ok(())
+                        })
+                        .expect("scan");
+                }
+                black_box(n)
+            })
+        });
+    }
+    group.finish();
 }
 
 fn sizes() -> Vec<u64> {
@@ -113,19 +159,39 @@ fn sizes() -> Vec<u64> {
     v
 }
 
-/// Snapshot (synchronous step + encode + write) and restore (read + put into
-/// a fresh store) of `n` keys.
+/// Snapshot — the synchronous step alone, then the asynchronous step
+/// (encode + write) — and restore (read + put into a fresh store) of `n`
+/// keys.
 fn snapshot_restore(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let storages = storages(dir.path(), &rt);
     let mut group = c.benchmark_group("snapshot_restore");
     group.sample_size(10).measurement_time(Duration::from_secs(10));
     for n in sizes() {
         group.throughput(Throughput::Elements(n));
         for (bname, backend) in backends(dir.path()) {
             let mut store = backend.open_store(&scope()).expect("open");
-            fill(store.as_mut(), n);
-            for (sname, storage) in storages(dir.path()) {
+            let s = fill(store.as_mut(), n);
+            let sync_counter = std::cell::Cell::new(1u64 + n * 100);
+            group.bench_function(BenchmarkId::new(format!("snapshot_sync/{bname}"), n), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for i in 0..iters {
+                        // A write since the last snapshot, as while running.
+                        let (k, g) = key(i % n);
+                        store.put(s, g, &k, &i.to_le_bytes()).expect("put");
+                        let id = CheckpointId(sync_counter.get());
+                        sync_counter.set(id.0 + 1);
+                        let t = Instant::now();
+                        let snap = store.snapshot(id).expect("snapshot");
+                        total += t.elapsed();
+                        drop(snap);
+                    }
+                    total
+                })
+            });
+            for (sname, storage) in &storages {
                 // The file the restore benchmark reads (written once, untimed).
                 let file = {
                     let id = CheckpointId(n);
@@ -144,24 +210,27 @@ fn snapshot_restore(c: &mut Criterion) {
                     handle
                 };
                 let id_counter = std::cell::Cell::new(1u64 + n * 10);
-                group.bench_function(BenchmarkId::new(format!("snapshot/{bname}->{sname}"), n), |b| {
-                    b.iter_custom(|iters| {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            let id = CheckpointId(id_counter.get());
-                            id_counter.set(id.0 + 1);
-                            let t = Instant::now();
-                            let snap = store.snapshot(id).expect("snapshot");
-                            let enc = encode_snapshot(snap.as_ref()).expect("encode");
-                            let path = format!("{}/bench-0.kst", id.dir());
-                            rt.block_on(storage.write_file(&path, enc.bytes)).expect("write");
-                            total += t.elapsed();
-                            drop(snap);
-                            rt.block_on(storage.discard(id)).expect("discard");
-                        }
-                        total
-                    })
-                });
+                group.bench_function(
+                    BenchmarkId::new(format!("snapshot_async/{bname}->{sname}"), n),
+                    |b| {
+                        b.iter_custom(|iters| {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iters {
+                                let id = CheckpointId(id_counter.get());
+                                id_counter.set(id.0 + 1);
+                                let snap = store.snapshot(id).expect("snapshot");
+                                let t = Instant::now();
+                                let enc = encode_snapshot(snap.as_ref()).expect("encode");
+                                let path = format!("{}/bench-0.kst", id.dir());
+                                rt.block_on(storage.write_file(&path, enc.bytes)).expect("write");
+                                total += t.elapsed();
+                                drop(snap);
+                                rt.block_on(storage.discard(id)).expect("discard");
+                            }
+                            total
+                        })
+                    },
+                );
                 group.bench_function(BenchmarkId::new(format!("restore/{sname}->{bname}"), n), |b| {
                     b.iter_custom(|iters| {
                         let mut total = Duration::ZERO;
@@ -190,11 +259,13 @@ fn snapshot_restore(c: &mut Criterion) {
 fn storage_throughput(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let storages = storages(dir.path(), &rt);
     let size = 16usize << 20;
     let data = Bytes::from((0..size).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
     let mut group = c.benchmark_group("storage_throughput");
     group.throughput(Throughput::Bytes(size as u64)).sample_size(10);
-    for (name, storage) in storages(dir.path()) {
+    for (name, storage) in &storages {
+        let name = *name;
         let mut id = 1u64;
         group.bench_function(BenchmarkId::new("write", name), |b| {
             b.iter(|| {

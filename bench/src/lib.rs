@@ -1,1 +1,6 @@
-//! Benchmarks of Sluice.
+//! Benchmarks of Sluice: the end-to-end benchmark's runs ([`e2e`]) and
+//! report ([`report`]); the binaries `e2e`, `keyed_sum`, `s3_storage`,
+//! `backpressure` and the criterion bench `backends` use them.
+
+pub mod e2e;
+pub mod report;
