@@ -6,12 +6,15 @@
 //! `state id (u16 BE) | key group (u32 BE) | key`, so one state's key group
 //! is one contiguous range.
 //!
-//! Writes go to a bounded in-memory buffer of dirty entries and tombstones;
-//! reads look in the buffer, then in a bounded read cache, then in redb.
-//! The buffer is flushed in one write transaction when it is full and at
-//! every checkpoint's synchronous step, which then opens a read
-//! transaction: that MVCC view is the snapshot the asynchronous step
-//! encodes while processing and flushes go on.
+//! Writes go to a bounded in-memory buffer of dirty entries and tombstones.
+//! A checkpoint's synchronous step *freezes* the buffer (it becomes an
+//! immutable layer; a new buffer takes the writes) and opens a read
+//! transaction: the snapshot is that MVCC view with the frozen layers on
+//! top, which the asynchronous step merges and encodes while processing
+//! goes on. Reads look in the buffer, the frozen layers (newest first), a
+//! bounded read cache, then redb. The buffer and the layers are flushed
+//! into redb in one write transaction when together they exceed the write
+//! buffer size, or when there are [`MAX_LAYERS`] layers.
 
 use crate::corrupt_or_storage;
 use redb::{Database, Durability, ReadOnlyTable, ReadableDatabase, TableDefinition};
@@ -31,6 +34,15 @@ const HEADER: usize = 6;
 /// Every this many buffer flushes, one is durable so that redb can reuse
 /// the pages that earlier transactions freed.
 const DURABLE_EVERY: u64 = 8;
+/// Frozen layers kept before they are flushed into redb (each one costs
+/// reads of keys not in the newer ones a lookup).
+pub const MAX_LAYERS: usize = 8;
+
+/// Dirty entries (`None`: a tombstone) by full key.
+type Dirty = FxHashMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Dirty entries sorted by full key.
+type SortedDirty = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// Memory bounds of the redb state backend.
 #[derive(Debug, Clone)]
@@ -127,6 +139,8 @@ impl StateBackend for RedbStateBackend {
             names: Vec::new(),
             buffer: FxHashMap::default(),
             buffer_bytes: 0,
+            frozen: Vec::new(),
+            frozen_bytes: 0,
             cache: FxHashMap::default(),
             cache_bytes: 0,
             reader: None,
@@ -143,8 +157,11 @@ struct RedbStore {
     name: String,
     range: KeyGroupRange,
     names: Vec<String>,
-    buffer: FxHashMap<Vec<u8>, Option<Vec<u8>>>,
+    buffer: Dirty,
     buffer_bytes: usize,
+    /// Buffers frozen by snapshots, oldest first; not in redb yet.
+    frozen: Vec<Arc<Dirty>>,
+    frozen_bytes: usize,
     cache: FxHashMap<Vec<u8>, Vec<u8>>,
     cache_bytes: usize,
     reader: Option<ReadOnlyTable<&'static [u8], &'static [u8]>>,
@@ -219,9 +236,9 @@ impl RedbStore {
         }
     }
 
-    /// Writes the buffer in one transaction.
+    /// Writes the frozen layers and the buffer in one transaction.
     fn flush(&mut self, durable: bool) -> Result<()> {
-        if self.buffer.is_empty() && !durable {
+        if self.buffer.is_empty() && self.frozen.is_empty() && !durable {
             return Ok(());
         }
         self.flushes += 1;
@@ -234,11 +251,24 @@ impl RedbStore {
             Durability::None
         })
         .map_err(|e| Error::storage(&name, e))?;
-        // Sorted, the inserts walk the B-tree in order instead of at random.
-        let mut dirty: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-            std::mem::take(&mut self.buffer).into_iter().collect();
+        // Newer layers win; sorted, the inserts walk the B-tree in order
+        // instead of at random.
+        let mut dirty: Vec<(Vec<u8>, Option<Vec<u8>>)> = if self.frozen.is_empty() {
+            std::mem::take(&mut self.buffer).into_iter().collect()
+        } else {
+            let mut merged: Dirty = FxHashMap::default();
+            for layer in std::mem::take(&mut self.frozen) {
+                match Arc::try_unwrap(layer) {
+                    Ok(owned) => merged.extend(owned),
+                    Err(shared) => merged.extend(shared.iter().map(|(k, v)| (k.clone(), v.clone()))),
+                }
+            }
+            merged.extend(std::mem::take(&mut self.buffer));
+            merged.into_iter().collect()
+        };
         dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         self.buffer_bytes = 0;
+        self.frozen_bytes = 0;
         {
             let mut table = tx.open_table(STATE).map_err(|e| Error::storage(&name, e))?;
             for (k, v) in &dirty {
@@ -284,10 +314,18 @@ impl RedbStore {
                 self.buffer_bytes += added;
             }
         }
-        if self.buffer_bytes > self.config.write_buffer_bytes {
+        if self.buffer_bytes + self.frozen_bytes > self.config.write_buffer_bytes {
             self.flush(false)?;
         }
         Ok(())
+    }
+
+    /// The newest dirty entry of the full key `self.full`, if any.
+    fn dirty(&self) -> Option<&Option<Vec<u8>>> {
+        let key = self.full.as_slice();
+        self.buffer
+            .get(key)
+            .or_else(|| self.frozen.iter().rev().find_map(|l| l.get(key)))
     }
 }
 
@@ -310,7 +348,7 @@ impl KeyedStateStore for RedbStore {
         self.check(state, key_group)?;
         compose(&mut self.full, state, key_group, key);
         out.clear();
-        if let Some(entry) = self.buffer.get(self.full.as_slice()) {
+        if let Some(entry) = self.dirty() {
             return Ok(match entry {
                 Some(v) => {
                     out.extend_from_slice(v);
@@ -380,9 +418,16 @@ impl KeyedStateStore for RedbStore {
             }
             merged.insert(k.value().to_vec(), Some(v.value().to_vec()));
         }
-        for (k, v) in &self.buffer {
-            if k.starts_with(&start) {
-                merged.insert(k.clone(), v.clone());
+        for layer in self
+            .frozen
+            .iter()
+            .map(|l| l.as_ref())
+            .chain(std::iter::once(&self.buffer))
+        {
+            for (k, v) in layer {
+                if k.starts_with(&start) {
+                    merged.insert(k.clone(), v.clone());
+                }
             }
         }
         for (k, v) in merged {
@@ -396,7 +441,15 @@ impl KeyedStateStore for RedbStore {
     fn prefetch(&mut self, _key_group: u32, _key: &[u8]) {}
 
     fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
-        self.flush(true)?;
+        // Cheap: the buffer becomes a frozen layer (unless there are too
+        // many, then everything goes into redb first).
+        if !self.buffer.is_empty() {
+            self.frozen.push(Arc::new(std::mem::take(&mut self.buffer)));
+            self.frozen_bytes += std::mem::take(&mut self.buffer_bytes);
+        }
+        if self.frozen.len() > MAX_LAYERS {
+            self.flush(false)?;
+        }
         let read = self
             .db()?
             .begin_read()
@@ -406,6 +459,8 @@ impl KeyedStateStore for RedbStore {
             .map_err(|e| Error::storage(&self.name, e))?;
         Ok(Box::new(RedbSnapshot {
             table,
+            layers: self.frozen.clone(),
+            merged: std::sync::OnceLock::new(),
             names: self.names.clone(),
             range: self.range,
             name: self.name.clone(),
@@ -413,9 +468,14 @@ impl KeyedStateStore for RedbStore {
     }
 }
 
-/// A read transaction's view of a [`RedbStore`].
+/// A read transaction's view of a [`RedbStore`] with the layers frozen at
+/// the snapshot on top.
 struct RedbSnapshot {
     table: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    layers: Vec<Arc<Dirty>>,
+    /// The layers merged (newest wins) and sorted by key (built on first
+    /// use, by the asynchronous step).
+    merged: std::sync::OnceLock<SortedDirty>,
     names: Vec<String>,
     range: KeyGroupRange,
     name: String,
@@ -437,17 +497,51 @@ impl StateSnapshot for RedbSnapshot {
                 reason: format!("outside the snapshot's range {}", self.range),
             });
         }
+        let merged = self.merged.get_or_init(|| {
+            let mut newest: FxHashMap<&[u8], Option<&[u8]>> = FxHashMap::default();
+            for layer in self.layers.iter().rev() {
+                for (k, v) in layer.iter() {
+                    newest.entry(k.as_slice()).or_insert(v.as_deref());
+                }
+            }
+            let mut m: SortedDirty = newest
+                .into_iter()
+                .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+                .collect();
+            m.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            m
+        });
         for s in 0..self.names.len() as StateId {
             let (mut start, mut end) = (Vec::new(), Vec::new());
             compose(&mut start, s, key_group, &[]);
             compose(&mut end, s, key_group + 1, &[]);
+            // A merge of two sorted runs: redb's rows and the layers'
+            // entries, the layers winning (a tombstone hides the row).
+            let from = merged.partition_point(|(k, _)| k.as_slice() < start.as_slice());
+            let to = merged.partition_point(|(k, _)| k.as_slice() < end.as_slice());
+            let mut layer = merged[from..to].iter().map(|(k, v)| (k, v)).peekable();
             for row in self
                 .table
                 .range(start.as_slice()..end.as_slice())
                 .map_err(|e| corrupt_or_storage(&self.name, e))?
             {
                 let (k, v) = row.map_err(|e| corrupt_or_storage(&self.name, e))?;
-                visit(s, &k.value()[HEADER..], v.value())?;
+                let key = k.value();
+                while let Some((lk, lv)) = layer.next_if(|(lk, _)| lk.as_slice() < key) {
+                    if let Some(lv) = lv {
+                        visit(s, &lk[HEADER..], lv)?;
+                    }
+                }
+                match layer.next_if(|(lk, _)| lk.as_slice() == key) {
+                    Some((_, Some(lv))) => visit(s, &key[HEADER..], lv)?,
+                    Some((_, None)) => {}
+                    None => visit(s, &key[HEADER..], v.value())?,
+                }
+            }
+            for (lk, lv) in layer {
+                if let Some(lv) = lv {
+                    visit(s, &lk[HEADER..], lv)?;
+                }
             }
         }
         Ok(())

@@ -274,3 +274,78 @@ fn a_file_that_is_not_a_checkpoint_store_is_refused_and_left_untouched() {
     assert!(matches!(e, Error::Incompatible { .. }), "{e}");
     assert!(e.to_string().contains("sluice-checkpoints/99"), "{e}");
 }
+
+/// Snapshots freeze the write buffer as a layer over redb: every snapshot,
+/// taken between puts, deletes and flushes (forced by a small buffer and by
+/// the layer limit), must hold exactly the state at its moment, and reads
+/// must see the newest value through the layers.
+#[test]
+fn layered_snapshots_hold_exactly_the_state_at_their_moment() {
+    use sluice_core::{OperatorUid, StoreScope};
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    for buffer in [1 << 20, 2 << 10] {
+        let backend = RedbStateBackend::with_config(RedbStateConfig {
+            write_buffer_bytes: buffer,
+            ..RedbStateConfig::new(dir.path().join(format!("state-{buffer}")))
+        })
+        .unwrap();
+        let range = KeyGroupRange::new(0, 3).unwrap();
+        let mut store = backend
+            .open_store(&StoreScope {
+                job: "j".into(),
+                operator: OperatorUid::new("op").unwrap(),
+                subtask: 0,
+                parallelism: 1,
+                max_parallelism: 4,
+                key_groups: range,
+            })
+            .unwrap();
+        let (a, b) = (
+            store.register_state("a").unwrap(),
+            store.register_state("b").unwrap(),
+        );
+        let mut model: BTreeMap<(u16, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
+        let mut snapshots = Vec::new();
+        let mut x: u64 = 7;
+        for round in 0..40u64 {
+            for _ in 0..50 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let state = if x >> 63 == 0 { a } else { b };
+                let g = ((x >> 20) % 4) as u32;
+                let key = ((x >> 30) % 60).to_le_bytes().to_vec();
+                if (x >> 40) % 5 == 0 {
+                    store.delete(state, g, &key).unwrap();
+                    model.remove(&(state, g, key));
+                } else {
+                    let value = (x >> 8).to_le_bytes().to_vec();
+                    store.put(state, g, &key, &value).unwrap();
+                    model.insert((state, g, key), value);
+                }
+            }
+            // Reads see the newest value through every layer.
+            for ((s, g, k), v) in &model {
+                let mut out = Vec::new();
+                assert!(store.get(*s, *g, k, &mut out).unwrap());
+                assert_eq!(&out, v);
+            }
+            snapshots.push((store.snapshot(CheckpointId(round + 1)).unwrap(), model.clone()));
+        }
+        for (i, (snap, want)) in snapshots.iter().enumerate() {
+            let mut got: BTreeMap<(u16, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
+            for g in range.iter() {
+                snap.visit_key_group(g, &mut |s, k, v| {
+                    assert!(
+                        got.insert((s, g, k.to_vec()), v.to_vec()).is_none(),
+                        "a key twice"
+                    );
+                    Ok(())
+                })
+                .unwrap();
+            }
+            assert_eq!(&got, want, "snapshot {i} (buffer {buffer})");
+        }
+    }
+}

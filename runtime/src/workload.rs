@@ -225,17 +225,20 @@ pub fn keyed_sum(
     function: RunningSum,
     sink: impl Sink<(u64, u64)>,
 ) -> Result<()> {
-    keyed_sum_with_splits(job, events, keys, parallelism, parallelism, function, sink)
+    keyed_sum_with_splits(job, events, keys, parallelism, parallelism, None, function, sink)
 }
 
 /// [`keyed_sum`] with a source of `splits` splits, fixed whatever the
-/// parallelism, so that a savepoint restores at another parallelism.
+/// parallelism, so that a savepoint restores at another parallelism, and
+/// optionally paced to about `rate` events per second in all.
+#[allow(clippy::too_many_arguments)]
 pub fn keyed_sum_with_splits(
     job: &Job,
     events: u64,
     keys: u64,
     splits: u32,
     parallelism: u32,
+    rate: Option<u64>,
     function: RunningSum,
     sink: impl Sink<(u64, u64)>,
 ) -> Result<()> {
@@ -244,15 +247,17 @@ pub fn keyed_sum_with_splits(
             "the keyed sum needs at least one key".into(),
         ));
     }
-    job.source(
-        "events",
-        SequenceSource::new(events, splits, move |i| (key_of(i, keys), i)),
-        parallelism,
-    )
-    .key_by(|(k, _)| *k)
-    .process("running-sum", function)
-    .set_parallelism(parallelism)
-    .sink(sink)
+    let mut source = SequenceSource::new(events, splits, move |i| (key_of(i, keys), i));
+    if let Some(rate) = rate.filter(|r| *r > 0) {
+        // Every subtask emits batches of 1000 with a pause after each.
+        let pause = std::time::Duration::from_secs_f64(1000.0 * f64::from(parallelism) / rate as f64);
+        source = source.paced(1000, pause);
+    }
+    job.source("events", source, parallelism)
+        .key_by(|(k, _)| *k)
+        .process("running-sum", function)
+        .set_parallelism(parallelism)
+        .sink(sink)
 }
 
 /// A sink that keeps the largest sum seen per key: for the running sum

@@ -33,6 +33,10 @@ fn sluice(
         "10000",
         "--checkpoint-interval",
         "50ms",
+        // Paced, so that 20 rounds of at most 0.9 s cannot finish the job
+        // (at most 7.2 M of 8 M events) however fast the build is.
+        "--rate",
+        "400000",
     ])
     .args(["--storage", &storage])
     .arg("--state-dir")

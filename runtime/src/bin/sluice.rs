@@ -176,6 +176,9 @@ struct KeyedSumArgs {
     /// Max parallelism (number of key groups).
     #[arg(long, default_value_t = 128)]
     max_parallelism: u32,
+    /// Pace the source to about this many events per second (demos, tests).
+    #[arg(long)]
+    rate: Option<u64>,
     /// Splits of the source (fixed: a savepoint restores at any parallelism
     /// only into a source with the same number of splits).
     #[arg(long, default_value_t = 8)]
@@ -564,6 +567,7 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             a.keys,
             a.splits,
             a.parallelism,
+            a.rate,
             RunningSum::with_failures(failures),
             DiscardSink::new(),
         )
