@@ -229,12 +229,12 @@ struct Row {
     crc: u32,
 }
 
-fn parse_index(path: &str, b: &[u8], header: &Header, footer: &Footer) -> Result<Vec<Row>> {
+fn parse_index(path: &str, b: &[u8], range: KeyGroupRange, footer: &Footer) -> Result<Vec<Row>> {
     if b.len() < 8 || crc32fast::hash(&b[..b.len() - 4]) != u32_at(b, b.len() - 4) {
         return Err(Error::corrupt(path, "index checksum mismatch"));
     }
     let count = u32_at(b, 0) as usize;
-    if count != header.range.len() || b.len() != 4 + count * INDEX_ROW + 4 {
+    if count != range.len() || b.len() != 4 + count * INDEX_ROW + 4 {
         return Err(Error::corrupt(
             path,
             "index size does not match the header's key group range",
@@ -242,7 +242,7 @@ fn parse_index(path: &str, b: &[u8], header: &Header, footer: &Footer) -> Result
     }
     let mut rows = Vec::with_capacity(count);
     let mut expect_offset = footer.header_len;
-    for (i, kg) in header.range.iter().enumerate() {
+    for (i, kg) in range.iter().enumerate() {
         let at = 4 + i * INDEX_ROW;
         let row = Row {
             kg: u32_at(b, at),
@@ -323,7 +323,7 @@ pub fn decode_snapshot(
     let rows = parse_index(
         path,
         &bytes[footer.index_offset as usize..index_end],
-        &header,
+        header.range,
         &footer,
     )?;
     let mut n = 0;
@@ -348,15 +348,47 @@ pub async fn read_key_groups(
         return Ok(0);
     };
     let size = file.size;
-    if size < FOOTER_LEN + 24 {
+    // The index's length follows from the key group range, so the index
+    // and the footer come in one read from the end.
+    let index_len = (4 + file.key_groups.len() * INDEX_ROW + 4) as u64;
+    if size < FOOTER_LEN + index_len + 24 {
         return Err(Error::corrupt(
             path,
-            format!("{size} bytes is too short for a snapshot file"),
+            format!(
+                "{size} bytes is too short for a snapshot file of {} key groups",
+                file.key_groups.len()
+            ),
         ));
     }
-    let tail = storage.read_range(path, size - FOOTER_LEN..size).await?;
-    let footer = parse_footer(path, &tail, size)?;
-    let head = storage.read_range(path, 0..footer.header_len).await?;
+    let tail = storage
+        .read_range(path, size - FOOTER_LEN - index_len..size)
+        .await?;
+    let split = tail.len() - FOOTER_LEN as usize;
+    let footer = parse_footer(path, &tail[split..], size)?;
+    if footer.index_len != index_len || footer.index_offset != size - FOOTER_LEN - index_len {
+        return Err(Error::corrupt(
+            path,
+            "the index is not where the key group range puts it",
+        ));
+    }
+    let rows = parse_index(path, &tail[..split], file.key_groups, &footer)?;
+    let wanted: Vec<Row> = rows.into_iter().filter(|r| range.contains(r.kg)).collect();
+    let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
+        return Ok(0);
+    };
+    // The header and the wanted sections (which are contiguous): one read
+    // when the sections follow the header, as when a subtask restores its
+    // own file, else two.
+    let (head, body, body_start) = if first.offset == footer.header_len {
+        let all = storage.read_range(path, 0..last.offset + last.len).await?;
+        (all.slice(..footer.header_len as usize), all.clone(), 0)
+    } else {
+        let head = storage.read_range(path, 0..footer.header_len).await?;
+        let body = storage
+            .read_range(path, first.offset..last.offset + last.len)
+            .await?;
+        (head, body, first.offset)
+    };
     let header = parse_header(path, &head)?;
     if header.range != file.key_groups {
         return Err(Error::corrupt(
@@ -364,28 +396,16 @@ pub async fn read_key_groups(
             "key group range differs from the metadata's",
         ));
     }
-    let index = storage
-        .read_range(path, footer.index_offset..footer.index_offset + footer.index_len)
-        .await?;
-    let rows = parse_index(path, &index, &header, &footer)?;
-    let wanted: Vec<Row> = rows.into_iter().filter(|r| range.contains(r.kg)).collect();
-    let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
-        return Ok(0);
-    };
-    // The wanted sections are contiguous: one read.
-    let body = storage
-        .read_range(path, first.offset..last.offset + last.len)
-        .await?;
     let mut n = 0;
     for row in &wanted {
-        let from = (row.offset - first.offset) as usize;
-        n += decode_section(
-            path,
-            row,
-            &header.names,
-            &body[from..from + row.len as usize],
-            visit,
-        )?;
+        let from = (row.offset - body_start) as usize;
+        let section = body.get(from..from + row.len as usize).ok_or_else(|| {
+            Error::corrupt(
+                path,
+                format!("section of key group {} is past the bytes read", row.kg),
+            )
+        })?;
+        n += decode_section(path, row, &header.names, section, visit)?;
     }
     Ok(n)
 }
@@ -447,6 +467,7 @@ mod tests {
     struct Counting {
         file: Mutex<Bytes>,
         read: AtomicU64,
+        requests: AtomicU64,
     }
 
     #[async_trait::async_trait]
@@ -469,6 +490,7 @@ mod tests {
                 return Err(Error::corrupt(path, "range past the end"));
             }
             self.read.fetch_add(r.end - r.start, Ordering::Relaxed);
+            self.requests.fetch_add(1, Ordering::Relaxed);
             Ok(f.slice(r.start as usize..r.end as usize))
         }
         async fn commit_metadata(&self, _id: CheckpointId, _m: Bytes) -> Result<()> {
@@ -571,6 +593,39 @@ mod tests {
             &mut |_, _, _, _| Ok(()),
         ));
         assert_eq!(n.unwrap(), 0);
+    }
+
+    #[test]
+    fn a_subtask_restoring_its_own_file_reads_it_in_two_requests() {
+        // Latency matters on object stores: the tail (index and footer) in
+        // one request, the header and the sections in another.
+        let enc = encode_snapshot(&fixed()).unwrap();
+        let storage = Counting::default();
+        block_on(storage.write_file("chk-1/t.kst", enc.bytes.clone())).unwrap();
+        let n = block_on(read_key_groups(
+            &storage,
+            &handle(&enc),
+            enc.key_groups,
+            &mut |_, _, _, _| Ok(()),
+        ))
+        .unwrap();
+        assert_eq!(n, enc.entries);
+        assert_eq!(storage.requests.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            storage.read.load(Ordering::Relaxed),
+            enc.bytes.len() as u64,
+            "each byte once"
+        );
+        // A file whose metadata names another key group range is corrupt.
+        let mut wrong = handle(&enc);
+        wrong.key_groups = KeyGroupRange::new(5, 11).unwrap();
+        let r = block_on(read_key_groups(
+            &storage,
+            &wrong,
+            wrong.key_groups,
+            &mut |_, _, _, _| Ok(()),
+        ));
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
     }
 
     #[test]
