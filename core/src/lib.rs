@@ -3,7 +3,7 @@
 //! The shared vocabulary of Sluice: ids, checkpoint barriers, key groups, the
 //! [`StateBackend`] / [`KeyedStateStore`] traits (working state) and the
 //! [`CheckpointStorage`] trait (durable snapshots), the canonical snapshot
-//! format ([`format`]), checkpoint metadata ([`metadata`]) and, behind the
+//! format ([`mod@format`]), checkpoint metadata ([`metadata`]) and, behind the
 //! `testkit` feature, the conformance suite every backend runs.
 //!
 //! A new storage plugin is one crate that depends on this one, implements

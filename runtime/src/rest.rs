@@ -9,7 +9,7 @@
 //!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
-//! | `GET /job` | | [`JobStatus`] |
+//! | `GET /job` | | [`JobStatus`](crate::JobStatus) |
 //! | `GET /checkpoints` | | counts, latest completed, history (oldest first) |
 //! | `POST /checkpoints` | | `{"id": n}` once checkpoint `n` completed |
 //! | `POST /savepoints` | `{"target": "s3://b/p", "stop": false}` | `{"id": n, "location": "…"}` once complete |
