@@ -28,7 +28,7 @@ mod state;
 mod storage;
 
 pub use state::{RedbStateBackend, RedbStateConfig};
-pub use storage::{RedbCheckpointStorage, STORE_FORMAT};
+pub use storage::{damage_stored_file, RedbCheckpointStorage, STORE_FORMAT};
 
 use sluice_core::{Error, Result};
 

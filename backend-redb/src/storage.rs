@@ -14,6 +14,10 @@
 //! returns, a power cut cannot lose the checkpoint; before, it does not
 //! exist. Discarding removes a checkpoint's rows; redb reuses the freed
 //! pages, and [`RedbCheckpointStorage::compact`] returns them to the OS.
+//!
+//! [`RedbCheckpointStorage::open`] creates a missing file;
+//! [`RedbCheckpointStorage::open_existing`] (for tools that only read)
+//! opens an existing store read-only and never creates anything.
 
 use crate::{corrupt_or_storage, spawn_db};
 use async_trait::async_trait;
@@ -38,8 +42,37 @@ const CHUNK: u64 = 1 << 20;
 /// Checkpoint storage in a local redb file.
 #[derive(Clone)]
 pub struct RedbCheckpointStorage {
-    db: Arc<Database>,
+    db: Arc<Db>,
     path: Arc<PathBuf>,
+}
+
+/// The open file: for writing ([`RedbCheckpointStorage::open`]) or
+/// read-only ([`RedbCheckpointStorage::open_existing`]).
+enum Db {
+    Writable(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> std::result::Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Writable(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
+
+    /// A write transaction; refused (determinate: nothing was written) when
+    /// the file was opened read-only.
+    fn begin_write(&self, store: &str) -> Result<redb::WriteTransaction> {
+        match self {
+            Db::Writable(db) => db.begin_write().map_err(|e| Error::storage(store, e)),
+            Db::ReadOnly(_) => Err(Error::storage(
+                store,
+                "the checkpoint store was opened read-only (for inspecting, listing or copying from it); \
+                 nothing was written",
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedbCheckpointStorage {
@@ -109,9 +142,99 @@ impl RedbCheckpointStorage {
             }
         }
         Ok(RedbCheckpointStorage {
-            db: Arc::new(db),
+            db: Arc::new(Db::Writable(db)),
             path: Arc::new(path),
         })
+    }
+
+    /// Opens the existing store at `path` read-only, for tools that only
+    /// read (`sluice inspect`, `sluice checkpoints list`, the source of
+    /// `sluice copy`). Nothing is ever created: a missing path is
+    /// [`Error::NotFound`] naming it. A file that is not a Sluice checkpoint
+    /// store (an empty file, a directory, another redb database, another
+    /// format version) is refused and left untouched. Writes through the
+    /// handle fail with [`Error::Storage`].
+    ///
+    /// Other processes may read the file at the same time; a process that
+    /// has it open for writing excludes readers (and the other way round).
+    /// A store left by a killed process needs redb's crash repair, which
+    /// writes: it is repaired first (as [`open`](Self::open) would) and then
+    /// opened read-only.
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let name = path.display().to_string();
+        let missing = || Error::NotFound {
+            what: format!(
+                "no such file: {name} (check the path; reading a checkpoint store never creates one)"
+            ),
+        };
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing()),
+            Err(e) => return Err(Error::storage(format!("checkpoint store {name}"), e)),
+        };
+        let refuse = |reason: &str| Error::Incompatible {
+            what: format!("checkpoint store {name}"),
+            reason: format!("{reason}, not a Sluice checkpoint store; it was left untouched"),
+        };
+        if meta.is_dir() {
+            return Err(refuse("a directory"));
+        }
+        if meta.len() == 0 {
+            return Err(refuse("an empty file"));
+        }
+        let open_read_only = || match ReadOnlyDatabase::open(&path) {
+            Ok(db) => Ok(Some(db)),
+            Err(redb::DatabaseError::RepairAborted) => Ok(None),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(already_open(&name)),
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Err(missing())
+            }
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Err(Error::storage(format!("checkpoint store {name}"), e))
+            }
+            Err(other) => Err(Error::Incompatible {
+                what: format!("checkpoint store {name}"),
+                reason: format!("not a redb database ({other}); it was left untouched"),
+            }),
+        };
+        let db = match open_read_only()? {
+            Some(db) => db,
+            None => {
+                // Left by a killed process: repair it with a writable open
+                // of the existing file (never a create), check that it is
+                // ours, close it, and open it read-only.
+                let db = Database::open(&path).map_err(|e| match e {
+                    redb::DatabaseError::DatabaseAlreadyOpen => already_open(&name),
+                    other => Error::Incompatible {
+                        what: format!("checkpoint store {name}"),
+                        reason: format!("not a usable redb database ({other})"),
+                    },
+                })?;
+                check_marker(&name, read_marker(&name, &db)?)?;
+                drop(db);
+                open_read_only()?.ok_or_else(|| {
+                    Error::storage(
+                        name.clone(),
+                        "it could not be opened read-only after its crash repair",
+                    )
+                })?
+            }
+        };
+        check_marker(&name, read_marker(&name, &db)?)?;
+        Ok(RedbCheckpointStorage {
+            db: Arc::new(Db::ReadOnly(db)),
+            path: Arc::new(path),
+        })
+    }
+
+    /// Whether the store was opened read-only ([`open_existing`](Self::open_existing)).
+    pub fn is_read_only(&self) -> bool {
+        matches!(*self.db, Db::ReadOnly(_))
     }
 
     /// The file's path.
@@ -125,7 +248,13 @@ impl RedbCheckpointStorage {
         let name = self.path.display().to_string();
         let db = Arc::get_mut(&mut self.db)
             .ok_or_else(|| Error::storage(name.clone(), "compaction needs the only handle to the store"))?;
-        db.compact().map_err(|e| Error::storage(name, e))
+        match db {
+            Db::Writable(db) => db.compact().map_err(|e| Error::storage(name, e)),
+            Db::ReadOnly(_) => Err(Error::storage(
+                name,
+                "a store opened read-only cannot be compacted",
+            )),
+        }
     }
 
     fn name(&self) -> String {
@@ -182,7 +311,7 @@ fn chunk_value(data: &[u8]) -> Vec<u8> {
 }
 
 /// Reads `range` of the file at `path` inside a read transaction.
-fn read_range_blocking(db: &Database, store: &str, path: &str, range: Option<Range<u64>>) -> Result<Bytes> {
+fn read_range_blocking(db: &Db, store: &str, path: &str, range: Option<Range<u64>>) -> Result<Bytes> {
     let read = db.begin_read().map_err(|e| Error::storage(store, e))?;
     let files = read.open_table(FILES).map_err(|e| Error::storage(store, e))?;
     let len = files
@@ -243,7 +372,7 @@ impl RedbCheckpointStorage {
         validate_path(path)?;
         let (db, store, path) = (self.db.clone(), self.name(), path.to_string());
         spawn_db(move || {
-            let mut tx = db.begin_write().map_err(|e| Error::storage(&store, e))?;
+            let mut tx = db.begin_write(&store)?;
             tx.set_durability(durability)
                 .map_err(|e| Error::storage(&store, e))?;
             {
@@ -318,7 +447,7 @@ impl CheckpointStorage for RedbCheckpointStorage {
     async fn commit_metadata(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
         let (db, store) = (self.db.clone(), self.name());
         spawn_db(move || {
-            let mut tx = db.begin_write().map_err(|e| Error::storage(&store, e))?;
+            let mut tx = db.begin_write(&store)?;
             tx.set_durability(Durability::Immediate)
                 .map_err(|e| Error::storage(&store, e))?;
             {
@@ -399,7 +528,7 @@ impl CheckpointStorage for RedbCheckpointStorage {
     async fn discard(&self, id: CheckpointId) -> Result<()> {
         let (db, store) = (self.db.clone(), self.name());
         spawn_db(move || {
-            let mut tx = db.begin_write().map_err(|e| Error::storage(&store, e))?;
+            let mut tx = db.begin_write(&store)?;
             tx.set_durability(Durability::None)
                 .map_err(|e| Error::storage(&store, e))?;
             {
@@ -449,12 +578,186 @@ impl CheckpointStorage for RedbCheckpointStorage {
         let (db, store, prefix) = (self.db.clone(), self.name(), dir_prefix(dir));
         // One transaction: the directory, `_metadata` included, goes at once.
         spawn_db(move || {
-            let mut tx = db.begin_write().map_err(|e| Error::storage(&store, e))?;
+            let mut tx = db.begin_write(&store)?;
             tx.set_durability(Durability::Immediate)
                 .map_err(|e| Error::storage(&store, e))?;
             remove_prefix(&tx, &store, &prefix)?;
             tx.commit().map_err(|e| Error::storage(&store, e))
         })
         .await
+    }
+}
+
+/// Changes the bytes of the first chunk of the stored file `file` in the
+/// checkpoint store at `store` behind the storage's back, as a failing disk
+/// would: for reliability tests and drills (the store must not be open).
+/// The chunk's checksum is left as it was, so a read finds the damage.
+pub fn damage_stored_file(store: &Path, file: &str, damage: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
+    let what = store.display().to_string();
+    let db = redb::Database::open(store).map_err(|e| Error::storage(&what, e))?;
+    let read = db.begin_read().map_err(|e| Error::storage(&what, e))?;
+    let mut value = read
+        .open_table(CHUNKS)
+        .map_err(|e| Error::storage(&what, e))?
+        .get((file, 0))
+        .map_err(|e| Error::storage(&what, e))?
+        .ok_or_else(|| Error::not_found(format!("{file} in {what}")))?
+        .value()
+        .to_vec();
+    drop(read);
+    damage(&mut value);
+    let tx = db.begin_write().map_err(|e| Error::storage(&what, e))?;
+    tx.open_table(CHUNKS)
+        .map_err(|e| Error::storage(&what, e))?
+        .insert((file, 0), value.as_slice())
+        .map_err(|e| Error::storage(&what, e))?;
+    tx.commit().map_err(|e| Error::storage(&what, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store at `path` with checkpoint 1 (one state file, committed).
+    async fn store_with_one_checkpoint(path: &Path) {
+        let s = RedbCheckpointStorage::open(path).unwrap();
+        s.write_file("chk-1/op-0.kst", Bytes::from_static(b"state"))
+            .await
+            .unwrap();
+        s.commit_metadata(CheckpointId(1), Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn open_existing_refuses_a_missing_file_naming_it_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("typo").join("checkpoints.redb");
+        let e = RedbCheckpointStorage::open_existing(&path).unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("no such file") && text.contains(&path.display().to_string()),
+            "{text}"
+        );
+        assert!(
+            !path.exists() && !dir.path().join("typo").exists(),
+            "something was created"
+        );
+    }
+
+    #[tokio::test]
+    async fn open_existing_reads_the_store_without_changing_a_byte_and_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chk.redb");
+        store_with_one_checkpoint(&path).await;
+        let before = std::fs::read(&path).unwrap();
+        {
+            let s = RedbCheckpointStorage::open_existing(&path).unwrap();
+            assert!(s.is_read_only());
+            // Two readers at once: read-only opens share the file.
+            let t = RedbCheckpointStorage::open_existing(&path).unwrap();
+            assert_eq!(
+                s.read_metadata(CheckpointId(1)).await.unwrap(),
+                Bytes::from_static(b"{}")
+            );
+            assert_eq!(
+                t.read_file("chk-1/op-0.kst").await.unwrap(),
+                Bytes::from_static(b"state")
+            );
+            assert_eq!(s.list().await.unwrap().len(), 1);
+            let e = s
+                .write_file("chk-2/op-0.kst", Bytes::from_static(b"x"))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::Storage { .. }) && e.to_string().contains("read-only"),
+                "{e}"
+            );
+            let e = s
+                .commit_metadata(CheckpointId(2), Bytes::from_static(b"{}"))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("read-only"), "{e}");
+            assert!(s.discard(CheckpointId(1)).await.is_err());
+            assert!(s
+                .commit_file("sp/_metadata", Bytes::from_static(b"{}"))
+                .await
+                .is_err());
+            assert!(s.delete_dir("chk-1").await.is_err());
+        }
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "a read-only open changed the file"
+        );
+        // Still a normal store for writers afterwards.
+        let s = RedbCheckpointStorage::open(&path).unwrap();
+        assert!(!s.is_read_only());
+        assert_eq!(s.list().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn open_existing_refuses_files_that_are_not_checkpoint_stores_and_leaves_them_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let notes = dir.path().join("notes.txt");
+        std::fs::write(&notes, b"notes").unwrap();
+        let empty = dir.path().join("empty.redb");
+        std::fs::write(&empty, b"").unwrap();
+        let other = dir.path().join("other.redb");
+        {
+            let db = Database::create(&other).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(TableDefinition::<&str, &str>::new("mine")).unwrap();
+            tx.commit().unwrap();
+        }
+        let other_bytes = std::fs::read(&other).unwrap();
+        for path in [&notes, &empty, &other] {
+            let e = RedbCheckpointStorage::open_existing(path).unwrap_err();
+            assert!(matches!(e, Error::Incompatible { .. }), "{}: {e}", path.display());
+            assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        }
+        let e = RedbCheckpointStorage::open_existing(dir.path()).unwrap_err();
+        assert!(matches!(e, Error::Incompatible { .. }), "{e}");
+        assert_eq!(std::fs::read(&notes).unwrap(), b"notes");
+        assert_eq!(std::fs::read(&empty).unwrap(), b"");
+        assert!(std::fs::read(&other).unwrap() == other_bytes);
+    }
+
+    #[tokio::test]
+    async fn open_existing_repairs_a_store_left_by_a_killed_process_and_then_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chk.redb");
+        let crashed = dir.path().join("crashed.redb");
+        {
+            store_with_one_checkpoint(&path).await;
+            // A copy taken while a writer has the file open is what a kill
+            // -9 leaves: redb marks it as needing repair.
+            let _writer = RedbCheckpointStorage::open(&path).unwrap();
+            std::fs::copy(&path, &crashed).unwrap();
+        }
+        assert!(matches!(
+            ReadOnlyDatabase::open(&crashed),
+            Err(redb::DatabaseError::RepairAborted)
+        ));
+        let s = RedbCheckpointStorage::open_existing(&crashed).unwrap();
+        assert!(s.is_read_only());
+        assert_eq!(
+            s.read_metadata(CheckpointId(1)).await.unwrap(),
+            Bytes::from_static(b"{}")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_and_a_reader_of_one_file_exclude_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chk.redb");
+        store_with_one_checkpoint(&path).await;
+        let reader = RedbCheckpointStorage::open_existing(&path).unwrap();
+        let e = RedbCheckpointStorage::open(&path).unwrap_err();
+        assert!(e.to_string().contains("open in another process"), "{e}");
+        drop(reader);
+        let _writer = RedbCheckpointStorage::open(&path).unwrap();
+        let e = RedbCheckpointStorage::open_existing(&path).unwrap_err();
+        assert!(e.to_string().contains("open in another process"), "{e}");
     }
 }

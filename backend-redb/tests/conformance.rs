@@ -2,7 +2,7 @@
 //! larger than memory, durability across reopen, bounded file growth,
 //! corruption detection, refusal of foreign files.
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, TableDefinition};
 use sluice_backend_redb::{RedbCheckpointStorage, RedbStateBackend, RedbStateConfig};
 use sluice_core::format::{decode_snapshot, encode_snapshot};
 use sluice_core::{testkit, Bytes, CheckpointId, CheckpointStorage, Error, KeyGroupRange, StateBackend};
@@ -167,29 +167,10 @@ async fn two_hundred_checkpoints_with_retention_three_keep_the_file_bounded() {
     );
 }
 
-const CHUNKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chunks");
-
 /// Damages a stored blob the way a disk would: change bytes of the chunk
 /// in the file, behind the storage's back.
 fn damage_chunk(path: &std::path::Path, file: &str, f: impl Fn(&mut Vec<u8>)) {
-    let db = Database::create(path).unwrap();
-    let read = db.begin_read().unwrap();
-    let mut value = read
-        .open_table(CHUNKS)
-        .unwrap()
-        .get((file, 0))
-        .unwrap()
-        .unwrap()
-        .value()
-        .to_vec();
-    drop(read);
-    f(&mut value);
-    let tx = db.begin_write().unwrap();
-    tx.open_table(CHUNKS)
-        .unwrap()
-        .insert((file, 0), value.as_slice())
-        .unwrap();
-    tx.commit().unwrap();
+    sluice_backend_redb::damage_stored_file(path, file, f).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,15 @@
 //! uploads are aborted); reads are range GETs, so a restore reads only the
 //! key-group sections a subtask owns.
 //!
+//! **Errors.** A failed write that may have taken effect (a timeout, a
+//! connection failure after the request may have been sent, a 5xx, an
+//! unreadable answer) is [`Error::Indeterminate`]: read back before
+//! deciding. Failed reads, and writes the store rejected (3xx/4xx) or that
+//! were never sent, are determinate. Messages name the bucket, the endpoint
+//! and what to check, never credentials; the SDK's error is their source.
+//! [`S3CheckpointStorage::open_read_only`] is for tools that only read: it
+//! writes nothing, not even the probe.
+//!
 //! ```no_run
 //! # async fn demo() -> sluice_core::Result<()> {
 //! use sluice_backend_s3::{S3CheckpointStorage, S3Config};
@@ -30,6 +39,8 @@
 #![warn(missing_docs)]
 
 use async_trait::async_trait;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
@@ -38,7 +49,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use sluice_core::metadata::SAVEPOINT_METADATA_FILE;
 use sluice_core::storage::{checkpoint_of_path, dir_prefix, validate_dir, validate_path};
-use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, Result};
+use sluice_core::{BoxError, CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, Result};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
@@ -114,6 +125,7 @@ pub struct S3CheckpointStorage {
     config: S3Config,
     endpoint: String,
     conditional_writes: bool,
+    read_only: bool,
 }
 
 impl std::fmt::Debug for S3CheckpointStorage {
@@ -122,68 +134,191 @@ impl std::fmt::Debug for S3CheckpointStorage {
     }
 }
 
-/// How an S3 error maps to Sluice's, in the caller's terms. Never includes
-/// credentials: only the bucket, the endpoint, the key and S3's error code.
-fn map_sdk<E>(
-    s: &S3CheckpointStorage,
-    what: &str,
-    e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
-) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let (bucket, endpoint) = (&s.config.bucket, &s.endpoint);
-    match &e {
-        SdkError::ServiceError(se) => {
-            let status = se.raw().status().as_u16();
-            let code = se.err().code().unwrap_or("").to_string();
-            match (code.as_str(), status) {
-                ("NoSuchBucket", _) => Error::NotFound {
-                    what: format!("bucket {bucket} at {endpoint} (create it, or check the bucket name)"),
-                },
-                ("NoSuchKey", _) | ("NotFound", _) | (_, 404) => Error::not_found(format!("{what} in s3://{bucket}")),
-                ("PreconditionFailed", _) | (_, 412) => Error::AlreadyExists { what: format!("{what} in s3://{bucket}") },
-                ("InvalidRange", _) | (_, 416) => {
-                    Error::corrupt(what, "the object is shorter than the range read (truncated?)")
-                }
-                ("InvalidAccessKeyId", _) | ("SignatureDoesNotMatch", _) | ("AccessDenied", _) | (_, 401) | (_, 403) => {
-                    Error::storage(
-                        format!("{what} in bucket {bucket} at {endpoint}"),
-                        format!(
-                            "the endpoint rejected the credentials ({code}, HTTP {status}): check AWS_ACCESS_KEY_ID / \
-                             AWS_SECRET_ACCESS_KEY or the profile, and the bucket's permissions"
-                        ),
-                    )
-                }
-                ("SlowDown", _) | ("Throttling", _) | (_, 429) | (_, 503) => Error::storage(
-                    format!("{what} in bucket {bucket} at {endpoint}"),
-                    format!("throttled by S3 ({code}, HTTP {status}) after retries"),
-                ),
-                _ => Error::storage(
-                    format!("{what} in bucket {bucket} at {endpoint}"),
-                    format!("{code} (HTTP {status}): {}", se.err().message().unwrap_or("")),
-                ),
-            }
-        }
-        SdkError::TimeoutError(_) => Error::Indeterminate {
-            what: format!("{what} in bucket {bucket} at {endpoint}"),
-            source: "timed out; the request may or may not have taken effect".into(),
-        },
-        SdkError::DispatchFailure(_) => Error::storage(
-            format!("{what} in bucket {bucket}"),
-            format!(
-                "cannot reach the S3 endpoint {endpoint}: {}",
-                DisplayErrorContext(&e)
-            ),
-        ),
-        _ => Error::storage(
-            format!("{what} in bucket {bucket} at {endpoint}"),
-            DisplayErrorContext(&e).to_string(),
-        ),
+/// Whether a failed request may have changed the store. Reads (GET, HEAD,
+/// List) never do; writes (PUT, CompleteMultipartUpload, DeleteObject(s))
+/// may, unless the failure proves they were not processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// GET, HEAD, List: a failure is always determinate.
+    Read,
+    /// PUT, CompleteMultipartUpload, DeleteObject(s): a failure is
+    /// determinate only if the request certainly had no effect.
+    Write,
+}
+
+/// A failed S3 request: a one-line hint for people (bucket, endpoint, S3
+/// error code, HTTP status, what to check; never credentials) over the
+/// SDK's error, which stays reachable as the [`source`](std::error::Error::source).
+#[derive(Debug)]
+struct S3Failure {
+    message: String,
+    source: BoxError,
+}
+
+impl std::fmt::Display for S3Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
-/// A determinate failure: retried requests that certainly did not apply.
+impl std::error::Error for S3Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.source.as_ref())
+    }
+}
+
+/// Where the failed request went, for the messages.
+struct Target<'a> {
+    bucket: &'a str,
+    endpoint: &'a str,
+}
+
+/// The hint for an endpoint that cannot be reached.
+const CHECK_ENDPOINT: &str =
+    "check the endpoint (--s3-endpoint or AWS_ENDPOINT_URL) and that the server is up";
+
+/// How an S3 error maps to Sluice's, in the caller's terms.
+///
+/// Determinate (`Storage`, `NotFound`, `AlreadyExists`, `Corrupt`): every
+/// failure of a read; for a write, only what certainly had no effect — a
+/// request the store answered with a 3xx or 4xx (rejected credentials,
+/// validation, precondition: not processed), one that could not be built
+/// (never sent), or one without usable credentials (never signed, never
+/// sent). `Indeterminate`: a write that timed out, failed in dispatch (the
+/// request may have been sent), got a 5xx (incl. 503 SlowDown after the
+/// retries) or an unreadable response.
+///
+/// The source of `Storage` / `Indeterminate` is an [`S3Failure`] whose
+/// source is the `SdkError`. Never includes credentials: only the bucket,
+/// the endpoint, the object and S3's error code.
+fn classify<E>(target: &Target<'_>, request: Request, what: &str, e: SdkError<E, HttpResponse>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let Target { bucket, endpoint } = *target;
+    tracing::debug!(
+        "S3 {what} in s3://{bucket} at {endpoint} failed: {}",
+        DisplayErrorContext(&e)
+    );
+    let at = format!("{what} in s3://{bucket} at {endpoint}");
+    let effect = "the request may or may not have taken effect: read back before deciding";
+    let storage = |message: String, e: SdkError<E, HttpResponse>| Error::Storage {
+        what: at.clone(),
+        source: Box::new(S3Failure {
+            message,
+            source: Box::new(e),
+        }),
+    };
+    let maybe = |message: String, e: SdkError<E, HttpResponse>| match request {
+        Request::Read => storage(message, e),
+        Request::Write => Error::Indeterminate {
+            what: at.clone(),
+            source: Box::new(S3Failure {
+                message: format!("{message}; {effect}"),
+                source: Box::new(e),
+            }),
+        },
+    };
+    if let SdkError::ServiceError(se) = &e {
+        let status = se.raw().status().as_u16();
+        let code = se.err().code().unwrap_or("").to_string();
+        let s3_message = se.err().message().unwrap_or("").to_string();
+        let label = if code.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("{code}, HTTP {status}")
+        };
+        return match (code.as_str(), status) {
+            ("NoSuchBucket", _) => Error::NotFound {
+                what: format!("bucket {bucket} at {endpoint} (create it, or check the bucket name)"),
+            },
+            ("NoSuchKey", _) | ("NotFound", _) | (_, 404) => {
+                Error::not_found(format!("{what} in s3://{bucket}"))
+            }
+            ("PreconditionFailed", _) | (_, 412) => Error::AlreadyExists {
+                what: format!("{what} in s3://{bucket}"),
+            },
+            ("InvalidRange", _) | (_, 416) => {
+                Error::corrupt(what, "the object is shorter than the range read (truncated?)")
+            }
+            ("InvalidAccessKeyId", _)
+            | ("SignatureDoesNotMatch", _)
+            | ("AccessDenied", _)
+            | (_, 401)
+            | (_, 403) => storage(
+                format!(
+                    "the endpoint rejected the credentials ({label}): check AWS_ACCESS_KEY_ID / \
+                         AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and the bucket's permissions"
+                ),
+                e,
+            ),
+            // Rejected before processing (3xx redirects, 4xx incl. 429): no effect.
+            (_, 300..=499) => storage(
+                if status == 429 || code == "SlowDown" || code == "Throttling" {
+                    format!("throttled by S3 ({label}) after retries")
+                } else {
+                    format!("S3 refused the request ({label}): {s3_message}")
+                },
+                e,
+            ),
+            ("SlowDown", _) | (_, 503) => maybe(format!("throttled by S3 ({label}) after retries"), e),
+            // 5xx, or an error inside a 200 (CompleteMultipartUpload).
+            _ => maybe(format!("S3 failed ({label}): {s3_message}"), e),
+        };
+    }
+    match &e {
+        SdkError::ConstructionFailure(_) => {
+            let cause = root_cause(&e).unwrap_or_default();
+            storage(format!("the request could not be built, so it was not sent: {cause}"), e)
+        }
+        SdkError::DispatchFailure(_) if credentials_failed(&e) => storage(
+            format!(
+                "no usable AWS credentials for s3://{bucket}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+                 or AWS_PROFILE (a profile in ~/.aws/config), or run with an instance or container role"
+            ),
+            e,
+        ),
+        SdkError::TimeoutError(_) => maybe(format!("timed out; {CHECK_ENDPOINT}"), e),
+        SdkError::DispatchFailure(_) => {
+            let message = match root_cause(&e) {
+                Some(cause) => format!("cannot reach the endpoint: {cause}; {CHECK_ENDPOINT}"),
+                None => format!("cannot reach the endpoint; {CHECK_ENDPOINT}"),
+            };
+            maybe(message, e)
+        }
+        SdkError::ResponseError(_) => maybe(format!("the response of {endpoint} could not be read"), e),
+        _ => maybe("the request failed".into(), e),
+    }
+}
+
+/// Whether the request failed because no credentials could be resolved (it
+/// was then never signed nor sent).
+fn credentials_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<CredentialsError>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// The innermost cause of `e` (e.g. "Connection refused (os error 111)"),
+/// if it is short enough for a one-line message.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let (mut last, mut depth) = (e, 0);
+    while let Some(next) = last.source() {
+        (last, depth) = (next, depth + 1);
+    }
+    let text = last.to_string();
+    (depth > 0 && !text.is_empty() && !text.contains('\n') && text.len() <= 120).then_some(text)
+}
+
+/// A determinate failure. Used where a failed write changes nothing anyone
+/// reads: the probe at open, the creation and the parts of a multipart
+/// upload (only its completion makes the object exist), and aborts of
+/// unfinished uploads.
 fn determinate(e: Error) -> Error {
     match e {
         Error::Indeterminate { what, source } => Error::Storage { what, source },
@@ -191,10 +326,67 @@ fn determinate(e: Error) -> Error {
     }
 }
 
+/// [`classify`] for a request of `s`.
+fn map_sdk<E>(s: &S3CheckpointStorage, request: Request, what: &str, e: SdkError<E, HttpResponse>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let target = Target {
+        bucket: &s.config.bucket,
+        endpoint: &s.endpoint,
+    };
+    classify(&target, request, what, e)
+}
+
 impl S3CheckpointStorage {
     /// Connects, checks that the bucket is reachable with the credentials,
     /// and probes whether the store honours conditional writes.
     pub async fn open(config: S3Config) -> Result<Self> {
+        let mut storage = Self::connect(config, false).await?;
+        storage.conditional_writes = storage.probe_conditional_writes().await?;
+        if storage.conditional_writes {
+            info!(
+                "{}: the store honours If-None-Match; commits are atomic conditional PUTs",
+                storage.describe()
+            );
+        } else {
+            warn!(
+                "{}: the store ignores If-None-Match (a second conditional PUT succeeded); commits check with \
+                 HEAD before PUT, which is safe with one writer per job directory",
+                storage.describe()
+            );
+        }
+        Ok(storage)
+    }
+
+    /// Connects and checks the bucket like [`open`](Self::open), for tools
+    /// that only read (`sluice inspect`, `sluice checkpoints list`, the
+    /// source of `sluice copy`): it writes nothing — no conditional-write
+    /// probe, so read-only credentials suffice — and every write through
+    /// the handle fails with [`Error::Storage`] without sending a request.
+    pub async fn open_read_only(config: S3Config) -> Result<Self> {
+        Self::connect(config, true).await
+    }
+
+    /// Whether the storage was opened with [`open_read_only`](Self::open_read_only).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Refuses a write on a read-only handle.
+    fn check_writable(&self, what: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::storage(
+                format!("{what} in {}", self.describe()),
+                "the storage was opened read-only (for inspecting, listing or copying from it); nothing was \
+                 written",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The client and the bucket check.
+    async fn connect(config: S3Config, read_only: bool) -> Result<Self> {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .timeout_config(
                 aws_config::timeout::TimeoutConfig::builder()
@@ -222,11 +414,12 @@ impl S3CheckpointStorage {
             .or_else(|| shared.endpoint_url().map(str::to_string))
             .unwrap_or_else(|| "the AWS S3 endpoint".into());
         let client = Client::from_conf(builder.build());
-        let mut storage = S3CheckpointStorage {
+        let storage = S3CheckpointStorage {
             client,
             config,
             endpoint,
             conditional_writes: false,
+            read_only,
         };
         storage
             .client
@@ -234,28 +427,15 @@ impl S3CheckpointStorage {
             .bucket(&storage.config.bucket)
             .send()
             .await
-            .map_err(|e| match map_sdk(&storage, "bucket check", e) {
+            .map_err(|e| match map_sdk(&storage, Request::Read, "bucket check", e) {
                 Error::NotFound { .. } => Error::NotFound {
                     what: format!(
                         "bucket {} at {} (create it, or check the bucket name)",
                         storage.config.bucket, storage.endpoint
                     ),
                 },
-                other => determinate(other),
+                other => other,
             })?;
-        storage.conditional_writes = storage.probe_conditional_writes().await?;
-        if storage.conditional_writes {
-            info!(
-                "{}: the store honours If-None-Match; commits are atomic conditional PUTs",
-                storage.describe()
-            );
-        } else {
-            warn!(
-                "{}: the store ignores If-None-Match (a second conditional PUT succeeded); commits check with \
-                 HEAD before PUT, which is safe with one writer per job directory",
-                storage.describe()
-            );
-        }
         Ok(storage)
     }
 
@@ -293,12 +473,15 @@ impl S3CheckpointStorage {
                 .body(ByteStream::from_static(b"probe"))
                 .send()
         };
+        // The probe object is ours alone and nobody reads it: whether a
+        // failed probe PUT landed does not matter, so its failures are
+        // determinate (open fails).
         put()
             .await
-            .map_err(|e| determinate(map_sdk(self, "conditional-write probe", e)))?;
+            .map_err(|e| determinate(map_sdk(self, Request::Write, "conditional-write probe", e)))?;
         let honoured = match put().await {
             Ok(_) => false,
-            Err(e) => match map_sdk(self, "conditional-write probe", e) {
+            Err(e) => match map_sdk(self, Request::Write, "conditional-write probe", e) {
                 Error::AlreadyExists { .. } => true,
                 other => return Err(determinate(other)),
             },
@@ -323,9 +506,9 @@ impl S3CheckpointStorage {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) => match map_sdk(self, what, e) {
+            Err(e) => match map_sdk(self, Request::Read, what, e) {
                 Error::NotFound { .. } => Ok(false),
-                other => Err(determinate(other)),
+                other => Err(other),
             },
         }
     }
@@ -346,7 +529,10 @@ impl S3CheckpointStorage {
         if self.conditional_writes {
             req = req.if_none_match("*");
         }
-        req.send().await.map(|_| ()).map_err(|e| map_sdk(self, what, e))
+        req.send()
+            .await
+            .map(|_| ())
+            .map_err(|e| map_sdk(self, Request::Write, what, e))
     }
 
     async fn multipart(&self, key: &str, data: Bytes, what: &str) -> Result<()> {
@@ -363,7 +549,9 @@ impl S3CheckpointStorage {
             .key(key)
             .send()
             .await
-            .map_err(|e| determinate(map_sdk(self, what, e)))?;
+            // An upload that is not completed is invisible (and aborted
+            // below or by `discard`): determinate.
+            .map_err(|e| determinate(map_sdk(self, Request::Write, what, e)))?;
         let upload_id = created
             .upload_id()
             .ok_or_else(|| Error::storage(what, "the store returned no multipart upload id"))?
@@ -389,7 +577,10 @@ impl S3CheckpointStorage {
                         .body(body)
                         .send()
                         .await
-                        .map_err(|e| determinate(map_sdk(self, &format!("{what} part {number}"), e)))?;
+                        // A part has no visible effect; only the completion does.
+                        .map_err(|e| {
+                            determinate(map_sdk(self, Request::Write, &format!("{what} part {number}"), e))
+                        })?;
                     Ok::<_, Error>(
                         CompletedPart::builder()
                             .part_number(number)
@@ -418,7 +609,7 @@ impl S3CheckpointStorage {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| map_sdk(self, what, e))
+                    .map_err(|e| map_sdk(self, Request::Write, what, e))
             }
             Err(e) => Err(e),
         };
@@ -434,7 +625,7 @@ impl S3CheckpointStorage {
             {
                 warn!(
                     "could not abort the multipart upload of {what}: {}",
-                    map_sdk(self, what, e)
+                    map_sdk(self, Request::Write, what, e)
                 );
             }
         }
@@ -462,7 +653,7 @@ impl S3CheckpointStorage {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| determinate(map_sdk(self, "listing", e)))?;
+            let page = page.map_err(|e| map_sdk(self, Request::Read, "listing", e))?;
             keys.extend(page.contents().iter().filter_map(|o| {
                 o.key()
                     .map(|k| (k.to_string(), o.size().unwrap_or(0).max(0) as u64))
@@ -475,6 +666,7 @@ impl S3CheckpointStorage {
     /// or a failed upload whose abort did not get through). Returns how many
     /// were aborted.
     pub async fn abort_incomplete_uploads(&self, prefix: &str) -> Result<usize> {
+        self.check_writable(prefix)?;
         let mut n = 0;
         let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
         loop {
@@ -487,7 +679,7 @@ impl S3CheckpointStorage {
                 .set_upload_id_marker(id_marker.take())
                 .send()
                 .await
-                .map_err(|e| determinate(map_sdk(self, "listing multipart uploads", e)))?;
+                .map_err(|e| map_sdk(self, Request::Read, "listing multipart uploads", e))?;
             for u in out.uploads() {
                 if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
                     self.client
@@ -497,7 +689,8 @@ impl S3CheckpointStorage {
                         .upload_id(id)
                         .send()
                         .await
-                        .map_err(|e| determinate(map_sdk(self, key, e)))?;
+                        // Aborting an unfinished upload changes no object.
+                        .map_err(|e| determinate(map_sdk(self, Request::Write, key, e)))?;
                     n += 1;
                 }
             }
@@ -528,7 +721,7 @@ impl S3CheckpointStorage {
                 .delete(delete)
                 .send()
                 .await
-                .map_err(|e| determinate(map_sdk(self, what, e)))?;
+                .map_err(|e| map_sdk(self, Request::Write, what, e))?;
             if let Some(err) = out.errors().first() {
                 return Err(Error::storage(
                     what,
@@ -555,13 +748,15 @@ impl CheckpointStorage for S3CheckpointStorage {
 
     async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
         validate_path(path)?;
+        self.check_writable(path)?;
         let key = self.key(path);
-        let r = if data.len() > self.config.part_size {
+        // A failed PUT or CompleteMultipartUpload may have taken effect:
+        // such failures stay `Indeterminate`.
+        if data.len() > self.config.part_size {
             self.multipart(&key, data, path).await
         } else {
             self.put_new(&key, data, path).await
-        };
-        r.map_err(determinate)
+        }
     }
 
     async fn read_file(&self, path: &str) -> Result<Bytes> {
@@ -572,7 +767,7 @@ impl CheckpointStorage for S3CheckpointStorage {
             .key(self.key(path))
             .send()
             .await
-            .map_err(|e| determinate(map_sdk(self, path, e)))?;
+            .map_err(|e| map_sdk(self, Request::Read, path, e))?;
         let body = out.body.collect().await.map_err(|e| Error::storage(path, e))?;
         Ok(body.into_bytes())
     }
@@ -593,7 +788,7 @@ impl CheckpointStorage for S3CheckpointStorage {
                 .key(self.key(path))
                 .send()
                 .await
-                .map_err(|e| determinate(map_sdk(self, path, e)))?;
+                .map_err(|e| map_sdk(self, Request::Read, path, e))?;
             let len = head.content_length().unwrap_or(0).max(0) as u64;
             if range.end > len {
                 return Err(Error::corrupt(
@@ -611,7 +806,7 @@ impl CheckpointStorage for S3CheckpointStorage {
             .range(format!("bytes={}-{}", range.start, range.end - 1))
             .send()
             .await
-            .map_err(|e| determinate(map_sdk(self, path, e)))?;
+            .map_err(|e| map_sdk(self, Request::Read, path, e))?;
         let bytes = out
             .body
             .collect()
@@ -634,7 +829,9 @@ impl CheckpointStorage for S3CheckpointStorage {
 
     async fn commit_metadata(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
         let path = format!("{}/_metadata", id.dir());
-        // Timeouts stay indeterminate: the job master reads back.
+        self.check_writable(&path)?;
+        // Failures that may have taken effect are `Indeterminate`: the job
+        // master reads back.
         self.put_new(&self.key(&path), metadata, &path).await
     }
 
@@ -659,6 +856,7 @@ impl CheckpointStorage for S3CheckpointStorage {
     }
 
     async fn discard(&self, id: CheckpointId) -> Result<()> {
+        self.check_writable(&id.dir())?;
         let dir = self.key(&format!("{}/", id.dir()));
         let meta = self.key(&format!("{}/_metadata", id.dir()));
         // The metadata first: the checkpoint stops existing before its files go.
@@ -668,7 +866,7 @@ impl CheckpointStorage for S3CheckpointStorage {
             .key(&meta)
             .send()
             .await
-            .map_err(|e| determinate(map_sdk(self, &meta, e)))?;
+            .map_err(|e| map_sdk(self, Request::Write, &meta, e))?;
         let keys = self.list_keys(&dir).await?;
         self.delete_keys(keys, &dir).await?;
         self.abort_incomplete_uploads(&dir).await?;
@@ -677,7 +875,9 @@ impl CheckpointStorage for S3CheckpointStorage {
 
     async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
         validate_path(path)?;
-        // A completed PUT is durable in S3; timeouts stay indeterminate.
+        self.check_writable(path)?;
+        // A completed PUT is durable in S3; failures that may have taken
+        // effect are `Indeterminate`.
         self.put_new(&self.key(path), data, path).await
     }
 
@@ -701,6 +901,7 @@ impl CheckpointStorage for S3CheckpointStorage {
 
     async fn delete_dir(&self, dir: &str) -> Result<()> {
         validate_dir(dir, false)?;
+        self.check_writable(dir)?;
         let meta = self.key(&format!("{dir}/{SAVEPOINT_METADATA_FILE}"));
         // The metadata first: the savepoint stops existing before its files go.
         self.client
@@ -709,7 +910,7 @@ impl CheckpointStorage for S3CheckpointStorage {
             .key(&meta)
             .send()
             .await
-            .map_err(|e| determinate(map_sdk(self, &meta, e)))?;
+            .map_err(|e| map_sdk(self, Request::Write, &meta, e))?;
         let prefix = self.key(&dir_prefix(dir));
         let keys = self.list_keys(&prefix).await?;
         self.delete_keys(keys, dir).await?;
@@ -720,5 +921,239 @@ impl CheckpointStorage for S3CheckpointStorage {
     fn locate(&self, dir: &str) -> String {
         let key = self.key(dir);
         format!("s3://{}/{}", self.config.bucket, key.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::error::{ConnectorError, ErrorMetadata};
+    use aws_sdk_s3::operation::put_object::PutObjectError;
+    use aws_sdk_s3::primitives::SdkBody;
+    use std::error::Error as _;
+
+    type PutError = SdkError<PutObjectError, HttpResponse>;
+    /// Makes one failure of a test case.
+    type Make = fn() -> PutError;
+
+    const TARGET: Target<'static> = Target {
+        bucket: "jobs",
+        endpoint: "http://127.0.0.1:3900",
+    };
+
+    fn service(status: u16, code: &str) -> PutError {
+        let err = PutObjectError::generic(ErrorMetadata::builder().code(code).message("said S3").build());
+        let raw = HttpResponse::new(status.try_into().expect("a valid status"), SdkBody::empty());
+        SdkError::service_error(err, raw)
+    }
+
+    fn refused() -> PutError {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        SdkError::dispatch_failure(ConnectorError::io(Box::new(io)))
+    }
+
+    fn timed_out() -> PutError {
+        SdkError::timeout_error("operation timeout (all attempts including retries) occurred after 4s")
+    }
+
+    fn no_credentials() -> PutError {
+        let cause = CredentialsError::not_loaded("no credentials found in chain");
+        SdkError::dispatch_failure(ConnectorError::other(Box::new(cause), None))
+    }
+
+    fn unreadable() -> PutError {
+        let raw = HttpResponse::new(200.try_into().expect("a valid status"), SdkBody::empty());
+        SdkError::response_error("the body is not XML", raw)
+    }
+
+    fn never_built() -> PutError {
+        SdkError::construction_failure("the key is missing")
+    }
+
+    fn kind(e: &Error) -> &'static str {
+        match e {
+            Error::Storage { .. } => "storage",
+            Error::Indeterminate { .. } => "indeterminate",
+            Error::AlreadyExists { .. } => "already exists",
+            Error::NotFound { .. } => "not found",
+            Error::Corrupt { .. } => "corrupt",
+            _ => "other",
+        }
+    }
+
+    /// Whether the error's source chain reaches an `SdkError`.
+    fn chain_reaches_the_sdk_error(e: &Error) -> bool {
+        let mut next = e.source();
+        while let Some(err) = next {
+            if err.is::<PutError>() {
+                return true;
+            }
+            next = err.source();
+        }
+        false
+    }
+
+    #[test]
+    fn write_failures_are_determinate_only_when_the_request_certainly_had_no_effect() {
+        let cases: Vec<(&str, Make, &str)> = vec![
+            (
+                "HTTP 403 AccessDenied",
+                || service(403, "AccessDenied"),
+                "storage",
+            ),
+            (
+                "HTTP 403 SignatureDoesNotMatch",
+                || service(403, "SignatureDoesNotMatch"),
+                "storage",
+            ),
+            (
+                "HTTP 403 InvalidAccessKeyId",
+                || service(403, "InvalidAccessKeyId"),
+                "storage",
+            ),
+            ("HTTP 401", || service(401, ""), "storage"),
+            (
+                "HTTP 400 InvalidArgument",
+                || service(400, "InvalidArgument"),
+                "storage",
+            ),
+            (
+                "HTTP 409 conflict",
+                || service(409, "ConditionalRequestConflict"),
+                "storage",
+            ),
+            ("HTTP 429", || service(429, "TooManyRequests"), "storage"),
+            (
+                "HTTP 301 redirect",
+                || service(301, "PermanentRedirect"),
+                "storage",
+            ),
+            (
+                "HTTP 412",
+                || service(412, "PreconditionFailed"),
+                "already exists",
+            ),
+            ("HTTP 404", || service(404, "NoSuchKey"), "not found"),
+            ("NoSuchBucket", || service(404, "NoSuchBucket"), "not found"),
+            ("never built", never_built, "storage"),
+            ("no credentials", no_credentials, "storage"),
+            ("HTTP 500", || service(500, "InternalError"), "indeterminate"),
+            ("HTTP 503 SlowDown", || service(503, "SlowDown"), "indeterminate"),
+            (
+                "an error in a 200",
+                || service(200, "InternalError"),
+                "indeterminate",
+            ),
+            ("timeout", timed_out, "indeterminate"),
+            ("connection refused", refused, "indeterminate"),
+            ("unreadable response", unreadable, "indeterminate"),
+        ];
+        for (name, make, expected) in cases {
+            let e = classify(&TARGET, Request::Write, "chk-1/_metadata", make());
+            assert_eq!(kind(&e), expected, "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn read_failures_are_always_determinate() {
+        let cases: Vec<(&str, Make)> = vec![
+            ("HTTP 500", || service(500, "InternalError")),
+            ("HTTP 503 SlowDown", || service(503, "SlowDown")),
+            ("timeout", timed_out),
+            ("connection refused", refused),
+            ("unreadable response", unreadable),
+            ("HTTP 403", || service(403, "AccessDenied")),
+        ];
+        for (name, make) in cases {
+            let e = classify(&TARGET, Request::Read, "chk-1/_metadata", make());
+            assert_eq!(kind(&e), "storage", "{name}: {e}");
+        }
+        assert_eq!(
+            kind(&classify(
+                &TARGET,
+                Request::Read,
+                "x",
+                service(416, "InvalidRange")
+            )),
+            "corrupt"
+        );
+    }
+
+    #[test]
+    fn storage_and_indeterminate_errors_keep_the_sdk_error_in_their_source_chain() {
+        let makers: [Make; 6] = [
+            || service(500, "InternalError"),
+            || service(403, "AccessDenied"),
+            timed_out,
+            refused,
+            no_credentials,
+            unreadable,
+        ];
+        for request in [Request::Read, Request::Write] {
+            for make in makers {
+                let e = classify(&TARGET, request, "chk-1/_metadata", make());
+                assert!(
+                    matches!(e, Error::Storage { .. } | Error::Indeterminate { .. }),
+                    "{e}"
+                );
+                assert!(
+                    chain_reaches_the_sdk_error(&e),
+                    "{request:?} {e}: the source chain lost the SdkError"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn messages_are_one_line_and_name_the_bucket_the_endpoint_and_what_to_check() {
+        let e = classify(&TARGET, Request::Write, "chk-1/_metadata", refused());
+        let text = e.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        for needle in [
+            "s3://jobs",
+            "http://127.0.0.1:3900",
+            "Connection refused",
+            "--s3-endpoint",
+            "AWS_ENDPOINT_URL",
+            "may or may not have taken effect",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from: {text}");
+        }
+        let text = classify(&TARGET, Request::Read, "bucket check", no_credentials()).to_string();
+        assert!(!text.contains('\n'), "{text}");
+        for needle in [
+            "no usable AWS credentials",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_PROFILE",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from: {text}");
+        }
+        assert!(
+            !text.contains("no credentials found in chain"),
+            "the chain belongs in the source: {text}"
+        );
+        let text = classify(
+            &TARGET,
+            Request::Write,
+            "chk-1/_metadata",
+            service(403, "AccessDenied"),
+        )
+        .to_string();
+        assert!(
+            text.contains("AccessDenied") && text.contains("HTTP 403") && text.contains("AWS_ACCESS_KEY_ID"),
+            "{text}"
+        );
+        let text = classify(
+            &TARGET,
+            Request::Write,
+            "chk-1/_metadata",
+            service(503, "SlowDown"),
+        )
+        .to_string();
+        assert!(text.contains("SlowDown") && text.contains("HTTP 503"), "{text}");
     }
 }

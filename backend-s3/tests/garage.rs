@@ -192,3 +192,148 @@ async fn the_store_is_probed_for_conditional_writes_and_commits_are_create_if_ab
     );
     s.discard(CheckpointId(9)).await.unwrap();
 }
+
+/// A TCP proxy to the S3 server that, while `cut` is set, relays a PUT to
+/// the server and then closes the connection instead of relaying the
+/// server's answer: the write takes effect, the client gets an error.
+struct AnswerCuttingProxy {
+    url: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AnswerCuttingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut_all = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = cut_all.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    // Whether the request in flight on this connection is a PUT.
+                    let put = Arc::new(AtomicBool::new(false));
+                    let put_seen = put.clone();
+                    let requests = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n @ 1..) = client_rx.read(&mut buf).await {
+                            let chunk = &buf[..n];
+                            let request_start = [&b"GET "[..], b"HEAD ", b"PUT ", b"POST ", b"DELETE "]
+                                .iter()
+                                .any(|m| chunk.starts_with(m));
+                            if request_start {
+                                put_seen.store(chunk.starts_with(b"PUT "), SeqCst);
+                            }
+                            if server_tx.write_all(chunk).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n @ 1..) = server_rx.read(&mut buf).await {
+                        if cut.load(SeqCst) && put.load(SeqCst) {
+                            break; // the server answered the PUT: lose the answer
+                        }
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    requests.abort();
+                });
+            }
+        });
+        AnswerCuttingProxy { url, cut }
+    }
+
+    fn cut_answers_to_puts(&self, on: bool) {
+        self.cut.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_indeterminate_and_reading_back_finds_it() {
+    let Some(bucket) = bucket() else { return };
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap();
+    let upstream = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("AWS_ENDPOINT_URL is http://HOST:PORT");
+    let proxy = AnswerCuttingProxy::start(upstream).await;
+    let mut config = S3Config::new(bucket, unique("lost-answer"));
+    config.endpoint_url = Some(proxy.url.clone());
+    config.max_attempts = 1;
+    let s = S3CheckpointStorage::open(config).await.expect("open S3 storage");
+    let meta = Bytes::from_static(b"{\"checkpoint\":1}");
+    proxy.cut_answers_to_puts(true);
+    let e = s
+        .commit_metadata(CheckpointId(1), meta.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Indeterminate { .. }), "{e}");
+    let e = s
+        .write_file("chk-1/op-0.kst", Bytes::from_static(b"state"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Indeterminate { .. }), "{e}");
+    proxy.cut_answers_to_puts(false);
+    // Both writes took effect although they failed: that is why they are
+    // indeterminate, and why the job master reads back.
+    assert_eq!(s.read_metadata(CheckpointId(1)).await.unwrap(), meta);
+    assert_eq!(
+        s.read_file("chk-1/op-0.kst").await.unwrap(),
+        Bytes::from_static(b"state")
+    );
+    s.discard(CheckpointId(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_reads_everything_and_refuses_every_write_without_effect() {
+    let Some(bucket) = bucket() else { return };
+    let prefix = unique("read-only");
+    let writer = S3CheckpointStorage::open(S3Config::new(bucket.clone(), prefix.clone()))
+        .await
+        .unwrap();
+    let meta = Bytes::from_static(b"{\"checkpoint\":1}");
+    writer
+        .write_file("chk-1/op-0.kst", Bytes::from_static(b"state"))
+        .await
+        .unwrap();
+    writer
+        .commit_metadata(CheckpointId(1), meta.clone())
+        .await
+        .unwrap();
+    let reader = S3CheckpointStorage::open_read_only(S3Config::new(bucket, prefix))
+        .await
+        .unwrap();
+    assert!(reader.is_read_only() && !writer.is_read_only());
+    assert_eq!(reader.read_metadata(CheckpointId(1)).await.unwrap(), meta);
+    assert_eq!(reader.list().await.unwrap().len(), 1);
+    let before = reader.list_files("").await.unwrap();
+    let refused = [
+        reader
+            .write_file("chk-2/op-0.kst", Bytes::from_static(b"x"))
+            .await,
+        reader.commit_metadata(CheckpointId(2), meta.clone()).await,
+        reader.commit_file("sp/_metadata", meta.clone()).await,
+        reader.discard(CheckpointId(1)).await,
+        reader.delete_dir("chk-1").await,
+    ];
+    for r in refused {
+        let e = r.unwrap_err();
+        assert!(
+            matches!(e, Error::Storage { .. }) && e.to_string().contains("read-only"),
+            "{e}"
+        );
+    }
+    assert_eq!(reader.list_files("").await.unwrap(), before);
+    writer.discard(CheckpointId(1)).await.unwrap();
+}

@@ -52,13 +52,30 @@ pub fn check_parallelism(max_parallelism: u32, parallelism: u32) -> crate::Resul
     Ok(())
 }
 
-/// An inclusive, non-empty range of key groups `[start, end]`.
+/// An inclusive, non-empty range of key groups `[start, end]`. Deserializing
+/// an inverted range (`start > end`) fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RawKeyGroupRange")]
 pub struct KeyGroupRange {
     /// First key group of the range.
     pub start: u32,
     /// Last key group of the range (inclusive).
     pub end: u32,
+}
+
+/// The serialized shape of a [`KeyGroupRange`], checked on the way in.
+#[derive(Deserialize)]
+struct RawKeyGroupRange {
+    start: u32,
+    end: u32,
+}
+
+impl TryFrom<RawKeyGroupRange> for KeyGroupRange {
+    type Error = String;
+
+    fn try_from(r: RawKeyGroupRange) -> std::result::Result<Self, String> {
+        KeyGroupRange::new(r.start, r.end).map_err(|e| e.to_string())
+    }
 }
 
 impl KeyGroupRange {

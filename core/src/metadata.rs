@@ -54,8 +54,14 @@ pub struct SubtaskSnapshot {
 /// output queue. Replayed before new input on restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelStateHandle {
-    /// The task (vertex) index in the job graph.
-    pub task: u32,
+    /// The task's stable id: the uid of its head operator (a source's or a
+    /// keyed operator's uid), or one derived from the tasks feeding it and
+    /// the exchange that starts it (`running-sum/rebalance`). Restore
+    /// matches channel state to tasks by this id and the subtask index.
+    /// Empty in metadata written before Sluice 0.2 (such channel state is
+    /// refused: restore from an aligned checkpoint or a savepoint).
+    #[serde(default)]
+    pub task_uid: String,
     /// The task's name, for people.
     pub task_name: String,
     /// The subtask index.
@@ -147,6 +153,11 @@ pub struct CheckpointMetadata {
     pub channel_state: Vec<ChannelStateHandle>,
 }
 
+fn describe_ranges(ranges: &[KeyGroupRange]) -> String {
+    let v: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
+    v.join(", ")
+}
+
 fn default_snapshot_version() -> u16 {
     1
 }
@@ -178,17 +189,130 @@ impl CheckpointMetadata {
                 ),
             });
         }
-        let files = meta
+        meta.validate().map_err(|reason| Error::corrupt(path, reason))?;
+        Ok(meta)
+    }
+
+    /// Checks every value a restore relies on, so that a damaged or hostile
+    /// metadata file is refused as a whole instead of being half used: file
+    /// paths stay inside the storage; parallelisms fit the max parallelism;
+    /// subtask indexes are in range and unique; every keyed operator's
+    /// files hold valid, disjoint key-group ranges that together cover every
+    /// key group (a gap would silently drop state); split indexes are in
+    /// range and unique; channel state names its task and a subtask in
+    /// range, once. Returns what is wrong, for a
+    /// [`Error::Corrupt`] naming the file.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let max = self.max_parallelism;
+        if max == 0 || max > crate::keygroup::UPPER_MAX_PARALLELISM {
+            return Err(format!(
+                "max parallelism {max} is out of range (1..={})",
+                crate::keygroup::UPPER_MAX_PARALLELISM
+            ));
+        }
+        let files = self
             .operators
             .iter()
             .flat_map(|o| &o.subtasks)
             .filter_map(|s| s.keyed_state.as_ref().map(|f| &f.path))
-            .chain(meta.channel_state.iter().map(|c| &c.path));
+            .chain(self.channel_state.iter().map(|c| &c.path));
         for f in files {
-            crate::storage::validate_path(f)
-                .map_err(|_| Error::corrupt(path, format!("unsafe state file path {f:?}")))?;
+            crate::storage::validate_path(f).map_err(|_| format!("unsafe state file path {f:?}"))?;
         }
-        Ok(meta)
+        let mut uids = std::collections::BTreeSet::new();
+        for op in &self.operators {
+            let uid = &op.uid;
+            if !uids.insert(uid.as_str()) {
+                return Err(format!("operator {uid} appears twice"));
+            }
+            if op.parallelism == 0 || op.parallelism > max {
+                return Err(format!(
+                    "operator {uid} has parallelism {}, outside 1..={max} (the max parallelism)",
+                    op.parallelism
+                ));
+            }
+            let mut subtasks = std::collections::BTreeSet::new();
+            let mut ranges: Vec<KeyGroupRange> = Vec::new();
+            let mut splits = std::collections::BTreeSet::new();
+            for st in &op.subtasks {
+                if st.subtask >= op.parallelism {
+                    return Err(format!(
+                        "operator {uid} lists subtask {} at parallelism {}",
+                        st.subtask, op.parallelism
+                    ));
+                }
+                if !subtasks.insert(st.subtask) {
+                    return Err(format!("operator {uid} lists subtask {} twice", st.subtask));
+                }
+                if let Some(f) = &st.keyed_state {
+                    let r = f.key_groups;
+                    if r.start > r.end || r.end >= max {
+                        return Err(format!(
+                            "state file {} of operator {uid} holds key groups [{}, {}], not a range inside \
+                             [0, {}]",
+                            f.path,
+                            r.start,
+                            r.end,
+                            max - 1
+                        ));
+                    }
+                    ranges.push(r);
+                }
+                for p in &st.splits {
+                    if let Some(n) = op.source_splits.filter(|n| p.split >= *n) {
+                        return Err(format!(
+                            "source {uid} stores a position for split {}, but it has {n} splits",
+                            p.split
+                        ));
+                    }
+                    if !splits.insert(p.split) {
+                        return Err(format!("source {uid} stores split {} twice", p.split));
+                    }
+                }
+            }
+            if !ranges.is_empty() {
+                ranges.sort_by_key(|r| r.start);
+                let mut next = 0u32;
+                for r in &ranges {
+                    if r.start != next {
+                        return Err(format!(
+                            "the state files of operator {uid} {} key groups at {} (files hold {})",
+                            if r.start < next {
+                                "overlap in their"
+                            } else {
+                                "leave out"
+                            },
+                            r.start.min(next),
+                            describe_ranges(&ranges)
+                        ));
+                    }
+                    next = r.end + 1;
+                }
+                if next != max {
+                    return Err(format!(
+                        "the state files of operator {uid} leave out key groups {next} to {} (files hold {})",
+                        max - 1,
+                        describe_ranges(&ranges)
+                    ));
+                }
+            }
+        }
+        let mut channels = std::collections::BTreeSet::new();
+        for c in &self.channel_state {
+            if c.parallelism == 0 || c.parallelism > max || c.subtask >= c.parallelism {
+                return Err(format!(
+                    "channel state {} names subtask {} of parallelism {} (max parallelism {max})",
+                    c.path, c.subtask, c.parallelism
+                ));
+            }
+            if !c.task_uid.is_empty() && !channels.insert((c.task_uid.as_str(), c.subtask)) {
+                return Err(format!(
+                    "channel state of task {} subtask {} appears twice",
+                    c.task_uid, c.subtask
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Total size of the state files in bytes (keyed state and channel
@@ -241,7 +365,18 @@ pub async fn read_checkpoint_metadata(
     id: CheckpointId,
 ) -> Result<CheckpointMetadata> {
     let bytes = storage.read_metadata(id).await?;
-    CheckpointMetadata::from_json(&format!("{}/_metadata", id.dir()), &bytes)
+    let path = storage.locate(&format!("{}/_metadata", id.dir()));
+    let meta = CheckpointMetadata::from_json(&path, &bytes)?;
+    if meta.checkpoint_id != id || meta.kind != CheckpointKind::Checkpoint {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "the metadata of checkpoint {id} describes {} {}",
+                meta.kind, meta.checkpoint_id
+            ),
+        ));
+    }
+    Ok(meta)
 }
 
 #[cfg(test)]
@@ -307,6 +442,141 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
+    }
+
+    /// A keyed operator at parallelism 2 (key groups [0, 63] and [64, 127])
+    /// and a source with 4 splits.
+    fn two_subtasks() -> CheckpointMetadata {
+        let mut m = meta("chk-3/sum-0.kst");
+        let file = |path: &str, start, end| StateFileHandle {
+            path: path.into(),
+            size: 10,
+            crc32: 7,
+            key_groups: KeyGroupRange { start, end },
+            entries: 1,
+        };
+        m.operators[0].parallelism = 2;
+        m.operators[0].subtasks = vec![
+            SubtaskSnapshot {
+                subtask: 0,
+                keyed_state: Some(file("chk-3/sum-0.kst", 0, 63)),
+                splits: vec![],
+                operator_state: None,
+            },
+            SubtaskSnapshot {
+                subtask: 1,
+                keyed_state: Some(file("chk-3/sum-1.kst", 64, 127)),
+                splits: vec![],
+                operator_state: None,
+            },
+        ];
+        m.operators.push(OperatorSnapshot {
+            uid: OperatorUid("events".into()),
+            parallelism: 2,
+            key_type: None,
+            states: vec![],
+            source_splits: Some(4),
+            subtasks: vec![SubtaskSnapshot {
+                subtask: 1,
+                keyed_state: None,
+                splits: vec![
+                    SplitPosition { split: 1, offset: 9 },
+                    SplitPosition { split: 3, offset: 9 },
+                ],
+                operator_state: None,
+            }],
+        });
+        m
+    }
+
+    fn refused(m: &CheckpointMetadata, needle: &str) {
+        let json = m.to_json().unwrap();
+        match CheckpointMetadata::from_json("chk-3/_metadata", &json) {
+            Err(Error::Corrupt { path, reason }) => {
+                assert_eq!(path, "chk-3/_metadata");
+                assert!(reason.contains(needle), "{reason:?} does not say {needle:?}");
+            }
+            other => panic!("accepted or wrong error ({needle}): {other:?}"),
+        }
+    }
+
+    #[test]
+    fn metadata_with_bad_key_groups_subtasks_splits_or_channel_state_is_corrupt_naming_the_file() {
+        assert!(CheckpointMetadata::from_json("m", &two_subtasks().to_json().unwrap()).is_ok());
+        // An inverted range: refused while parsing (never silently skipped).
+        let mut m = two_subtasks();
+        m.operators[0].subtasks[1]
+            .keyed_state
+            .as_mut()
+            .unwrap()
+            .key_groups = KeyGroupRange { start: 127, end: 64 };
+        refused(&m, "start must not exceed end");
+        // A range past the max parallelism.
+        let mut m = two_subtasks();
+        m.operators[0].subtasks[1]
+            .keyed_state
+            .as_mut()
+            .unwrap()
+            .key_groups = KeyGroupRange { start: 64, end: 200 };
+        refused(&m, "[64, 200]");
+        // A gap (key groups 60..=63 would be lost) and an overlap.
+        let mut m = two_subtasks();
+        m.operators[0].subtasks[0]
+            .keyed_state
+            .as_mut()
+            .unwrap()
+            .key_groups = KeyGroupRange { start: 0, end: 59 };
+        refused(&m, "leave out key groups at 60");
+        let mut m = two_subtasks();
+        m.operators[0].subtasks[0]
+            .keyed_state
+            .as_mut()
+            .unwrap()
+            .key_groups = KeyGroupRange { start: 0, end: 70 };
+        refused(&m, "overlap");
+        let mut m = two_subtasks();
+        m.operators[0].subtasks.pop();
+        refused(&m, "leave out key groups 64 to 127");
+        // Subtasks out of range or twice; parallelism past the max.
+        let mut m = two_subtasks();
+        m.operators[0].subtasks[1].subtask = 2;
+        refused(&m, "subtask 2 at parallelism 2");
+        let mut m = two_subtasks();
+        m.operators[0].subtasks[1].subtask = 0;
+        refused(&m, "subtask 0 twice");
+        let mut m = two_subtasks();
+        m.operators[0].parallelism = 129;
+        refused(&m, "parallelism 129");
+        // Splits out of range or twice.
+        let mut m = two_subtasks();
+        m.operators[1].subtasks[0].splits[1].split = 4;
+        refused(&m, "split 4, but it has 4 splits");
+        let mut m = two_subtasks();
+        m.operators[1].subtasks[0].splits[1].split = 1;
+        refused(&m, "split 1 twice");
+        // Channel state of a subtask out of range, or twice.
+        let channel = |subtask| ChannelStateHandle {
+            task_uid: "sum".into(),
+            task_name: "keyed sum".into(),
+            subtask,
+            parallelism: 2,
+            path: format!("chk-3/channel-1-{subtask}.cst"),
+            size: 1,
+            crc32: 0,
+            input_records: 1,
+            output_records: 0,
+        };
+        let mut m = two_subtasks();
+        m.channel_state = vec![channel(0), channel(1)];
+        assert!(CheckpointMetadata::from_json("m", &m.to_json().unwrap()).is_ok());
+        m.channel_state = vec![channel(2)];
+        refused(&m, "subtask 2 of parallelism 2");
+        m.channel_state = vec![channel(1), channel(1)];
+        refused(&m, "appears twice");
+        // The same uid twice.
+        let mut m = two_subtasks();
+        m.operators[1].uid = OperatorUid("sum".into());
+        refused(&m, "appears twice");
     }
 
     #[test]

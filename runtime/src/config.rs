@@ -45,6 +45,14 @@ pub struct CheckpointConfig {
     /// unaligned when its alignment takes longer than this (Flink's
     /// `aligned-checkpoint-timeout`). `None`: unaligned from the start.
     pub aligned_checkpoint_timeout: Option<Duration>,
+    /// When the latest completed checkpoint cannot be restored (a corrupt or
+    /// missing file) in a job with two-phase-commit sinks, restore an older
+    /// one anyway. Off by default: the sinks already committed the newer
+    /// checkpoint's output, so the records between the two would be
+    /// committed again (duplicated output); the job fails instead, naming
+    /// the file and the checkpoint. Jobs without transactional sinks always
+    /// fall back (their keyed state stays exactly-once).
+    pub fallback_to_older_checkpoint: bool,
 }
 
 impl Default for CheckpointConfig {
@@ -60,6 +68,7 @@ impl Default for CheckpointConfig {
             final_checkpoint: true,
             unaligned: false,
             aligned_checkpoint_timeout: None,
+            fallback_to_older_checkpoint: false,
         }
     }
 }
@@ -182,6 +191,23 @@ impl std::fmt::Display for RestartStrategy {
     }
 }
 
+/// The delay before restart number `restarts` (0-based) of an exponential
+/// backoff: `initial * multiplier^restarts`, saturating at `max` for any
+/// number of restarts (also when the product overflows `Duration` or is not
+/// finite, and for a NaN multiplier, which counts as 1).
+pub(crate) fn backoff_delay(initial: Duration, max: Duration, multiplier: f64, restarts: u32) -> Duration {
+    let multiplier = if multiplier.is_nan() {
+        1.0
+    } else {
+        multiplier.max(1.0)
+    };
+    let secs = initial.as_secs_f64() * multiplier.powf(f64::from(restarts));
+    if !secs.is_finite() || secs >= max.as_secs_f64() {
+        return max;
+    }
+    Duration::try_from_secs_f64(secs).map_or(max, |d| d.min(max))
+}
+
 /// Decides restarts for one job run.
 #[derive(Debug)]
 pub(crate) struct RestartTracker {
@@ -213,10 +239,9 @@ impl RestartTracker {
                 max,
                 multiplier,
                 attempts,
-            } => (self.restarts < *attempts).then(|| {
-                let factor = multiplier.max(1.0).powi(self.restarts as i32);
-                initial.mul_f64(factor).min(*max)
-            }),
+            } => {
+                (self.restarts < *attempts).then(|| backoff_delay(*initial, *max, *multiplier, self.restarts))
+            }
             RestartStrategy::FailureRate {
                 max_failures,
                 interval,
@@ -263,6 +288,41 @@ mod tests {
         let now = Instant::now();
         let d: Vec<_> = (0..4).map(|_| t.on_failure(now).unwrap()).collect();
         assert_eq!(d, [10, 20, 35, 35].map(Duration::from_millis));
+    }
+
+    #[test]
+    fn exponential_backoff_delays_saturate_at_the_maximum_for_any_number_of_restarts() {
+        let max = Duration::from_secs(300);
+        let mut t = RestartTracker::new(RestartStrategy::ExponentialBackoff {
+            initial: Duration::from_millis(100),
+            max,
+            multiplier: 2.0,
+            attempts: u32::MAX,
+        });
+        let now = Instant::now();
+        let mut last = Duration::ZERO;
+        for n in 0..10_000u32 {
+            let d = t.on_failure(now).expect("restarts left");
+            assert!(d >= last && d <= max, "restart {n}: {d:?} after {last:?}");
+            last = d;
+        }
+        assert_eq!(last, max);
+        // Extreme settings: huge factors, huge initial delays, NaN.
+        for (initial, multiplier) in [
+            (Duration::MAX, 2.0),
+            (Duration::from_secs(1), f64::MAX),
+            (Duration::from_secs(1), f64::INFINITY),
+            (Duration::from_secs(1), f64::NAN),
+        ] {
+            for restarts in [0, 1, 68, 1_000, u32::MAX] {
+                let d = backoff_delay(initial, max, multiplier, restarts);
+                assert!(d <= max, "{initial:?} x{multiplier} after {restarts}: {d:?}");
+            }
+        }
+        assert_eq!(
+            backoff_delay(Duration::from_secs(1), max, f64::NAN, 5),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -82,6 +82,40 @@ pub enum RuntimeError {
     /// A fault injected by a test ([`crate::testing`]).
     #[error("injected failure: {0}")]
     Injected(String),
+    /// The latest checkpoint cannot be restored (a corrupt or missing file),
+    /// and the job's two-phase-commit sinks were already told that it
+    /// completed: they committed its output, so restoring an older
+    /// checkpoint would commit that output a second time. The job stops
+    /// instead of falling back.
+    #[error(
+        "checkpoint {checkpoint} cannot be restored: {cause}. Its completion was already delivered to the \
+         job's two-phase-commit sinks (they committed its output), so restoring an older checkpoint would \
+         commit output again; the job does not fall back. Repair or restore the damaged file and resume, or \
+         start from a savepoint or retained checkpoint you choose (Job::from_savepoint, CLI --from-savepoint); \
+         to fall back anyway, accepting duplicated output, set CheckpointConfig::fallback_to_older_checkpoint \
+         (CLI --allow-checkpoint-fallback)"
+    )]
+    UnrestorableCheckpoint {
+        /// The checkpoint that cannot be restored.
+        checkpoint: CheckpointId,
+        /// Why (names the file at fault).
+        #[source]
+        cause: sluice_core::Error,
+    },
+    /// Whether checkpoint metadata was committed is unknown (the commit's
+    /// answer was lost and reading it back failed too), so no restore point
+    /// can be chosen yet: skipping it could lose committed output, using it
+    /// could use a checkpoint that does not exist.
+    #[error(
+        "the outcome of the commit of checkpoint {checkpoint} is unknown ({reason}); recovery waits until it \
+         can be read back"
+    )]
+    CommitUnresolved {
+        /// The checkpoint whose commit is undecided.
+        checkpoint: CheckpointId,
+        /// What is known.
+        reason: String,
+    },
 }
 
 impl RuntimeError {

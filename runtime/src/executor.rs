@@ -3,6 +3,7 @@
 //! retention, timeouts, aborts) and recovers from failures with the restart
 //! strategy.
 
+use crate::commit::{self, CommitOutcome, CommitTarget};
 use crate::config::{CheckpointingMode, RestartTracker};
 use crate::error::{Result, RuntimeError};
 use crate::graph::{Builder, EdgeKind, Job, JobGraph, TaskBuild};
@@ -34,6 +35,10 @@ pub enum CheckpointStatus {
     Completed,
     /// Aborted; the reason.
     Failed(String),
+    /// The metadata commit's outcome is unknown (its answer was lost and
+    /// reading it back failed): not used, not notified, files kept, until a
+    /// later read-back decides.
+    Unresolved(String),
 }
 
 /// Statistics of one checkpoint.
@@ -351,6 +356,31 @@ struct Pending {
     async_max: Duration,
     responders: Vec<oneshot::Sender<std::result::Result<CheckpointId, String>>>,
     savepoint: Option<PendingSavepoint>,
+    /// Keep the checkpoint's files when it fails (another writer's metadata
+    /// sits at its id).
+    keep_files: bool,
+}
+
+/// A commit whose outcome is unknown, kept until a read-back decides.
+struct Unresolved {
+    target: CommitTarget,
+    json: Bytes,
+    /// Savepoints: their directory (removed if the commit did not happen).
+    savepoint: Option<SavepointLocation>,
+    stats: CompletedStats,
+    /// What is known so far.
+    reason: String,
+}
+
+/// What the statistics of a completed checkpoint record.
+#[derive(Clone)]
+struct CompletedStats {
+    duration: Duration,
+    state_size: u64,
+    channel: u64,
+    alignment: Vec<Duration>,
+    sync_max: Duration,
+    async_max: Duration,
 }
 
 /// A savepoint in progress.
@@ -380,6 +410,18 @@ struct JobMaster {
     completed: VecDeque<CheckpointId>,
     /// Checkpoints found corrupt: never restored from again.
     bad: BTreeSet<CheckpointId>,
+    /// Whether the job has two-phase-commit sinks (they commit a
+    /// checkpoint's output when told it completed).
+    transactional: bool,
+    /// The newest checkpoint whose completion was delivered to the tasks
+    /// (or, after a resume, may have been by the earlier run): recovery
+    /// never restores anything older in a transactional job.
+    notified: Option<CheckpointId>,
+    /// Commits whose outcome is unknown.
+    unresolved: BTreeMap<CheckpointId, Unresolved>,
+    /// A committed stop-with-savepoint: after a failure the job restores it
+    /// and ends at once (its sinks committed its output already).
+    stop_restore: Option<Arc<RestoreSource>>,
     completed_count: u64,
     consecutive_failures: u32,
     last_completion: Option<Instant>,
@@ -475,6 +517,10 @@ impl JobMaster {
             aborted: BTreeSet::new(),
             completed: VecDeque::new(),
             bad: BTreeSet::new(),
+            transactional: b.transactional,
+            notified: None,
+            unresolved: BTreeMap::new(),
+            stop_restore: None,
             completed_count: 0,
             consecutive_failures: 0,
             last_completion: None,
@@ -499,26 +545,172 @@ impl JobMaster {
         })
     }
 
-    /// Reads the newest readable completed checkpoint (newest first),
-    /// falling back to older ones when metadata is unreadable.
-    async fn load_latest(&mut self) -> Option<Arc<RestoreSource>> {
-        let ids: Vec<CheckpointId> = self.completed.iter().rev().copied().collect();
-        for id in ids {
-            if self.bad.contains(&id) {
-                continue;
+    /// Chooses what the next attempt restores from: the committed
+    /// stop-with-savepoint, if there is one (the attempt then ends at once);
+    /// else the newest completed checkpoint that can be read, then older
+    /// ones, then the savepoint the job started from, then nothing. A
+    /// transactional job never silently restores anything older than the
+    /// newest checkpoint whose completion was delivered
+    /// ([`Self::check_fallback`]). `bad`: a checkpoint the failed attempt
+    /// found corrupt, and the error. A transient read error, and a commit
+    /// whose outcome is still unknown and newer than every completed
+    /// checkpoint, are errors: the caller tries again after a restart delay.
+    async fn choose_restore(
+        &mut self,
+        initial: &Option<Arc<RestoreSource>>,
+        mut bad: Option<(CheckpointId, sluice_core::Error)>,
+    ) -> Result<Option<Arc<RestoreSource>>> {
+        if let Some(r) = &self.stop_restore {
+            return Ok(Some(r.clone()));
+        }
+        self.resolve_unresolved(&[]).await;
+        let newest = self.completed.back().copied();
+        if let Some((&id, u)) = self.unresolved.iter().rev().find(|(_, u)| u.savepoint.is_none()) {
+            if newest.is_none_or(|n| id > n) {
+                return Err(RuntimeError::CommitUnresolved {
+                    checkpoint: id,
+                    reason: u.reason.clone(),
+                });
             }
+        }
+        let ids: Vec<CheckpointId> = self
+            .completed
+            .iter()
+            .rev()
+            .copied()
+            .filter(|id| !self.bad.contains(id))
+            .collect();
+        for id in ids {
+            self.check_fallback(&mut bad, Some(id))?;
             match RestoreSource::checkpoint(self.storage.clone(), id).await {
-                Ok(r) => return Some(Arc::new(r)),
-                Err(e) => {
-                    warn!(
-                        checkpoint = id.0,
-                        "cannot restore from checkpoint {id}: {e}; falling back to an older one"
-                    );
+                Ok(r) => return Ok(Some(Arc::new(r))),
+                Err(
+                    e @ (sluice_core::Error::Corrupt { .. }
+                    | sluice_core::Error::NotFound { .. }
+                    | sluice_core::Error::Incompatible { .. }),
+                ) => {
+                    warn!(checkpoint = id.0, "cannot restore from checkpoint {id}: {e}");
                     self.bad.insert(id);
+                    bad = Some((id, e));
+                }
+                // The storage may be down for a while: try again later
+                // rather than fall back.
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.check_fallback(&mut bad, None)?;
+        Ok(initial.clone())
+    }
+
+    /// Whether recovery may restore `to` (`None`: the savepoint the job
+    /// started from, or nothing) after checkpoint `bad` turned out
+    /// unrestorable. Going back past the newest checkpoint whose completion
+    /// was delivered re-commits output in a job with two-phase-commit sinks:
+    /// refused with [`RuntimeError::UnrestorableCheckpoint`] unless
+    /// [`crate::CheckpointConfig::fallback_to_older_checkpoint`] allows it
+    /// (then logged as possibly duplicating output). Jobs without
+    /// transactional sinks fall back.
+    fn check_fallback(
+        &self,
+        bad: &mut Option<(CheckpointId, sluice_core::Error)>,
+        to: Option<CheckpointId>,
+    ) -> Result<()> {
+        let Some((bad_id, _)) = bad.as_ref() else {
+            return Ok(());
+        };
+        let target = match to {
+            Some(id) => format!("checkpoint {id}"),
+            None => "the start of the job (or its initial savepoint)".to_string(),
+        };
+        let past_delivered = self.notified.is_some_and(|n| to.is_none_or(|t| t < n));
+        if !self.transactional || !past_delivered {
+            warn!("checkpoint {bad_id} cannot be restored; falling back to {target}");
+            return Ok(());
+        }
+        if self.checkpoint.fallback_to_older_checkpoint {
+            warn!(
+                "checkpoint {bad_id} cannot be restored; falling back to {target} although the two-phase-commit \
+                 sinks already committed output after it: this may duplicate output \
+                 (fallback_to_older_checkpoint is set)"
+            );
+            return Ok(());
+        }
+        match bad.take() {
+            Some((checkpoint, cause)) => Err(RuntimeError::UnrestorableCheckpoint { checkpoint, cause }),
+            None => Ok(()),
+        }
+    }
+
+    /// Tries to decide every commit whose outcome is unknown by reading it
+    /// back ([`commit::resolve`]). A checkpoint found committed becomes a
+    /// completed one (its tasks, if `infos` has them, are told now); one
+    /// found missing is failed and its files removed; a savepoint found
+    /// committed is logged.
+    async fn resolve_unresolved(&mut self, infos: &[TaskInfo]) {
+        let ids: Vec<CheckpointId> = self.unresolved.keys().copied().collect();
+        for id in ids {
+            let Some(u) = self.unresolved.get_mut(&id) else {
+                continue;
+            };
+            match commit::resolve(&u.target, &u.json).await {
+                CommitOutcome::Unknown { reason } => u.reason = reason,
+                CommitOutcome::Committed => {
+                    let Some(u) = self.unresolved.remove(&id) else {
+                        continue;
+                    };
+                    self.record_stats(id, &u.stats, CheckpointStatus::Completed);
+                    if let Some(loc) = u.savepoint {
+                        info!(
+                            checkpoint = id.0,
+                            "savepoint {id} at {} was committed after all",
+                            loc.describe()
+                        );
+                        continue;
+                    }
+                    info!(
+                        checkpoint = id.0,
+                        "checkpoint {id} was committed after all (read back)"
+                    );
+                    self.completed_count += 1;
+                    let at = self.completed.partition_point(|c| *c < id);
+                    self.completed.insert(at, id);
+                    if !infos.is_empty() {
+                        for t in infos {
+                            let _ = t.control.send(Control::Complete(id));
+                        }
+                        self.notified = self.notified.max(Some(id));
+                    }
+                    self.apply_retention().await;
+                }
+                CommitOutcome::Failed { reason, discard } => {
+                    let Some(u) = self.unresolved.remove(&id) else {
+                        continue;
+                    };
+                    warn!(checkpoint = id.0, "checkpoint {id} was not committed: {reason}");
+                    self.update_stats(id, |s| s.status = CheckpointStatus::Failed(reason.clone()));
+                    if discard {
+                        let removed = match &u.savepoint {
+                            Some(loc) => loc.storage.delete_dir(&loc.dir).await,
+                            None => self.storage.discard(id).await,
+                        };
+                        if let Err(e) = removed {
+                            warn!("could not remove the files of checkpoint {id}: {e}");
+                        }
+                    }
                 }
             }
         }
-        None
+    }
+
+    /// Discards the oldest completed checkpoints beyond `retained`.
+    async fn apply_retention(&mut self) {
+        while self.completed.len() > self.checkpoint.retained {
+            if let Some(old) = self.completed.pop_front() {
+                if let Err(e) = self.storage.discard(old).await {
+                    warn!("could not discard old checkpoint {}: {e}", old);
+                }
+            }
+        }
     }
 
     /// Checks that the job can start from `restore` (a savepoint or another
@@ -559,12 +751,49 @@ impl JobMaster {
                 restore.describe_with_location()
             );
         }
+        self.check_channel_state(restore)?;
         for uid in self.uids.iter().filter(|u| meta.operator(u).is_none()) {
             info!(
                 "operator {uid} has no state in {}; it starts empty",
                 restore.describe_with_location()
             );
         }
+        Ok(())
+    }
+
+    /// Channel state (records in flight of an unaligned checkpoint) is
+    /// matched to tasks by task id and subtask: state of a task the job does
+    /// not have would be lost, so it is refused (unless non-restored state
+    /// is allowed: then skipped and logged).
+    fn check_channel_state(&self, restore: &RestoreSource) -> Result<()> {
+        let unknown: BTreeSet<&str> = restore
+            .metadata
+            .channel_state
+            .iter()
+            .filter(|c| !c.task_uid.is_empty() && !self.graph.vertices.iter().any(|v| v.uid == c.task_uid))
+            .map(|c| c.task_uid.as_str())
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<&str> = unknown.into_iter().collect();
+        if !self.allow_non_restored_state {
+            return Err(RuntimeError::Storage(sluice_core::Error::Incompatible {
+                what: format!("channel state in {}", restore.describe_with_location()),
+                reason: format!(
+                    "it holds records in flight of task(s) {} that the job does not have (the job's tasks are {}); \
+                     restore it with the job that wrote it, or allow non-restored state to drop those records",
+                    list.join(", "),
+                    self.graph.vertices.iter().map(|v| v.uid.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }));
+        }
+        warn!(
+            "dropping the records in flight of task(s) {} in {}: the job has no such task (non-restored state \
+             allowed)",
+            list.join(", "),
+            restore.describe_with_location()
+        );
         Ok(())
     }
 
@@ -635,15 +864,19 @@ impl JobMaster {
                 }
             }
             self.completed.extend(committed[keep..].iter().copied());
-            match self.load_latest().await {
-                Some(r) => {
+            // The earlier run may have delivered the completion of any of
+            // them before it stopped: assume it did.
+            self.notified = self.completed.back().copied();
+            match self.choose_restore(&initial, None).await? {
+                Some(r) if !is_same(&r, &initial) => {
+                    self.check_channel_state(&r)?;
                     info!(
                         checkpoint = r.metadata.checkpoint_id.0,
                         "resuming from checkpoint {}", r.metadata.checkpoint_id
                     );
                     restore = Some(r);
                 }
-                None if initial.is_some() => {}
+                Some(_) => {}
                 None => info!(
                     "no completed checkpoint to resume from in {}; starting from scratch",
                     self.storage.describe()
@@ -655,10 +888,23 @@ impl JobMaster {
             .filter(|r| !is_same(r, &initial))
             .map(|r| r.metadata.checkpoint_id);
         let mut recoveries = Vec::new();
+        let mut stopped = false;
         loop {
-            let outcome = self.run_attempt(restore.clone(), &mut requests).await;
-            match outcome {
+            let outcome = self.run_attempt(restore.clone(), stopped, &mut requests).await;
+            let mut failure = match outcome {
                 Ok(()) => {
+                    if !self.unresolved.is_empty() {
+                        self.resolve_unresolved(&[]).await;
+                        for (id, u) in &self.unresolved {
+                            warn!(
+                                checkpoint = id.0,
+                                "the job ends with the commit of {} still undecided ({}): check whether {} exists",
+                                id,
+                                u.reason,
+                                u.target.describe()
+                            );
+                        }
+                    }
                     return Ok(JobResult {
                         restarts: self.restart.restarts(),
                         completed_checkpoints: self.completed_count,
@@ -669,74 +915,111 @@ impl JobMaster {
                         restored_from_savepoint,
                         recoveries,
                         duration: job_started.elapsed(),
-                    })
-                }
-                Err(RuntimeError::Cancelled) => return Err(RuntimeError::Cancelled),
-                Err(e) => {
-                    error!("job {} attempt failed: {e}", self.name);
-                    if let RuntimeError::Storage(sluice_core::Error::Incompatible { .. }) = &e {
-                        // Restarting cannot make the state fit the job.
-                        error!("job {} cannot restore its state; not restarting", self.name);
-                        return Err(e);
-                    }
-                    if let (Some(r), RuntimeError::Storage(sluice_core::Error::Corrupt { .. })) =
-                        (&restore, &e)
-                    {
-                        if is_same(r, &initial) {
-                            error!(
-                                "{} is corrupt ({e}); the job does not start from it",
-                                r.describe()
-                            );
-                            return Err(e);
-                        }
-                        warn!(
-                            checkpoint = r.metadata.checkpoint_id.0,
-                            "checkpoint {} is corrupt ({e}); it will not be restored from again, \
-                             falling back to the previous retained checkpoint",
-                            r.metadata.checkpoint_id
-                        );
-                        self.bad.insert(r.metadata.checkpoint_id);
-                    }
-                    let Some(delay) = self.restart.on_failure(Instant::now()) else {
-                        return Err(RuntimeError::RestartsExhausted {
-                            strategy: self.restart_name.clone(),
-                            attempts: self.restart.restarts(),
-                            last: Box::new(e),
-                        });
-                    };
-                    self.set_state(JobState::Restarting, Some(e.to_string()));
-                    tokio::time::sleep(delay).await;
-                    restore = match self.load_latest().await {
-                        Some(r) => Some(r),
-                        None => initial.clone(),
-                    };
-                    match &restore {
-                        Some(r) => info!(
-                            checkpoint = r.metadata.checkpoint_id.0,
-                            "restarting job {} (restart {}) from {}",
-                            self.name,
-                            self.restart.restarts(),
-                            r.describe()
-                        ),
-                        None => info!(
-                            "restarting job {} (restart {}) from scratch: no completed checkpoint",
-                            self.name,
-                            self.restart.restarts()
-                        ),
-                    }
-                    self.set_state(JobState::Running, None);
-                    recoveries.push(Recovery {
-                        cause: e.to_string(),
-                        restored_from: restore.as_ref().map(|r| r.metadata.checkpoint_id),
                     });
                 }
+                Err(RuntimeError::Cancelled) => return Err(RuntimeError::Cancelled),
+                Err(e) => e,
+            };
+            let cause = failure.to_string();
+            // Until a restore point is chosen: each failure (of the attempt,
+            // or of choosing where to restore from) goes to the restart
+            // strategy.
+            loop {
+                error!("job {} attempt failed: {failure}", self.name);
+                let mut bad = None;
+                match failure {
+                    RuntimeError::Storage(sluice_core::Error::Incompatible { .. })
+                    | RuntimeError::UnrestorableCheckpoint { .. } => {
+                        // Restarting cannot make the state fit the job, or a
+                        // checkpoint readable.
+                        error!("job {} cannot restore its state; not restarting", self.name);
+                        return Err(failure);
+                    }
+                    RuntimeError::Storage(e @ sluice_core::Error::Corrupt { .. }) => match restore.clone() {
+                        None => failure = RuntimeError::Storage(e),
+                        Some(r) => {
+                            let stop = self.stop_restore.as_ref().is_some_and(|s| Arc::ptr_eq(s, &r));
+                            if is_same(&r, &initial) || stop {
+                                error!(
+                                    "{} is corrupt ({e}); the job does not start from it",
+                                    r.describe()
+                                );
+                                return Err(RuntimeError::Storage(e));
+                            }
+                            let id = r.metadata.checkpoint_id;
+                            warn!(
+                                checkpoint = id.0,
+                                "checkpoint {id} is corrupt ({e}); it will not be restored from again"
+                            );
+                            self.bad.insert(id);
+                            failure = RuntimeError::Storage(sluice_core::Error::corrupt(
+                                format!("checkpoint {id}"),
+                                e.to_string(),
+                            ));
+                            bad = Some((id, e));
+                        }
+                    },
+                    _ => {}
+                }
+                let Some(delay) = self.restart.on_failure(Instant::now()) else {
+                    return Err(RuntimeError::RestartsExhausted {
+                        strategy: self.restart_name.clone(),
+                        attempts: self.restart.restarts(),
+                        last: Box::new(failure),
+                    });
+                };
+                self.set_state(JobState::Restarting, Some(failure.to_string()));
+                tokio::time::sleep(delay).await;
+                match self.choose_restore(&initial, bad).await {
+                    Ok(r) => {
+                        restore = r;
+                        break;
+                    }
+                    Err(e @ RuntimeError::UnrestorableCheckpoint { .. }) => {
+                        error!("job {}: {e}", self.name);
+                        return Err(e);
+                    }
+                    Err(e) => failure = e,
+                }
             }
+            stopped = self.stop_restore.is_some();
+            match &restore {
+                Some(r) if stopped => info!(
+                    checkpoint = r.metadata.checkpoint_id.0,
+                    "restarting job {} (restart {}) from {}, the savepoint it was stopped with: the job ends at once",
+                    self.name,
+                    self.restart.restarts(),
+                    r.describe()
+                ),
+                Some(r) => info!(
+                    checkpoint = r.metadata.checkpoint_id.0,
+                    "restarting job {} (restart {}) from {}",
+                    self.name,
+                    self.restart.restarts(),
+                    r.describe()
+                ),
+                None => info!(
+                    "restarting job {} (restart {}) from scratch: no completed checkpoint",
+                    self.name,
+                    self.restart.restarts()
+                ),
+            }
+            self.set_state(JobState::Running, None);
+            recoveries.push(Recovery {
+                cause,
+                restored_from: restore.as_ref().map(|r| r.metadata.checkpoint_id),
+            });
         }
     }
 
+    /// Runs one attempt: spawns every task (restoring `restore`), runs the
+    /// coordinator loop until the tasks finish or one fails, then tears
+    /// down. With `stopped` the sources end right after restoring (the job
+    /// was stopped with the savepoint it restores).
     async fn run_attempt(
         &mut self,
         restore: Option<Arc<RestoreSource>>,
+        stopped: bool,
         requests: &mut mpsc::UnboundedReceiver<Request>,
     ) -> Result<()> {
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
@@ -748,6 +1031,7 @@ impl JobMaster {
         let build = self.spawn_tasks(
             &graph,
             restore,
+            stopped,
             &events_tx,
             &writers,
             &mut tasks,
@@ -810,6 +1094,7 @@ impl JobMaster {
         &mut self,
         graph: &JobGraph,
         restore: Option<Arc<RestoreSource>>,
+        stopped: bool,
         events: &mpsc::UnboundedSender<TaskEvent>,
         writers: &Arc<Mutex<Vec<JoinHandle<()>>>>,
         tasks: &mut JoinSet<Result<()>>,
@@ -858,7 +1143,7 @@ impl JobMaster {
                     state_backend: self.backend.clone(),
                     storage: self.storage.clone(),
                     restore: restore.clone(),
-                    vertex: v as u32,
+                    task_uid: Arc::from(vertex.uid.as_str()),
                 };
                 let rt = TaskRuntime {
                     index,
@@ -871,6 +1156,7 @@ impl JobMaster {
                     writers: writers.clone(),
                     metrics: self.metrics.clone(),
                     savepoints: self.savepoint_targets.clone(),
+                    stopped,
                 };
                 let body = build(&mut TaskBuild {
                     runtime: Some(rt),
@@ -968,6 +1254,9 @@ impl JobMaster {
                 }
                 Step::Event(ev) => self.on_event(ev, infos).await?,
                 Step::Tick => {
+                    if !self.unresolved.is_empty() {
+                        self.resolve_unresolved(infos).await;
+                    }
                     let savepoint_pending = self.pending.values().any(|p| p.savepoint.is_some());
                     if !sources_finishing && !savepoint_pending && self.stopped_with.is_none() {
                         self.trigger(infos, None, true, false).await?;
@@ -1147,6 +1436,7 @@ impl JobMaster {
                 async_max: Duration::ZERO,
                 responders: responder.into_iter().collect(),
                 savepoint,
+                keep_files: false,
             },
         );
         self.push_stats(CheckpointStats {
@@ -1259,162 +1549,249 @@ impl JobMaster {
             channel_state: std::mem::take(&mut p.channel_state),
         };
         let json = Bytes::from(meta.to_json()?);
-        let meta_channel = meta.channel_state_size();
-        if p.savepoint.is_some() {
-            return self
-                .complete_savepoint(id, p, json, meta.state_size(), infos)
-                .await;
-        }
-        if let Some(hook) = &self.commit_hook {
-            if let Err(msg) = hook.before_commit(id) {
-                // Simulated crash of the job master: the checkpoint stays
-                // uncommitted; teardown removes its files.
-                self.aborted.insert(id);
-                let _ = self.storage.discard(id).await;
-                return Err(RuntimeError::Injected(msg));
-            }
-        }
-        let committed = match self.storage.commit_metadata(id, json.clone()).await {
-            Ok(()) => Ok(()),
-            Err(e @ sluice_core::Error::Indeterminate { .. }) => {
-                warn!("commit of checkpoint {id} is indeterminate ({e}); reading it back");
-                match self.storage.read_metadata(id).await {
-                    Ok(b) if b == json => Ok(()),
-                    _ => Err(e.to_string()),
-                }
-            }
-            Err(e) => Err(e.to_string()),
+        let stats = CompletedStats {
+            duration,
+            state_size: meta.state_size(),
+            channel: meta.channel_state_size(),
+            alignment: p.alignment.clone(),
+            sync_max: p.sync_max,
+            async_max: p.async_max,
         };
-        let state_size = meta.state_size();
-        match committed {
-            Ok(()) => {
-                self.consecutive_failures = 0;
-                self.completed_count += 1;
-                self.last_completion = Some(Instant::now());
-                let align_max = p.alignment.iter().copied().max().unwrap_or_default();
-                info!(
-                    checkpoint = id.0,
-                    "checkpoint {id} completed in {} ms: {} bytes, max alignment {} ms, sync {} ms, async {} ms",
-                    duration.as_millis(),
-                    state_size,
-                    align_max.as_millis(),
-                    p.sync_max.as_millis(),
-                    p.async_max.as_millis()
-                );
-                self.record_completed(id, duration, state_size, meta_channel, &p);
-                for t in infos {
-                    let _ = t.control.send(Control::Complete(id));
-                }
-                if self.final_id == Some(id) {
-                    end_sources(infos);
-                }
-                for r in p.responders {
-                    let _ = r.send(Ok(id));
-                }
-                // Older pending checkpoints are subsumed.
-                let older: Vec<CheckpointId> = self.pending.range(..id).map(|(k, _)| *k).collect();
-                for o in older {
-                    self.fail_checkpoint(o, format!("subsumed by checkpoint {id}"), infos, false)
-                        .await?;
-                }
-                self.completed.push_back(id);
-                while self.completed.len() > self.checkpoint.retained {
-                    if let Some(old) = self.completed.pop_front() {
-                        if let Err(e) = self.storage.discard(old).await {
-                            warn!("could not discard old checkpoint {}: {e}", old);
-                        }
+        // Checkpoint and savepoint metadata are committed the same way.
+        let target = match &p.savepoint {
+            Some(sp) => CommitTarget::file(
+                sp.location.storage.clone(),
+                sp.location.join(SAVEPOINT_METADATA_FILE),
+            ),
+            None => {
+                if let Some(hook) = &self.commit_hook {
+                    if let Err(msg) = hook.before_commit(id) {
+                        // Simulated crash of the job master: the checkpoint
+                        // stays uncommitted; teardown removes its files.
+                        self.aborted.insert(id);
+                        let _ = self.storage.discard(id).await;
+                        return Err(RuntimeError::Injected(msg));
                     }
                 }
-                Ok(())
+                CommitTarget::checkpoint(self.storage.clone(), id)
             }
-            Err(reason) => {
+        };
+        let outcome = commit::commit(&target, &json).await;
+        if p.savepoint.is_some() {
+            self.savepoint_targets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+        match outcome {
+            CommitOutcome::Committed => match p.savepoint.take() {
+                Some(sp) => {
+                    self.savepoint_committed(id, sp, meta, &stats, infos);
+                    Ok(())
+                }
+                None => self.checkpoint_committed(id, p, &stats, infos).await,
+            },
+            CommitOutcome::Failed { reason, discard } => {
+                let counts = p.savepoint.is_none();
                 self.pending.insert(
                     id,
                     Pending {
                         acks: HashMap::new(),
+                        keep_files: !discard,
                         ..p
                     },
                 );
-                self.fail_checkpoint(id, format!("metadata commit failed: {reason}"), infos, true)
+                self.fail_checkpoint(id, format!("metadata commit failed: {reason}"), infos, counts)
                     .await
+            }
+            CommitOutcome::Unknown { reason } => {
+                self.commit_unknown(id, p, target, json, stats, reason, infos)
             }
         }
     }
 
-    /// Commits savepoint `id`: its `_metadata`, durably and create-if-absent,
-    /// last. It is not a checkpoint: not restored from after a failure, not
-    /// subject to retention, and (but for stop-with-savepoint, after which
-    /// the job ends) tasks are not told it completed, so two-phase-commit
-    /// sinks commit with the next checkpoint, as in Flink.
-    async fn complete_savepoint(
+    /// Checkpoint `id` is committed: tasks are told (two-phase-commit sinks
+    /// commit its transactions), older pending checkpoints are subsumed,
+    /// retention applies.
+    async fn checkpoint_committed(
         &mut self,
         id: CheckpointId,
-        mut p: Pending,
-        json: Bytes,
-        state_size: u64,
+        p: Pending,
+        stats: &CompletedStats,
         infos: &[TaskInfo],
     ) -> Result<()> {
-        let Some(sp) = p.savepoint.take() else {
-            return Ok(());
+        self.consecutive_failures = 0;
+        self.completed_count += 1;
+        self.last_completion = Some(Instant::now());
+        info!(
+            checkpoint = id.0,
+            "checkpoint {id} completed in {} ms: {} bytes, max alignment {} ms, sync {} ms, async {} ms",
+            stats.duration.as_millis(),
+            stats.state_size,
+            stats
+                .alignment
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or_default()
+                .as_millis(),
+            stats.sync_max.as_millis(),
+            stats.async_max.as_millis()
+        );
+        self.record_stats(id, stats, CheckpointStatus::Completed);
+        let at = self.completed.partition_point(|c| *c < id);
+        self.completed.insert(at, id);
+        if !self.unresolved.is_empty() {
+            // A newer checkpoint committed: a good moment to decide the
+            // older commits whose outcome is unknown.
+            self.resolve_unresolved(infos).await;
+        }
+        for t in infos {
+            let _ = t.control.send(Control::Complete(id));
+        }
+        self.notified = self.notified.max(Some(id));
+        if self.final_id == Some(id) {
+            end_sources(infos);
+        }
+        for r in p.responders {
+            let _ = r.send(Ok(id));
+        }
+        // Older pending checkpoints are subsumed.
+        let older: Vec<CheckpointId> = self.pending.range(..id).map(|(k, _)| *k).collect();
+        for o in older {
+            self.fail_checkpoint(o, format!("subsumed by checkpoint {id}"), infos, false)
+                .await?;
+        }
+        self.apply_retention().await;
+        Ok(())
+    }
+
+    /// Savepoint `id` is committed. It is not a checkpoint: not restored
+    /// from after a failure, not subject to retention, and (but for
+    /// stop-with-savepoint, after which the job ends) tasks are not told it
+    /// completed, so two-phase-commit sinks commit with the next
+    /// checkpoint, as in Flink. A stop-with-savepoint, once its completion
+    /// is delivered, becomes the restore point of any later recovery (its
+    /// sinks committed its output), and a restored job ends at once.
+    fn savepoint_committed(
+        &mut self,
+        id: CheckpointId,
+        sp: PendingSavepoint,
+        meta: CheckpointMetadata,
+        stats: &CompletedStats,
+        infos: &[TaskInfo],
+    ) {
+        let loc = sp.location;
+        info!(
+            checkpoint = id.0,
+            "savepoint {id} completed in {} ms: {} bytes at {}",
+            stats.duration.as_millis(),
+            stats.state_size,
+            loc.describe()
+        );
+        self.record_stats(id, stats, CheckpointStatus::Completed);
+        let savepoint = Savepoint {
+            id,
+            location: loc.clone(),
         };
-        let duration = p.started.elapsed();
-        let loc = sp.location.clone();
-        let path = loc.join(SAVEPOINT_METADATA_FILE);
-        let committed = match loc.storage.commit_file(&path, json.clone()).await {
-            Ok(()) => Ok(()),
-            Err(e @ sluice_core::Error::Indeterminate { .. }) => {
-                warn!("commit of savepoint {id} is indeterminate ({e}); reading it back");
-                match loc.storage.read_file(&path).await {
-                    Ok(b) if b == json => Ok(()),
-                    _ => Err(e.to_string()),
-                }
+        if sp.stop {
+            self.stop_restore = Some(Arc::new(RestoreSource {
+                metadata: Arc::new(meta),
+                storage: loc.storage.clone(),
+                base: loc.dir.clone(),
+                location: loc.describe(),
+            }));
+            for t in infos {
+                let _ = t.control.send(Control::Complete(id));
             }
-            Err(e) => Err(e.to_string()),
-        };
-        self.savepoint_targets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        match committed {
-            Ok(()) => {
-                info!(
-                    checkpoint = id.0,
-                    "savepoint {id} completed in {} ms: {} bytes at {}",
-                    duration.as_millis(),
-                    state_size,
-                    loc.describe()
-                );
-                self.record_completed(id, duration, state_size, 0, &p);
-                let savepoint = Savepoint { id, location: loc };
-                if sp.stop {
-                    for t in infos {
-                        let _ = t.control.send(Control::Complete(id));
-                    }
-                    end_sources(infos);
-                    self.stopped_with = Some(savepoint.clone());
-                }
-                if let Some(r) = sp.responder {
-                    let _ = r.send(Ok(savepoint));
-                }
-                Ok(())
-            }
-            Err(reason) => {
-                self.pending.insert(
-                    id,
-                    Pending {
-                        acks: HashMap::new(),
-                        savepoint: Some(sp),
-                        ..p
-                    },
-                );
-                self.fail_checkpoint(id, format!("metadata commit failed: {reason}"), infos, false)
-                    .await
-            }
+            self.notified = self.notified.max(Some(id));
+            end_sources(infos);
+            self.stopped_with = Some(savepoint.clone());
+        }
+        if let Some(r) = sp.responder {
+            let _ = r.send(Ok(savepoint));
         }
     }
 
-    /// Aborts checkpoint `id`: tasks are told, its files are removed, and if
-    /// `counts`, it counts against the tolerable failures.
+    /// The commit of checkpoint or savepoint `id` has an unknown outcome:
+    /// it is kept (files and all) until a read-back decides
+    /// ([`Self::resolve_unresolved`]); nobody is told it completed. It
+    /// counts against the tolerable failures; a final checkpoint is taken
+    /// again; a stop-with-savepoint does not stop the job.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_unknown(
+        &mut self,
+        id: CheckpointId,
+        p: Pending,
+        target: CommitTarget,
+        json: Bytes,
+        stats: CompletedStats,
+        reason: String,
+        infos: &[TaskInfo],
+    ) -> Result<()> {
+        warn!(
+            checkpoint = id.0,
+            "the outcome of the commit of {} {id} is unknown ({reason}); it is not used, notified or deleted until \
+             reading {} back decides",
+            p.barrier.kind,
+            target.describe()
+        );
+        let status = CheckpointStatus::Unresolved(reason.clone());
+        self.record_stats(id, &stats, status);
+        for r in p.responders {
+            let _ = r.send(Err(format!("checkpoint {id}: commit outcome unknown ({reason})")));
+        }
+        let savepoint = p.savepoint.map(|sp| {
+            if let Some(r) = sp.responder {
+                let _ = r.send(Err(format!(
+                    "savepoint {id}: the outcome of its commit is unknown ({reason}); it may exist at {}",
+                    sp.location.describe()
+                )));
+            }
+            // Sources waiting after a stop-with-savepoint barrier go on.
+            for t in infos {
+                let _ = t.control.send(Control::Abort(id));
+            }
+            sp.location
+        });
+        let is_savepoint = savepoint.is_some();
+        self.unresolved.insert(
+            id,
+            Unresolved {
+                target,
+                json,
+                savepoint,
+                stats,
+                reason: reason.clone(),
+            },
+        );
+        if self.final_id == Some(id) {
+            self.final_failure = Some((id, reason.clone()));
+        }
+        match is_savepoint {
+            true => Ok(()),
+            false => self.count_failure(id, reason),
+        }
+    }
+
+    /// Counts a failed checkpoint against the tolerable consecutive
+    /// failures; too many fail the attempt.
+    fn count_failure(&mut self, id: CheckpointId, reason: String) -> Result<()> {
+        self.consecutive_failures += 1;
+        if self.consecutive_failures > self.checkpoint.tolerable_failures {
+            return Err(RuntimeError::TooManyCheckpointFailures {
+                failures: self.consecutive_failures,
+                tolerable: self.checkpoint.tolerable_failures,
+                last_id: id,
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    /// Aborts checkpoint `id`: tasks are told, its files are removed (unless
+    /// it is marked to keep them), and if `counts`, it counts against the
+    /// tolerable failures.
     async fn fail_checkpoint(
         &mut self,
         id: CheckpointId,
@@ -1429,7 +1806,9 @@ impl JobMaster {
         if self.final_id == Some(id) {
             self.final_failure = Some((id, reason.clone()));
         }
-        self.aborted.insert(id);
+        if !p.keep_files {
+            self.aborted.insert(id);
+        }
         for t in infos {
             let _ = t.control.send(Control::Abort(id));
         }
@@ -1441,13 +1820,15 @@ impl JobMaster {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            if let Err(e) = sp.location.storage.delete_dir(&sp.location.dir).await {
-                warn!(
-                    "could not remove failed savepoint {}: {e}",
-                    sp.location.describe()
-                );
+            if !p.keep_files {
+                if let Err(e) = sp.location.storage.delete_dir(&sp.location.dir).await {
+                    warn!(
+                        "could not remove failed savepoint {}: {e}",
+                        sp.location.describe()
+                    );
+                }
+                self.aborted_savepoints.insert(id, sp.location.clone());
             }
-            self.aborted_savepoints.insert(id, sp.location.clone());
             let duration = p.started.elapsed();
             self.update_stats(id, |s| {
                 s.status = CheckpointStatus::Failed(reason.clone());
@@ -1458,8 +1839,10 @@ impl JobMaster {
             }
             return Ok(());
         }
-        if let Err(e) = self.storage.discard(id).await {
-            warn!("could not remove the files of failed checkpoint {id}: {e}");
+        if !p.keep_files {
+            if let Err(e) = self.storage.discard(id).await {
+                warn!("could not remove the files of failed checkpoint {id}: {e}");
+            }
         }
         let duration = p.started.elapsed();
         self.update_stats(id, |s| {
@@ -1469,36 +1852,21 @@ impl JobMaster {
         for r in p.responders {
             let _ = r.send(Err(reason.clone()));
         }
-        if counts {
-            self.consecutive_failures += 1;
-            if self.consecutive_failures > self.checkpoint.tolerable_failures {
-                return Err(RuntimeError::TooManyCheckpointFailures {
-                    failures: self.consecutive_failures,
-                    tolerable: self.checkpoint.tolerable_failures,
-                    last_id: id,
-                    reason,
-                });
-            }
+        match counts {
+            true => self.count_failure(id, reason),
+            false => Ok(()),
         }
-        Ok(())
     }
 
-    fn record_completed(
-        &self,
-        id: CheckpointId,
-        duration: Duration,
-        state_size: u64,
-        channel: u64,
-        p: &Pending,
-    ) {
+    fn record_stats(&self, id: CheckpointId, st: &CompletedStats, status: CheckpointStatus) {
         self.update_stats(id, |s| {
-            s.channel_state_size = channel;
-            s.status = CheckpointStatus::Completed;
-            s.duration = duration;
-            s.state_size = state_size;
-            s.alignment = p.alignment.clone();
-            s.sync_max = p.sync_max;
-            s.async_max = p.async_max;
+            s.channel_state_size = st.channel;
+            s.status = status;
+            s.duration = st.duration;
+            s.state_size = st.state_size;
+            s.alignment = st.alignment.clone();
+            s.sync_max = st.sync_max;
+            s.async_max = st.async_max;
         });
     }
 

@@ -77,6 +77,30 @@ pub struct FileTxn {
     pub parts: Vec<String>,
 }
 
+/// Checks a transaction handle (it may come from a checkpoint): its id is
+/// hexadecimal and part `n` is named `part-<subtask>-<id>-<n>`, so that no
+/// name can point outside the sink's directory.
+fn check_txn(txn: &FileTxn) -> std::result::Result<(), String> {
+    let id_ok = !txn.id.is_empty() && txn.id.len() <= 64 && txn.id.bytes().all(|b| b.is_ascii_hexdigit());
+    if !id_ok {
+        return Err(format!(
+            "file sink transaction id {:?} is not the hexadecimal id the sink writes",
+            txn.id
+        ));
+    }
+    for (n, name) in txn.parts.iter().enumerate() {
+        let want = format!("part-{}-{}-{n}", txn.subtask, txn.id);
+        if *name != want {
+            return Err(format!(
+                "file sink transaction {} names part {n} {name:?}, expected {want:?} (a part is a file of the \
+                 sink's own directory)",
+                txn.id
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn in_progress(name: &str) -> String {
     format!(".{name}.inprogress")
 }
@@ -227,7 +251,17 @@ impl<T: Send + 'static> TransactionalWriter<T> for FileSinkWriter<T> {
         self.hook(FileSinkPoint::AfterPreCommit)
     }
 
+    fn check_restored(&self, txn: &FileTxn) -> std::result::Result<(), String> {
+        check_txn(txn)
+    }
+
     fn commit(&mut self, txn: &FileTxn) -> Result<()> {
+        check_txn(txn).map_err(|reason| {
+            RuntimeError::Storage(sluice_core::Error::corrupt(
+                self.sink.dir.display().to_string(),
+                reason,
+            ))
+        })?;
         for (n, name) in txn.parts.iter().enumerate() {
             self.hook(FileSinkPoint::CommitPart(n))?;
             let (from, to) = (self.path(&in_progress(name)), self.path(name));
@@ -252,6 +286,12 @@ impl<T: Send + 'static> TransactionalWriter<T> for FileSinkWriter<T> {
     }
 
     fn abort(&mut self, txn: FileTxn) -> Result<()> {
+        check_txn(&txn).map_err(|reason| {
+            RuntimeError::Storage(sluice_core::Error::corrupt(
+                self.sink.dir.display().to_string(),
+                reason,
+            ))
+        })?;
         if self.out.as_ref().is_some_and(|(_, _, n)| txn.parts.contains(n)) {
             self.out = None;
         }

@@ -101,6 +101,9 @@ fn grid<T: Send + 'static>(ups: usize, downs: usize) -> ChannelGrid {
 
 pub(crate) struct VertexDef {
     pub name: String,
+    /// The task's stable id ([`sluice_core::ChannelStateHandle::task_uid`]):
+    /// its head operator's uid, or derived from its inputs and its name.
+    pub uid: String,
     pub parallelism: u32,
     pub build: Option<BuildFn>,
     pub is_source: bool,
@@ -140,6 +143,8 @@ pub(crate) struct Builder {
     pub vertices: Vec<VertexDef>,
     pub edges: Vec<EdgeDef>,
     pub uids: Vec<OperatorUid>,
+    /// Whether a two-phase-commit sink is in the job.
+    pub transactional: bool,
     pub errors: Vec<String>,
 }
 
@@ -173,6 +178,7 @@ impl Job {
                 vertices: Vec::new(),
                 edges: Vec::new(),
                 uids: Vec::new(),
+                transactional: false,
                 errors: Vec::new(),
             })),
         }
@@ -266,11 +272,38 @@ impl Job {
         }
     }
 
-    fn add_vertex(&self, name: String, parallelism: Option<u32>, is_source: bool) -> usize {
+    /// Adds a task. Its stable id is `uid` (a source's or keyed operator's
+    /// uid) or, for tasks without one, derived from the ids of the tasks
+    /// `inputs` and the task's name (`running-sum/rebalance`), made unique
+    /// with a `#n` suffix if needed. The id matches channel state to tasks
+    /// across restarts, so it must not depend on the order of construction
+    /// alone.
+    fn add_vertex(
+        &self,
+        name: String,
+        parallelism: Option<u32>,
+        is_source: bool,
+        uid: Option<&OperatorUid>,
+        inputs: &[usize],
+    ) -> usize {
         let mut b = self.inner.borrow_mut();
         let parallelism = parallelism.unwrap_or(b.parallelism);
+        let base = match uid {
+            Some(u) => u.to_string(),
+            None => {
+                let from: Vec<&str> = inputs.iter().map(|v| b.vertices[*v].uid.as_str()).collect();
+                format!("{}/{name}", from.join("+"))
+            }
+        };
+        let mut uid = base.clone();
+        let mut n = 1;
+        while b.vertices.iter().any(|v| v.uid == uid) {
+            n += 1;
+            uid = format!("{base}#{n}");
+        }
         b.vertices.push(VertexDef {
             name,
+            uid,
             parallelism,
             build: None,
             is_source,
@@ -282,7 +315,7 @@ impl Job {
     /// under it) and the given parallelism.
     pub fn source<T: Record>(&self, uid: &str, source: impl Source<T>, parallelism: u32) -> DataStream<T> {
         let uid = self.register_uid(uid);
-        let vertex = self.add_vertex(format!("source {uid}"), Some(parallelism), true);
+        let vertex = self.add_vertex(format!("source {uid}"), Some(parallelism), true, Some(&uid), &[]);
         let source: Arc<dyn Source<T>> = Arc::new(source);
         let open: OpenFn<T> = Arc::new(move |tb, chain| {
             let rt = tb.runtime()?;
@@ -360,9 +393,16 @@ impl<T: Record> DataStream<T> {
 
     /// Ends every open chain with a network output to a new task and
     /// returns the new task's vertex and its head.
-    fn exchange(self, partitioner: Partitioner<T>, kind: EdgeKind, name: String) -> (Job, usize) {
+    fn exchange(
+        self,
+        partitioner: Partitioner<T>,
+        kind: EdgeKind,
+        name: String,
+        uid: Option<&OperatorUid>,
+    ) -> (Job, usize) {
         let job = self.job.clone();
-        let to = job.add_vertex(name, None, false);
+        let inputs: Vec<usize> = self.parts.iter().map(|(v, _)| *v).collect();
+        let to = job.add_vertex(name, None, false, uid, &inputs);
         let mut b = job.inner.borrow_mut();
         let max_parallelism = b.max_parallelism;
         for (from, open) in self.parts {
@@ -395,7 +435,7 @@ impl<T: Record> DataStream<T> {
     }
 
     fn exchange_to_stream(self, partitioner: Partitioner<T>, kind: EdgeKind, name: &str) -> DataStream<T> {
-        let (job, to) = self.exchange(partitioner, kind, name.to_string());
+        let (job, to) = self.exchange(partitioner, kind, name.to_string(), None);
         let open: OpenFn<T> = Arc::new(|tb, chain| {
             let rx = tb.take_inputs::<T>()?;
             let rt = tb.runtime()?;
@@ -448,6 +488,7 @@ impl<T: Record> DataStream<T> {
     /// in checkpoints under it).
     pub fn transactional_sink<S: TwoPhaseCommitSink<T>>(self, uid: &str, sink: S) -> Result<()> {
         let uid = self.job.register_uid(uid);
+        self.job.inner.borrow_mut().transactional = true;
         let sink = Arc::new(sink);
         self.end_with(move |subtask, parallelism| {
             let writer = sink.open(subtask, parallelism)?;
@@ -499,9 +540,9 @@ impl<T: Record, K: Serialize + Send + Sync + 'static> KeyedStream<T, K> {
         let uid = self.stream.job.register_uid(uid);
         let partitioner = self.hash_partitioner();
         let key_fn = self.key.clone();
-        let (job, to) = self
-            .stream
-            .exchange(partitioner, EdgeKind::Other, format!("keyed {uid}"));
+        let (job, to) =
+            self.stream
+                .exchange(partitioner, EdgeKind::Other, format!("keyed {uid}"), Some(&uid));
         let open: OpenFn<O> = Arc::new(move |tb, out| {
             let rx = tb.take_inputs::<T>()?;
             let rt = tb.runtime()?;
@@ -551,9 +592,9 @@ impl<T1: Record, T2: Record, K: Serialize + Send + Sync + 'static> ConnectedKeye
             Either::Left(a) => encode_key(&p1(a), buf),
             Either::Right(b) => encode_key(&p2(b), buf),
         }));
-        let (job, to) = left
-            .union(right)
-            .exchange(partitioner, EdgeKind::Other, format!("keyed {uid}"));
+        let (job, to) =
+            left.union(right)
+                .exchange(partitioner, EdgeKind::Other, format!("keyed {uid}"), Some(&uid));
         let open: OpenFn<O> = Arc::new(move |tb, out| {
             let rx = tb.take_inputs::<Either<T1, T2>>()?;
             let rt = tb.runtime()?;

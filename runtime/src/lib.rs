@@ -45,6 +45,7 @@
 
 pub mod barrier_handler;
 pub mod channel;
+pub(crate) mod commit;
 pub mod config;
 pub mod error;
 pub mod executor;

@@ -11,6 +11,10 @@
 //! A redb file can be opened only once at a time, so redb storages are
 //! shared by path within the process: the job's checkpoint file can also
 //! hold its savepoints.
+//!
+//! Tools that only read open with [`OpenMode::ReadOnly`]: nothing is
+//! created or written (a mistyped redb path is a "no such file" error, not
+//! a new empty store).
 
 use crate::savepoint::SavepointLocation;
 use sluice_core::{CheckpointStorage, Error, Result};
@@ -24,6 +28,23 @@ pub struct S3Options {
     pub endpoint: Option<String>,
 }
 
+/// How a storage named by a string is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OpenMode {
+    /// For reading and writing (a job's checkpoint storage, a savepoint
+    /// target): a missing redb file is created.
+    #[default]
+    ReadWrite,
+    /// For reading only (`sluice inspect`, `sluice checkpoints list`, the
+    /// source of `sluice copy`): nothing is created or written. A redb file
+    /// must exist and be a checkpoint store, and is opened read-only
+    /// (`RedbCheckpointStorage::open_existing`); S3 is opened without the
+    /// conditional-write probe (`S3CheckpointStorage::open_read_only`).
+    /// Writes through the storage fail. A redb file already open in this
+    /// process is shared as it is (possibly writable).
+    ReadOnly,
+}
+
 fn unknown(spec: &str) -> Error {
     Error::InvalidArgument {
         what: format!("location {spec:?}"),
@@ -32,38 +53,87 @@ fn unknown(spec: &str) -> Error {
 }
 
 /// Opens the checkpoint storage named by `spec` (`memory`, `redb:PATH`,
-/// `s3://bucket/prefix`: the whole prefix is the storage's).
+/// `s3://bucket/prefix`: the whole prefix is the storage's) for reading and
+/// writing.
 pub async fn open_storage(spec: &str, s3: &S3Options) -> Result<Arc<dyn CheckpointStorage>> {
+    open_storage_with(spec, s3, OpenMode::ReadWrite).await
+}
+
+/// [`open_storage`] in the given mode.
+pub async fn open_storage_with(
+    spec: &str,
+    s3: &S3Options,
+    mode: OpenMode,
+) -> Result<Arc<dyn CheckpointStorage>> {
     if spec == "memory" {
         return memory_storage();
     }
     if let Some(path) = spec.strip_prefix("redb:") {
-        return redb_storage(path);
+        return redb_storage(path, mode);
     }
     if spec.starts_with("s3://") {
-        return s3_storage(spec, None, s3).await;
+        return s3_storage(spec, None, s3, mode).await;
     }
     Err(unknown(spec))
 }
 
 /// Opens the savepoint location (or savepoint target) named by `spec`:
-/// `redb:PATH[#DIR]` or `s3://bucket/prefix/dir`.
+/// `redb:PATH[#DIR]` or `s3://bucket/prefix/dir`, for reading and writing.
 pub async fn open_location(spec: &str, s3: &S3Options) -> Result<SavepointLocation> {
+    open_location_with(spec, s3, OpenMode::ReadWrite).await
+}
+
+/// [`open_location`] in the given mode.
+pub async fn open_location_with(spec: &str, s3: &S3Options, mode: OpenMode) -> Result<SavepointLocation> {
     if let Some(rest) = spec.strip_prefix("redb:") {
-        let (path, dir) = match rest.rsplit_once('#') {
-            Some((p, d)) => (p, d),
-            None => (rest, ""),
-        };
-        return SavepointLocation::new(redb_storage(path)?, dir);
+        let (path, dir) = split_redb(rest);
+        return SavepointLocation::new(redb_storage(path, mode)?, dir);
     }
     if let Some(rest) = spec.strip_prefix("s3://") {
         let rest = rest.trim_end_matches('/');
         let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
         let (prefix, dir) = key.rsplit_once('/').unwrap_or(("", key));
-        let storage = s3_storage(&format!("s3://{bucket}/{prefix}"), Some(prefix), s3).await?;
+        let storage = s3_storage(&format!("s3://{bucket}/{prefix}"), Some(prefix), s3, mode).await?;
         return SavepointLocation::new(storage, dir);
     }
     Err(unknown(spec))
+}
+
+/// Opens the source and the destination of a copy: the source read-only
+/// (it must exist; nothing is created for it), the destination for
+/// writing. When both are in one redb file, which cannot be open read-only
+/// and for writing at once, the source is first checked read-only and
+/// then shares the destination's writable handle.
+pub async fn open_copy_locations(
+    src: &str,
+    dst: &str,
+    s3: &S3Options,
+) -> Result<(SavepointLocation, SavepointLocation)> {
+    let from = open_location_with(src, s3, OpenMode::ReadOnly).await?;
+    let same_file = match (redb_file(src), redb_file(dst)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    };
+    if !same_file {
+        let to = open_location(dst, s3).await?;
+        return Ok((from, to));
+    }
+    drop(from);
+    let to = open_location(dst, s3).await?;
+    let from = open_location_with(src, s3, OpenMode::ReadOnly).await?;
+    Ok((from, to))
+}
+
+/// `PATH` and `DIR` of `PATH[#DIR]`.
+fn split_redb(rest: &str) -> (&str, &str) {
+    rest.rsplit_once('#').unwrap_or((rest, ""))
+}
+
+/// The absolute path of the redb file a `redb:PATH[#DIR]` spec names (the
+/// key under which it is shared in the process).
+fn redb_file(spec: &str) -> Option<std::path::PathBuf> {
+    let (path, _) = split_redb(spec.strip_prefix("redb:")?);
+    std::path::absolute(path).ok()
 }
 
 #[cfg(feature = "memory")]
@@ -85,7 +155,7 @@ fn not_built(what: &str, feature: &str) -> Error {
 }
 
 #[cfg(feature = "redb")]
-fn redb_storage(path: &str) -> Result<Arc<dyn CheckpointStorage>> {
+fn redb_storage(path: &str, mode: OpenMode) -> Result<Arc<dyn CheckpointStorage>> {
     use sluice_backend_redb::RedbCheckpointStorage;
     use std::collections::HashMap;
     use std::path::PathBuf;
@@ -106,30 +176,46 @@ fn redb_storage(path: &str) -> Result<Arc<dyn CheckpointStorage>> {
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     if let Some(s) = open.get(&key).and_then(Weak::upgrade) {
+        if mode == OpenMode::ReadWrite && s.is_read_only() {
+            return Err(Error::storage(
+                format!("redb:{path}"),
+                "the checkpoint store is open read-only in this process; it cannot also be opened for writing",
+            ));
+        }
         return Ok(s);
     }
-    let storage = Arc::new(RedbCheckpointStorage::open(path)?);
+    let storage = Arc::new(match mode {
+        OpenMode::ReadWrite => RedbCheckpointStorage::open(path)?,
+        OpenMode::ReadOnly => RedbCheckpointStorage::open_existing(path)?,
+    });
     open.retain(|_, w| w.strong_count() > 0);
     open.insert(key, Arc::downgrade(&storage));
     Ok(storage)
 }
 
 #[cfg(not(feature = "redb"))]
-fn redb_storage(_path: &str) -> Result<Arc<dyn CheckpointStorage>> {
+fn redb_storage(_path: &str, _mode: OpenMode) -> Result<Arc<dyn CheckpointStorage>> {
     Err(not_built("redb", "redb"))
 }
 
 /// `prefix`: the key prefix, if the caller split it off already.
 #[cfg(feature = "s3")]
-async fn s3_storage(spec: &str, prefix: Option<&str>, s3: &S3Options) -> Result<Arc<dyn CheckpointStorage>> {
+async fn s3_storage(
+    spec: &str,
+    prefix: Option<&str>,
+    s3: &S3Options,
+    mode: OpenMode,
+) -> Result<Arc<dyn CheckpointStorage>> {
+    use sluice_backend_s3::S3CheckpointStorage;
     let mut config = sluice_backend_s3::S3Config::from_url(spec)?;
     if let Some(p) = prefix {
         config.prefix = p.to_string();
     }
     config.endpoint_url = s3.endpoint.clone();
-    Ok(Arc::new(
-        sluice_backend_s3::S3CheckpointStorage::open(config).await?,
-    ))
+    Ok(Arc::new(match mode {
+        OpenMode::ReadWrite => S3CheckpointStorage::open(config).await?,
+        OpenMode::ReadOnly => S3CheckpointStorage::open_read_only(config).await?,
+    }))
 }
 
 #[cfg(not(feature = "s3"))]
@@ -137,6 +223,7 @@ async fn s3_storage(
     _spec: &str,
     _prefix: Option<&str>,
     _s3: &S3Options,
+    _mode: OpenMode,
 ) -> Result<Arc<dyn CheckpointStorage>> {
     Err(not_built("s3", "s3"))
 }
@@ -166,5 +253,84 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_read_only_open_of_a_missing_redb_file_names_it_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("typo.redb");
+        let s3 = S3Options::default();
+        let spec = format!("redb:{}", path.display());
+        let e = open_storage_with(&spec, &s3, OpenMode::ReadOnly)
+            .await
+            .unwrap_err();
+        assert!(
+            e.is_not_found() && e.to_string().contains(&path.display().to_string()),
+            "{e}"
+        );
+        let e = open_location_with(&format!("{spec}#sp-1"), &s3, OpenMode::ReadOnly)
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        let e = open_copy_locations(&format!("{spec}#sp-1"), &format!("{spec}#sp-2"), &s3)
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(!path.exists(), "a read-only open created {}", path.display());
+    }
+
+    #[tokio::test]
+    async fn a_read_only_open_shares_a_redb_file_open_for_writing_but_not_the_other_way_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = S3Options::default();
+        let spec = format!("redb:{}", dir.path().join("a.redb").display());
+        let writer = open_storage(&spec, &s3).await.unwrap();
+        let reader = open_storage_with(&spec, &s3, OpenMode::ReadOnly).await.unwrap();
+        assert!(Arc::ptr_eq(&writer, &reader));
+        drop((writer, reader));
+        let _reader = open_storage_with(&spec, &s3, OpenMode::ReadOnly).await.unwrap();
+        let e = open_storage(&spec, &s3).await.unwrap_err();
+        assert!(e.to_string().contains("open read-only in this process"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_copy_within_one_redb_file_shares_one_writable_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = S3Options::default();
+        let file = dir.path().join("sp.redb");
+        drop(
+            open_storage(&format!("redb:{}", file.display()), &s3)
+                .await
+                .unwrap(),
+        );
+        let (from, to) = open_copy_locations(
+            &format!("redb:{}#sp-1", file.display()),
+            &format!("redb:{}#copies/sp-1", file.display()),
+            &s3,
+        )
+        .await
+        .unwrap();
+        assert!(Arc::ptr_eq(&from.storage, &to.storage));
+        assert_eq!((from.dir.as_str(), to.dir.as_str()), ("sp-1", "copies/sp-1"));
+        to.storage
+            .commit_file("copies/sp-1/_metadata", bytes::Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        drop((from, to));
+        // Different files: the source is read-only.
+        let other = dir.path().join("other.redb");
+        let (from, _to) = open_copy_locations(
+            &format!("redb:{}#copies/sp-1", file.display()),
+            &format!("redb:{}#sp-1", other.display()),
+            &s3,
+        )
+        .await
+        .unwrap();
+        let e = from
+            .storage
+            .commit_file("x/_metadata", bytes::Bytes::from_static(b"{}"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("read-only"), "{e}");
     }
 }

@@ -36,8 +36,8 @@ pub struct InitContext {
     pub storage: Arc<dyn CheckpointStorage>,
     /// The checkpoint or savepoint to restore from, if any.
     pub restore: Option<Arc<RestoreSource>>,
-    /// The task's vertex in the job graph (names its channel state).
-    pub vertex: u32,
+    /// The task's stable id (its channel state is stored under it).
+    pub task_uid: Arc<str>,
 }
 
 /// One keyed operator's part of a snapshot.

@@ -88,6 +88,7 @@ fn stats_json(s: &CheckpointStats) -> Value {
         CheckpointStatus::InProgress => ("IN_PROGRESS", None),
         CheckpointStatus::Completed => ("COMPLETED", None),
         CheckpointStatus::Failed(r) => ("FAILED", Some(r.clone())),
+        CheckpointStatus::Unresolved(r) => ("UNRESOLVED", Some(r.clone())),
     };
     json!({
         "id": s.id.0,

@@ -135,6 +135,16 @@ impl RestoreSource {
         })
     }
 
+    /// Where its metadata file is, as a user writes it
+    /// (`redb:/x.redb#chk-7/_metadata`, `s3://b/p/savepoint-9-1a2b3c/_metadata`).
+    pub fn metadata_location(&self) -> String {
+        let dir = match self.base.is_empty() {
+            true => self.metadata.checkpoint_id.dir(),
+            false => self.base.clone(),
+        };
+        self.storage.locate(&join(&dir, SAVEPOINT_METADATA_FILE))
+    }
+
     /// The storage path of a state file of the metadata.
     pub fn path_of(&self, file: &StateFileHandle) -> String {
         join(&self.base, &file.path)

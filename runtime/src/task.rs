@@ -94,6 +94,9 @@ pub(crate) struct TaskRuntime {
     pub writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
     pub metrics: Arc<Metrics>,
     pub savepoints: SavepointTargets,
+    /// The attempt restores the savepoint the job was stopped with: sources
+    /// end right after restoring, emitting nothing.
+    pub stopped: bool,
 }
 
 impl TaskRuntime {
@@ -131,6 +134,7 @@ impl TaskRuntime {
         let task = self.index;
         let parallelism = self.init.parallelism;
         let (vertex, vertex_name, subtask) = (self.vertex, self.vertex_name.clone(), self.init.subtask);
+        let task_uid = self.init.task_uid.clone();
         let handle = tokio::spawn(async move {
             let started = Instant::now();
             let result: sluice_core::Result<(Vec<AckPart>, Option<ChannelStateHandle>)> = async {
@@ -242,7 +246,7 @@ impl TaskRuntime {
                     let (size, crc32) = (bytes.len() as u64, crc32fast::hash(&bytes));
                     storage.write_file(&path, bytes).await?;
                     channel = Some(ChannelStateHandle {
-                        task: vertex,
+                        task_uid: task_uid.to_string(),
                         task_name: vertex_name.to_string(),
                         subtask,
                         parallelism,
@@ -384,6 +388,13 @@ pub(crate) async fn run_source_task<T: Serialize + Send + 'static>(
     for split in (0..num_splits).filter(|s| s % parallelism == subtask) {
         let offset = stored.get(&split).copied().unwrap_or(0);
         readers.push((split, source.open_split(split, offset)?, true));
+    }
+    if rt.stopped {
+        // The job was stopped with the savepoint just restored: nothing
+        // after it may be emitted again.
+        chain.finish()?;
+        flush_and_drain(chain.as_mut()).await?;
+        return Ok(());
     }
     let mut current = 0usize;
     let mut batches = 0u64;
@@ -631,11 +642,25 @@ pub(crate) async fn restored_channel_state<X: DeserializeOwned>(
     let Some(restore) = &ctx.restore else {
         return Ok(Vec::new());
     };
+    if let Some(c) = restore
+        .metadata
+        .channel_state
+        .iter()
+        .find(|c| c.task_uid.is_empty())
+    {
+        return Err(sluice_core::Error::Incompatible {
+            what: format!("channel state of task {} in {}", c.task_name, restore.describe()),
+            reason: "it was written by an older Sluice that did not record the task's id, so it cannot be matched \
+                     to a task safely; restore from an aligned checkpoint or a savepoint instead"
+                .into(),
+        }
+        .into());
+    }
     let mine: Vec<&ChannelStateHandle> = restore
         .metadata
         .channel_state
         .iter()
-        .filter(|c| c.task == ctx.vertex)
+        .filter(|c| *c.task_uid == *ctx.task_uid)
         .collect();
     if let Some(c) = mine.iter().find(|c| c.parallelism != ctx.parallelism) {
         return Err(sluice_core::Error::Incompatible {

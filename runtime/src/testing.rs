@@ -51,28 +51,101 @@ impl CommitHook for CrashBeforeCommit {
     }
 }
 
-/// Which writes of a [`FaultyStorage`] fail.
+/// A kind of storage operation a [`FaultPlan`] can disturb. Each kind has
+/// its own 0-based call counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `write_file` (state and channel-state files).
+    Write,
+    /// `commit_metadata` and `commit_file` (checkpoint and savepoint
+    /// metadata), counted together.
+    Commit,
+    /// `read_file`, `read_range` and `read_metadata` (restores, read-backs).
+    Read,
+    /// `discard` and `delete_dir`.
+    Delete,
+    /// `list` and `list_files`.
+    List,
+}
+
+/// What a disturbed operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Fails before any effect, with a determinate error.
+    BeforeEffect,
+    /// Takes effect, then the answer is lost: an indeterminate error (a
+    /// connection reset after the request was processed). For reads, a
+    /// determinate error (a read has no effect).
+    AfterEffect,
+    /// Takes effect, the answer is lost, and the client's retry is what the
+    /// caller sees: `AlreadyExists` for a create-if-absent write (an SDK
+    /// retry of a PUT that had landed); for other operations, as
+    /// [`Fault::AfterEffect`].
+    RetriedAfterEffect,
+    /// Times out without effect: an indeterminate error.
+    Timeout,
+    /// Waits this long, then carries the operation out.
+    Slow(Duration),
+}
+
+impl Fault {
+    /// A fault drawn at random (for seeded harnesses): before the effect,
+    /// after it, after it with a retry, a timeout, or 1–19 ms of slowness,
+    /// equally likely.
+    pub fn random(rng: &mut impl rand::Rng) -> Fault {
+        match rng.random_range(0..5) {
+            0 => Fault::BeforeEffect,
+            1 => Fault::AfterEffect,
+            2 => Fault::RetriedAfterEffect,
+            3 => Fault::Timeout,
+            _ => Fault::Slow(Duration::from_millis(rng.random_range(1..20))),
+        }
+    }
+}
+
+/// One disturbed operation: the `nth` (0-based) call of kind `op`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpFault {
+    /// The kind of operation.
+    pub op: Op,
+    /// Which call of that kind.
+    pub nth: u64,
+    /// What happens to it.
+    pub fault: Fault,
+}
+
+impl OpFault {
+    /// The `nth` call of kind `op` meets `fault`.
+    pub fn new(op: Op, nth: u64, fault: Fault) -> Self {
+        OpFault { op, nth, fault }
+    }
+}
+
+/// Which operations of a [`FaultyStorage`] fail or slow down.
 #[derive(Debug, Clone, Default)]
 pub struct FaultPlan {
     /// Fail the state-file writes with these sequence numbers (0-based count
-    /// of `write_file` calls).
+    /// of `write_file` calls) before any effect.
     pub fail_writes: Vec<u64>,
     /// Fail the metadata commits with these sequence numbers (checkpoint
-    /// metadata and savepoint `_metadata` files, counted together).
+    /// metadata and savepoint `_metadata` files, counted together) before
+    /// any effect.
     pub fail_commits: Vec<u64>,
     /// Delay state-file writes by this much.
     pub write_delay: Duration,
     /// If not empty, only the writes with these sequence numbers are delayed.
     pub delay_only: Vec<u64>,
+    /// Faults per operation kind: failures before or after the effect,
+    /// retried writes, timeouts, slowness.
+    pub faults: Vec<OpFault>,
 }
 
-/// A storage wrapper that fails chosen writes and delays others.
+/// A storage wrapper that disturbs chosen operations ([`FaultPlan`]).
 #[derive(Debug)]
 pub struct FaultyStorage {
     inner: Arc<dyn CheckpointStorage>,
     plan: FaultPlan,
-    writes: AtomicU64,
-    commits: AtomicU64,
+    counts: [AtomicU64; 5],
     injected: AtomicU64,
 }
 
@@ -82,20 +155,90 @@ impl FaultyStorage {
         FaultyStorage {
             inner,
             plan,
-            writes: AtomicU64::new(0),
-            commits: AtomicU64::new(0),
+            counts: Default::default(),
             injected: AtomicU64::new(0),
         }
     }
 
-    /// Number of failures injected so far.
+    /// Number of failures injected so far (slow operations not counted).
     pub fn injected(&self) -> u64 {
         self.injected.load(Ordering::Relaxed)
     }
 
-    fn fail(&self, what: String) -> Error {
-        self.injected.fetch_add(1, Ordering::Relaxed);
-        Error::storage(what, "injected storage failure")
+    /// Counts a call of kind `op` and returns the fault planned for it.
+    async fn fault(&self, op: Op) -> Option<Fault> {
+        let n = self.counts[op as usize].fetch_add(1, Ordering::Relaxed);
+        if op == Op::Write
+            && !self.plan.write_delay.is_zero()
+            && (self.plan.delay_only.is_empty() || self.plan.delay_only.contains(&n))
+        {
+            tokio::time::sleep(self.plan.write_delay).await;
+        }
+        let legacy = match op {
+            Op::Write => &self.plan.fail_writes,
+            Op::Commit => &self.plan.fail_commits,
+            _ => &Vec::new(),
+        };
+        let fault = if legacy.contains(&n) {
+            Some(Fault::BeforeEffect)
+        } else {
+            self.plan
+                .faults
+                .iter()
+                .find(|f| f.op == op && f.nth == n)
+                .map(|f| f.fault)
+        };
+        match fault {
+            Some(Fault::Slow(d)) => {
+                tokio::time::sleep(d).await;
+                None
+            }
+            Some(f) => {
+                self.injected.fetch_add(1, Ordering::Relaxed);
+                Some(f)
+            }
+            None => None,
+        }
+    }
+
+    /// Runs a write-like operation `run` under `fault`. `retry` is what a
+    /// retry answers (the operation again, for create-if-absent writes).
+    async fn disturbed<F, Fut>(&self, fault: Option<Fault>, what: String, run: F) -> Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        match fault {
+            None | Some(Fault::Slow(_)) => run().await,
+            Some(Fault::BeforeEffect) => Err(Error::storage(what, "injected failure before any effect")),
+            Some(Fault::Timeout) => Err(Error::Indeterminate {
+                what,
+                source: "injected timeout (no effect)".into(),
+            }),
+            Some(Fault::AfterEffect) => {
+                run().await?;
+                Err(Error::Indeterminate {
+                    what,
+                    source: "injected loss of the answer after the effect".into(),
+                })
+            }
+            Some(Fault::RetriedAfterEffect) => {
+                run().await?;
+                // The client retries the request whose answer was lost.
+                run().await
+            }
+        }
+    }
+
+    async fn read_fault(&self, what: String) -> Result<()> {
+        match self.fault(Op::Read).await {
+            None | Some(Fault::Slow(_)) => Ok(()),
+            Some(Fault::Timeout) => Err(Error::Indeterminate {
+                what,
+                source: "injected timeout".into(),
+            }),
+            Some(_) => Err(Error::storage(what, "injected read failure")),
+        }
     }
 }
 
@@ -106,61 +249,83 @@ impl CheckpointStorage for FaultyStorage {
     }
 
     async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
-        let n = self.writes.fetch_add(1, Ordering::Relaxed);
-        if !self.plan.write_delay.is_zero()
-            && (self.plan.delay_only.is_empty() || self.plan.delay_only.contains(&n))
-        {
-            tokio::time::sleep(self.plan.write_delay).await;
-        }
-        if self.plan.fail_writes.contains(&n) {
-            return Err(self.fail(format!("write of {path}")));
-        }
-        self.inner.write_file(path, data).await
+        let fault = self.fault(Op::Write).await;
+        self.disturbed(fault, format!("write of {path}"), || {
+            self.inner.write_file(path, data.clone())
+        })
+        .await
     }
 
     async fn read_file(&self, path: &str) -> Result<Bytes> {
+        self.read_fault(format!("read of {path}")).await?;
         self.inner.read_file(path).await
     }
 
     async fn read_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
+        self.read_fault(format!("read of {path}")).await?;
         self.inner.read_range(path, range).await
     }
 
     async fn commit_metadata(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
-        let n = self.commits.fetch_add(1, Ordering::Relaxed);
-        if self.plan.fail_commits.contains(&n) {
-            return Err(self.fail(format!("metadata commit of checkpoint {id}")));
-        }
-        self.inner.commit_metadata(id, metadata).await
+        let fault = self.fault(Op::Commit).await;
+        self.disturbed(fault, format!("metadata commit of checkpoint {id}"), || {
+            self.inner.commit_metadata(id, metadata.clone())
+        })
+        .await
     }
 
     async fn read_metadata(&self, id: CheckpointId) -> Result<Bytes> {
+        self.read_fault(format!("read of the metadata of checkpoint {id}"))
+            .await?;
         self.inner.read_metadata(id).await
     }
 
     async fn list(&self) -> Result<Vec<CheckpointListing>> {
+        if self
+            .fault(Op::List)
+            .await
+            .is_some_and(|f| !matches!(f, Fault::Slow(_)))
+        {
+            return Err(Error::storage("listing checkpoints", "injected failure"));
+        }
         self.inner.list().await
     }
 
     async fn discard(&self, id: CheckpointId) -> Result<()> {
-        self.inner.discard(id).await
+        let fault = self.fault(Op::Delete).await;
+        self.disturbed(fault, format!("discard of checkpoint {id}"), || {
+            self.inner.discard(id)
+        })
+        .await
     }
 
-    /// Counted with the metadata commits (a savepoint's `_metadata`).
     async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
-        let n = self.commits.fetch_add(1, Ordering::Relaxed);
-        if self.plan.fail_commits.contains(&n) {
-            return Err(self.fail(format!("commit of {path}")));
-        }
-        self.inner.commit_file(path, data).await
+        let fault = self.fault(Op::Commit).await;
+        self.disturbed(fault, format!("commit of {path}"), || {
+            self.inner.commit_file(path, data.clone())
+        })
+        .await
     }
 
     async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
+        if self
+            .fault(Op::List)
+            .await
+            .is_some_and(|f| !matches!(f, Fault::Slow(_)))
+        {
+            return Err(Error::storage(format!("listing {dir}"), "injected failure"));
+        }
         self.inner.list_files(dir).await
     }
 
     async fn delete_dir(&self, dir: &str) -> Result<()> {
-        self.inner.delete_dir(dir).await
+        let fault = self.fault(Op::Delete).await;
+        self.disturbed(fault, format!("deletion of {dir}"), || self.inner.delete_dir(dir))
+            .await
+    }
+
+    fn locate(&self, dir: &str) -> String {
+        self.inner.locate(dir)
     }
 }
 

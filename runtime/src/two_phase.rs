@@ -48,6 +48,17 @@ pub trait TransactionalWriter<T>: Send + 'static {
     /// Drops an open or pre-committed transaction's data.
     fn abort(&mut self, txn: Self::Txn) -> Result<()>;
 
+    /// Checks a transaction handle read from a checkpoint before it is
+    /// used: everything in it came from storage, so it must not name
+    /// anything outside what this sink owns (a file sink refuses a part
+    /// name that is absolute or climbs out of its directory). Returns what
+    /// is wrong; the runtime reports it as corrupt metadata, naming the
+    /// checkpoint's metadata file. The default accepts everything.
+    fn check_restored(&self, txn: &Self::Txn) -> std::result::Result<(), String> {
+        let _ = txn;
+        Ok(())
+    }
+
     /// Called once at start, before any record: commits `restored` (the
     /// pre-committed transactions of the restored checkpoint; some may be
     /// committed already) and aborts every other transaction left behind
@@ -146,7 +157,18 @@ impl<T: Send + 'static, W: TransactionalWriter<T>> Operator<T> for TwoPhaseSinkO
                             ),
                             reason: format!("they do not decode as this sink's transactions: {e}"),
                         })?;
-                    restored.extend(state.pending.into_iter().map(|p| p.txn));
+                    for p in state.pending {
+                        self.writer.check_restored(&p.txn).map_err(|reason| {
+                            sluice_core::Error::corrupt(
+                                r.metadata_location(),
+                                format!(
+                                    "a transaction of sink {} subtask {} (checkpoint {}): {reason}",
+                                    self.uid, st.subtask, p.checkpoint
+                                ),
+                            )
+                        })?;
+                        restored.push(p.txn);
+                    }
                 }
             }
         }

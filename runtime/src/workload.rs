@@ -74,6 +74,23 @@ impl InjectedFailure {
     pub fn try_fire(&self) -> bool {
         !self.fired.swap(true, Ordering::Relaxed)
     }
+
+    /// Fires the first of `failures` that is due for subtask `subtask` of
+    /// operator `who` after `processed` records: a panic, or an
+    /// [`RuntimeError::Injected`] error.
+    pub fn check(failures: &[Arc<InjectedFailure>], who: &str, subtask: u32, processed: u64) -> Result<()> {
+        for f in failures {
+            if f.subtask == subtask && processed >= f.after && f.try_fire() {
+                if f.panic {
+                    panic!("injected panic in {who} subtask {subtask} after {processed} records");
+                }
+                return Err(RuntimeError::Injected(format!(
+                    "{who} subtask {subtask} failed after {processed} records"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The running-sum function.
@@ -113,20 +130,7 @@ impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for RunningSum {
     ) -> Result<()> {
         if !self.failures.is_empty() {
             self.processed += 1;
-            for f in &self.failures {
-                if f.subtask == self.subtask && self.processed >= f.after && f.try_fire() {
-                    if f.panic {
-                        panic!(
-                            "injected panic in running-sum subtask {} after {} records",
-                            self.subtask, self.processed
-                        );
-                    }
-                    return Err(RuntimeError::Injected(format!(
-                        "running-sum subtask {} failed after {} records",
-                        self.subtask, self.processed
-                    )));
-                }
-            }
+            InjectedFailure::check(&self.failures, "running-sum", self.subtask, self.processed)?;
         }
         let state = self
             .sum
@@ -166,17 +170,7 @@ impl TwoInputSum {
         out: &mut Collector<'_, (u64, u64)>,
     ) -> Result<()> {
         self.seen += 1;
-        for f in &self.failures {
-            if f.subtask == self.subtask && self.seen >= f.after && f.try_fire() {
-                if f.panic {
-                    panic!("injected panic in two-input subtask {}", self.subtask);
-                }
-                return Err(RuntimeError::Injected(format!(
-                    "two-input subtask {} failed after {} records",
-                    self.subtask, self.seen
-                )));
-            }
-        }
+        InjectedFailure::check(&self.failures, "two-input", self.subtask, self.seen)?;
         let s = self
             .sum
             .as_ref()
@@ -242,6 +236,21 @@ pub fn keyed_sum_with_splits(
     function: RunningSum,
     sink: impl Sink<(u64, u64)>,
 ) -> Result<()> {
+    keyed_sum_stream(job, events, keys, splits, parallelism, rate, function)?.sink(sink)
+}
+
+/// The stream of `(key, running sum)` of [`keyed_sum_with_splits`], for
+/// the caller to end with any sink (a transactional one, say).
+#[allow(clippy::too_many_arguments)]
+pub fn keyed_sum_stream(
+    job: &Job,
+    events: u64,
+    keys: u64,
+    splits: u32,
+    parallelism: u32,
+    rate: Option<u64>,
+    function: RunningSum,
+) -> Result<crate::graph::DataStream<(u64, u64)>> {
     if keys == 0 {
         return Err(RuntimeError::InvalidJob(
             "the keyed sum needs at least one key".into(),
@@ -253,11 +262,11 @@ pub fn keyed_sum_with_splits(
         let pause = std::time::Duration::from_secs_f64(1000.0 * f64::from(parallelism) / rate as f64);
         source = source.paced(1000, pause);
     }
-    job.source("events", source, parallelism)
+    Ok(job
+        .source("events", source, parallelism)
         .key_by(|(k, _)| *k)
         .process("running-sum", function)
-        .set_parallelism(parallelism)
-        .sink(sink)
+        .set_parallelism(parallelism))
 }
 
 /// A sink that keeps the largest sum seen per key: for the running sum
@@ -423,4 +432,92 @@ pub fn verify(sums: &FxHashMap<u64, u64>, events: u64, keys: u64) -> Verificatio
         }
     }
     v
+}
+
+/// The values each key receives from the events `events` (event `i` goes to
+/// key [`key_of`]`(i, keys)` with value `i`).
+pub fn values_by_key(events: impl IntoIterator<Item = u64>, keys: u64) -> FxHashMap<u64, Vec<u64>> {
+    let mut v: FxHashMap<u64, Vec<u64>> = FxHashMap::default();
+    for i in events {
+        v.entry(key_of(i, keys)).or_default().push(i);
+    }
+    v
+}
+
+/// Checks a sink's committed `key sum` lines (every running sum emitted by
+/// the reference workload, one line each) for exactly-once, whatever the
+/// order in which a key's records were processed: a key's sums, sorted,
+/// must step by exactly the key's values in `values` (each once). A lost
+/// record removes a step, a duplicated one adds a step of zero (or of a
+/// value twice). Returns the first key that is wrong, described.
+pub fn check_sum_lines(
+    lines: &[String],
+    values: &FxHashMap<u64, Vec<u64>>,
+) -> std::result::Result<(), String> {
+    let mut sums: FxHashMap<u64, Vec<u64>> = FxHashMap::default();
+    for l in lines {
+        let parsed = l
+            .split_once(' ')
+            .and_then(|(k, s)| Some((k.parse::<u64>().ok()?, s.parse::<u64>().ok()?)));
+        let Some((k, s)) = parsed else {
+            return Err(format!("line {l:?} is not `key sum`"));
+        };
+        sums.entry(k).or_default().push(s);
+    }
+    for (k, vals) in values {
+        let mut got = sums.remove(k).unwrap_or_default();
+        got.sort_unstable();
+        let mut prev = 0u64;
+        let mut steps = Vec::with_capacity(got.len());
+        for s in &got {
+            steps.push(s.wrapping_sub(prev));
+            prev = *s;
+        }
+        steps.sort_unstable();
+        let mut want = vals.clone();
+        want.sort_unstable();
+        if steps != want {
+            return Err(format!(
+                "key {k}: {} lines for {} records (sums {:?}…)",
+                got.len(),
+                want.len(),
+                &got[..got.len().min(5)]
+            ));
+        }
+    }
+    match sums.keys().next() {
+        Some(k) => Err(format!("key {k} is in the output but received no record")),
+        None => Ok(()),
+    }
+}
+
+/// Formats a `(key, sum)` record as the line [`check_sum_lines`] reads.
+pub fn sum_line((k, s): &(u64, u64), out: &mut String) {
+    use std::fmt::Write;
+    let _ = write!(out, "{k} {s}");
+}
+
+/// The events that the [`SequenceSource`] with uid `source` (of `events`
+/// events in `splits` splits) had read at the checkpoint or savepoint
+/// `meta`: split `j` covers `[events * j / splits, events * (j + 1) / splits)`
+/// and its stored position is the next index. The records whose effects a
+/// restore of `meta` keeps.
+pub fn events_read(
+    meta: &sluice_core::CheckpointMetadata,
+    source: &str,
+    events: u64,
+    splits: u32,
+) -> Vec<u64> {
+    let Some(op) = meta.operators.iter().find(|o| o.uid.as_str() == source) else {
+        return Vec::new();
+    };
+    let (n, s) = (u128::from(events), u128::from(splits.max(1)));
+    let mut out = Vec::new();
+    for p in op.subtasks.iter().flat_map(|st| &st.splits) {
+        let j = u128::from(p.split);
+        let (start, end) = ((n * j / s) as u64, (n * (j + 1) / s) as u64);
+        let next = if p.offset == 0 { start } else { p.offset.min(end) };
+        out.extend(start..next);
+    }
+    out
 }

@@ -1,39 +1,55 @@
-//! A corrupt checkpoint is never restored from: recovery falls back to the
-//! previous retained checkpoint and says so.
+//! A corrupt checkpoint is never restored from. A job without
+//! transactional sinks falls back to the previous retained checkpoint and
+//! says so; a job whose two-phase-commit sinks already committed the
+//! corrupt checkpoint's output fails instead (falling back would commit it
+//! again), unless the fallback is explicitly allowed.
 
-use redb::{Database, ReadableDatabase, TableDefinition};
 use sluice_backend_memory::MemoryStateBackend;
 use sluice_backend_redb::RedbCheckpointStorage;
 use sluice_core::CheckpointStorage;
+use sluice_runtime::file_sink::read_committed_lines;
 use sluice_runtime::prelude::*;
 use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum};
+use sluice_runtime::FileSink;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-const CHUNKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chunks");
-
 /// Flips a byte of a stored state file inside the redb file, as a disk would.
 fn flip_a_byte(store: &Path, file: &str) {
-    let db = Database::create(store).unwrap();
-    let read = db.begin_read().unwrap();
-    let mut v = read
-        .open_table(CHUNKS)
-        .unwrap()
-        .get((file, 0))
-        .unwrap()
-        .unwrap()
-        .value()
-        .to_vec();
-    drop(read);
-    let at = v.len() / 2;
-    v[at] ^= 0x08;
-    let tx = db.begin_write().unwrap();
-    tx.open_table(CHUNKS)
-        .unwrap()
-        .insert((file, 0), v.as_slice())
+    sluice_backend_redb::damage_stored_file(store, file, |v| {
+        let at = v.len() / 2;
+        v[at] ^= 0x08;
+    })
+    .unwrap();
+}
+
+/// The two newest committed checkpoints of the store at `path` (newest
+/// first), after damaging the newest's first state file of `running-sum`,
+/// whose path is returned too.
+async fn damage_latest(path: &Path) -> (sluice_core::CheckpointId, sluice_core::CheckpointId, String) {
+    let storage = RedbCheckpointStorage::open(path).unwrap();
+    let listing = storage.list().await.unwrap();
+    let committed: Vec<_> = listing.iter().filter(|c| c.committed).map(|c| c.id).collect();
+    assert!(committed.len() >= 2, "need two retained checkpoints: {listing:?}");
+    let latest = *committed.last().unwrap();
+    let meta = sluice_core::metadata::read_checkpoint_metadata(&storage, latest)
+        .await
         .unwrap();
-    tx.commit().unwrap();
+    let file = meta
+        .operators
+        .iter()
+        .find(|o| o.uid.as_str() == "running-sum")
+        .unwrap()
+        .subtasks[0]
+        .keyed_state
+        .as_ref()
+        .unwrap()
+        .path
+        .clone();
+    drop(storage);
+    flip_a_byte(path, &file);
+    (latest, *committed.iter().rev().nth(1).unwrap(), file)
 }
 
 fn job(storage: Arc<RedbCheckpointStorage>, resume: bool) -> Job {
@@ -75,26 +91,7 @@ async fn a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_and_stays_ex
             .unwrap();
         assert!(job.execute().await.is_err());
     }
-    let latest = {
-        let storage = RedbCheckpointStorage::open(&path).unwrap();
-        let listing = storage.list().await.unwrap();
-        let committed: Vec<_> = listing.iter().filter(|c| c.committed).map(|c| c.id).collect();
-        assert!(committed.len() >= 2, "need two retained checkpoints: {listing:?}");
-        let latest = *committed.last().unwrap();
-        let meta = sluice_core::metadata::read_checkpoint_metadata(&storage, latest)
-            .await
-            .unwrap();
-        let op = meta
-            .operators
-            .iter()
-            .find(|o| o.uid.as_str() == "running-sum")
-            .unwrap();
-        let file = op.subtasks[0].keyed_state.as_ref().unwrap().path.clone();
-        drop(storage);
-        flip_a_byte(&path, &file);
-        (latest, *committed.iter().rev().nth(1).unwrap())
-    };
-    let (bad, previous) = latest;
+    let (bad, previous, _) = damage_latest(&path).await;
     // Run 2: resumes; the latest is corrupt, so it restores the previous one.
     let storage = Arc::new(RedbCheckpointStorage::open(&path).unwrap());
     let job = job(storage, true);
@@ -114,4 +111,215 @@ async fn a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_and_stays_ex
     );
     let v = workload::verify(&sink.sums(), events, 50);
     assert!(v.exactly_once(), "{v:?}");
+}
+
+/// Run 1 of the transactional cases: the reference workload into a
+/// transactional file sink, checkpoints every 10 ms (three retained), killed
+/// by a task failure with no restarts. Returns the latest and the previous
+/// committed checkpoint, with the latest's first state file corrupted.
+async fn killed_run_with_a_corrupt_latest_checkpoint(
+    path: &Path,
+    sink_dir: &Path,
+    events: u64,
+) -> (sluice_core::CheckpointId, sluice_core::CheckpointId, String) {
+    {
+        let storage = Arc::new(RedbCheckpointStorage::open(path).unwrap());
+        let job = job(storage, false).with_restart_strategy(RestartStrategy::None);
+        transactional_pipeline(
+            &job,
+            events,
+            sink_dir,
+            RunningSum::with_failures(vec![InjectedFailure::new(0, 6_000, false)]),
+        );
+        assert!(job.execute().await.is_err());
+    }
+    damage_latest(path).await
+}
+
+fn transactional_pipeline(job: &Job, events: u64, sink_dir: &Path, sum: RunningSum) {
+    job.source(
+        "events",
+        SequenceSource::new(events, 2, |i| (workload::key_of(i, 50), i)).paced(100, Duration::from_millis(1)),
+        2,
+    )
+    .key_by(|(k, _)| *k)
+    .process("running-sum", sum)
+    .transactional_sink("out", FileSink::new(sink_dir, workload::sum_line))
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_whose_completion_reached_the_sinks_is_never_silently_replaced_by_an_older_one()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chk.redb");
+    let sink_dir = dir.path().join("out");
+    let events = 30_000;
+    let (bad, previous, file) = killed_run_with_a_corrupt_latest_checkpoint(&path, &sink_dir, events).await;
+    let before = read_committed_lines(&sink_dir).unwrap();
+    // Run 2 resumes: the latest checkpoint is corrupt and its output was
+    // committed, so the job fails and says which file and what to do.
+    {
+        let storage = Arc::new(RedbCheckpointStorage::open(&path).unwrap());
+        let job = job(storage, true);
+        transactional_pipeline(&job, events, &sink_dir, RunningSum::default());
+        let err = job.execute().await.expect_err("no silent fallback");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, RuntimeError::UnrestorableCheckpoint { checkpoint, .. } if checkpoint == bad),
+            "{msg}"
+        );
+        assert!(msg.contains(&file), "names the corrupt file: {msg}");
+        assert!(
+            msg.contains(&format!("checkpoint {bad}")),
+            "names the checkpoint: {msg}"
+        );
+        assert!(
+            msg.contains("--allow-checkpoint-fallback"),
+            "says how to proceed: {msg}"
+        );
+    }
+    assert_eq!(
+        read_committed_lines(&sink_dir).unwrap(),
+        before,
+        "nothing was committed again"
+    );
+    // Run 3 opts in to the fallback: it restores the previous checkpoint
+    // and completes (its output may now hold duplicates: that was the choice).
+    let storage = Arc::new(RedbCheckpointStorage::open(&path).unwrap());
+    let job = job(storage, true).with_checkpointing(CheckpointConfig {
+        retained: 3,
+        fallback_to_older_checkpoint: true,
+        ..CheckpointConfig::every(Duration::from_millis(10))
+    });
+    transactional_pipeline(&job, events, &sink_dir, RunningSum::default());
+    let result = job.execute().await.expect("the opt-in falls back");
+    assert_eq!(result.recoveries[0].restored_from, Some(previous), "{result:?}");
+}
+
+/// Corrupts, on read, every state file of the checkpoint whose id is set
+/// (a disk going bad under a running job).
+#[derive(Debug)]
+struct RotOnRead {
+    inner: Arc<dyn CheckpointStorage>,
+    rotten: std::sync::atomic::AtomicU64,
+}
+
+impl RotOnRead {
+    fn rot(&self, path: &str, mut b: bytes::Bytes) -> bytes::Bytes {
+        let id = self.rotten.load(std::sync::atomic::Ordering::SeqCst);
+        if id != 0 && path.starts_with(&format!("chk-{id}/")) && path.ends_with(".kst") && !b.is_empty() {
+            let mut v = b.to_vec();
+            let at = v.len() / 2;
+            v[at] ^= 0x40;
+            b = v.into();
+        }
+        b
+    }
+}
+
+#[async_trait::async_trait]
+impl CheckpointStorage for RotOnRead {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn write_file(&self, path: &str, data: bytes::Bytes) -> sluice_core::Result<()> {
+        self.inner.write_file(path, data).await
+    }
+    async fn read_file(&self, path: &str) -> sluice_core::Result<bytes::Bytes> {
+        Ok(self.rot(path, self.inner.read_file(path).await?))
+    }
+    async fn read_range(&self, path: &str, range: std::ops::Range<u64>) -> sluice_core::Result<bytes::Bytes> {
+        Ok(self.rot(path, self.inner.read_range(path, range).await?))
+    }
+    async fn commit_metadata(
+        &self,
+        id: sluice_core::CheckpointId,
+        m: bytes::Bytes,
+    ) -> sluice_core::Result<()> {
+        self.inner.commit_metadata(id, m).await
+    }
+    async fn read_metadata(&self, id: sluice_core::CheckpointId) -> sluice_core::Result<bytes::Bytes> {
+        self.inner.read_metadata(id).await
+    }
+    async fn list(&self) -> sluice_core::Result<Vec<sluice_core::CheckpointListing>> {
+        self.inner.list().await
+    }
+    async fn discard(&self, id: sluice_core::CheckpointId) -> sluice_core::Result<()> {
+        self.inner.discard(id).await
+    }
+    async fn commit_file(&self, path: &str, data: bytes::Bytes) -> sluice_core::Result<()> {
+        self.inner.commit_file(path, data).await
+    }
+    async fn list_files(&self, dir: &str) -> sluice_core::Result<Vec<sluice_core::FileListing>> {
+        self.inner.list_files(dir).await
+    }
+    async fn delete_dir(&self, dir: &str) -> sluice_core::Result<()> {
+        self.inner.delete_dir(dir).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_found_corrupt_during_recovery_fails_a_transactional_job_instead_of_falling_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink_dir = dir.path().join("out");
+    let events = 200_000;
+    let storage = Arc::new(RotOnRead {
+        inner: Arc::new(sluice_backend_memory::MemoryCheckpointStorage::new()),
+        rotten: std::sync::atomic::AtomicU64::new(0),
+    });
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let job = Job::new("rot")
+        .with_parallelism(2)
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(storage.clone())
+        .with_checkpointing(CheckpointConfig {
+            interval: None,
+            retained: 3,
+            ..Default::default()
+        });
+    let f = fail.clone();
+    job.source(
+        "events",
+        SequenceSource::new(events, 2, |i| (workload::key_of(i, 50), i)).paced(100, Duration::from_millis(1)),
+        2,
+    )
+    .key_by(|(k, _)| *k)
+    .process("running-sum", RunningSum::default())
+    .map(move |r| {
+        if f.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("injected failure after the checkpoint went bad");
+        }
+        r
+    })
+    .transactional_sink("out", FileSink::new(&sink_dir, workload::sum_line))
+    .unwrap();
+    let handle = job.start().unwrap();
+    let mut last = None;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = Some(handle.trigger_checkpoint().await.expect("checkpoint"));
+    }
+    let last = last.unwrap();
+    // Its completion was delivered; now its files go bad, and a task fails.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    storage.rotten.store(last.0, std::sync::atomic::Ordering::SeqCst);
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = handle.wait().await.expect_err("no silent fallback");
+    assert!(
+        matches!(err, RuntimeError::UnrestorableCheckpoint { checkpoint, .. } if checkpoint == last),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("chk-{last}/")),
+        "names the file: {err}"
+    );
+    // The committed output is exactly the records before that checkpoint,
+    // each once: nothing was replayed from an older one.
+    let meta = sluice_core::metadata::read_checkpoint_metadata(storage.inner.as_ref(), last)
+        .await
+        .unwrap();
+    let read = workload::events_read(&meta, "events", events, 2);
+    let lines = read_committed_lines(&sink_dir).unwrap();
+    workload::check_sum_lines(&lines, &workload::values_by_key(read, 50)).unwrap();
 }

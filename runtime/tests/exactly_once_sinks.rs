@@ -8,8 +8,14 @@
 //! files must hold every expected line exactly once; in at-least-once mode
 //! the same harness shows duplicates.
 //!
-//! `SLUICE_EO_SEEDS=N` scales the number of seeds (default 200: 100 keyed
-//! cases and 50 two-input cases per mode); `SLUICE_EO_SEED=S` runs one seed.
+//! Storage faults are drawn from every kind ([`Fault`]) on writes, commits,
+//! reads and deletions: failures before any effect, effects whose answer
+//! is lost (indeterminate), effects followed by a retry that answers
+//! `AlreadyExists`, timeouts, slowness.
+//!
+//! `SLUICE_EO_SEEDS=N` scales the number of seeds (default 400: 200 keyed
+//! schedules and 100 two-input schedules per mode, 600 in all);
+//! `SLUICE_EO_SEED=S` runs one seed.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -17,10 +23,9 @@ use rustc_hash::FxHashMap;
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_runtime::file_sink::{read_committed_lines, FileSinkHook, FileSinkPoint};
 use sluice_runtime::prelude::*;
-use sluice_runtime::testing::{CrashBeforeCommit, FaultPlan, FaultyStorage};
+use sluice_runtime::testing::{CrashBeforeCommit, Fault, FaultPlan, FaultyStorage, Op, OpFault};
 use sluice_runtime::workload::{self, InjectedFailure, RunningSum, TwoInputSum};
 use sluice_runtime::FileSink;
-use std::fmt::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,7 +41,7 @@ fn seeds() -> Vec<u64> {
     let n = std::env::var("SLUICE_EO_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200u64);
+        .unwrap_or(400u64);
     (0..n).collect()
 }
 
@@ -79,16 +84,36 @@ fn draw(rng: &mut StdRng, parallelism: u32, per_subtask: u64) -> Faults {
         nth: rng.random_range(1..6),
         panic: rng.random_bool(0.3),
     });
-    for _ in 0..rng.random_range(0..=2) {
-        match rng.random_range(0..4) {
+    for _ in 0..rng.random_range(0..=3) {
+        match rng.random_range(0..7) {
             0 => f.task_failures.push((
                 rng.random_range(0..parallelism),
                 rng.random_range(1..per_subtask),
                 rng.random_bool(0.5),
             )),
-            1 => f.plan.fail_writes.push(rng.random_range(0..12)),
-            2 => f.plan.fail_commits.push(rng.random_range(0..6)),
-            _ => f.crash_before_commit.push(rng.random_range(1..8)),
+            1 => f.crash_before_commit.push(rng.random_range(1..8)),
+            // Storage faults of every kind, on every kind of operation:
+            // state-file writes, metadata commits, reads (restores and
+            // read-backs of ambiguous commits), deletions.
+            2 | 3 => f.plan.faults.push(OpFault::new(
+                Op::Commit,
+                rng.random_range(0..6),
+                Fault::random(rng),
+            )),
+            4 => f.plan.faults.push(OpFault::new(
+                Op::Write,
+                rng.random_range(0..12),
+                Fault::random(rng),
+            )),
+            5 => f
+                .plan
+                .faults
+                .push(OpFault::new(Op::Read, rng.random_range(0..8), Fault::random(rng))),
+            _ => f.plan.faults.push(OpFault::new(
+                Op::Delete,
+                rng.random_range(0..6),
+                Fault::random(rng),
+            )),
         }
     }
     f
@@ -115,11 +140,21 @@ fn hook(faults: &[SinkFault]) -> FileSinkHook {
     })
 }
 
+/// The storages of the cases that ran (their injected-fault counts are
+/// reported).
+static CASES: std::sync::Mutex<Vec<Arc<FaultyStorage>>> = std::sync::Mutex::new(Vec::new());
+
+/// Storage faults injected by the cases so far.
+fn storage_faults_injected() -> u64 {
+    CASES.lock().unwrap().iter().map(|s| s.injected()).sum()
+}
+
 fn job(seed: u64, faults: &Faults, parallelism: u32, mode: Mode, at_least_once: bool) -> Job {
     let storage = Arc::new(FaultyStorage::new(
         Arc::new(MemoryCheckpointStorage::new()),
         faults.plan.clone(),
     ));
+    CASES.lock().unwrap().push(storage.clone());
     Job::new(format!("eo-sink-{seed}"))
         .with_parallelism(parallelism)
         .with_state_backend(Arc::new(MemoryStateBackend::new()))
@@ -145,12 +180,8 @@ fn job(seed: u64, faults: &Faults, parallelism: u32, mode: Mode, at_least_once: 
         })
 }
 
-fn line((k, s): &(u64, u64), out: &mut String) {
-    let _ = write!(out, "{k} {s}");
-}
-
 fn sink(dir: &Path, faults: &Faults) -> FileSink<(u64, u64)> {
-    FileSink::new(dir, line)
+    FileSink::new(dir, workload::sum_line)
         .with_max_part_bytes(1024)
         .with_fault_hook(hook(&faults.sink))
 }
@@ -164,15 +195,6 @@ fn in_progress_left(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The values each key receives in the reference workload.
-fn keyed_values() -> FxHashMap<u64, Vec<u64>> {
-    let mut v: FxHashMap<u64, Vec<u64>> = FxHashMap::default();
-    for i in 0..EVENTS {
-        v.entry(workload::key_of(i, KEYS)).or_default().push(i);
-    }
-    v
-}
-
 fn parse(lines: &[String]) -> FxHashMap<u64, Vec<u64>> {
     let mut sums: FxHashMap<u64, Vec<u64>> = FxHashMap::default();
     for l in lines {
@@ -182,44 +204,6 @@ fn parse(lines: &[String]) -> FxHashMap<u64, Vec<u64>> {
             .push(s.parse().unwrap());
     }
     sums
-}
-
-/// Exactly-once, whatever the interleaving: a key's emitted running sums,
-/// sorted, step by exactly the key's values (each value once). A lost record
-/// removes a step, a duplicate adds a zero step.
-fn check_exactly_once(lines: &[String], values: &FxHashMap<u64, Vec<u64>>) -> Result<(), String> {
-    let sums = parse(lines);
-    for (k, vals) in values {
-        let mut got = sums.get(k).cloned().unwrap_or_default();
-        got.sort_unstable();
-        let mut steps: Vec<u64> = got
-            .iter()
-            .scan(0u64, |prev, s| {
-                let d = s - *prev;
-                *prev = *s;
-                Some(d)
-            })
-            .collect();
-        steps.sort_unstable();
-        let mut want = vals.clone();
-        want.sort_unstable();
-        if steps != want {
-            return Err(format!(
-                "key {k}: {} lines for {} records (sums {:?}…)",
-                got.len(),
-                want.len(),
-                &got[..got.len().min(5)]
-            ));
-        }
-    }
-    if sums.len() != values.len() {
-        return Err(format!(
-            "{} keys in the output, {} expected",
-            sums.len(),
-            values.len()
-        ));
-    }
-    Ok(())
 }
 
 fn injected(faults: &Faults) -> Vec<Arc<InjectedFailure>> {
@@ -288,7 +272,7 @@ async fn keyed_case(seed: u64, mode: Mode) -> Case {
 }
 
 async fn keyed_harness(mode: Mode) {
-    let values = keyed_values();
+    let values = workload::values_by_key(0..EVENTS, KEYS);
     let seeds = seeds();
     let (mut restarted, mut sink_failures, mut channel_state) = (0, 0, 0);
     for &seed in seeds.iter().take(seeds.len().div_ceil(2)) {
@@ -300,7 +284,7 @@ async fn keyed_harness(mode: Mode) {
             with_channel_state,
         } = keyed_case(seed, mode).await;
         channel_state += u64::from(with_channel_state > 0);
-        if let Err(e) = check_exactly_once(&lines, &values) {
+        if let Err(e) = workload::check_sum_lines(&lines, &values) {
             panic!(
                 "seed {seed} ({mode:?}): committed output is not exactly-once: {e}; {} lines for {EVENTS} records \
                  (faults {faults:?}); replay with SLUICE_EO_SEED={seed}",
@@ -312,7 +296,10 @@ async fn keyed_harness(mode: Mode) {
         sink_failures += u64::from(result.recoveries.iter().any(|r| r.cause.contains("sink")));
     }
     println!(
-        "{mode:?}: {restarted} cases restarted, {sink_failures} after a sink failure, {channel_state} with channel state"
+        "{mode:?}: {} keyed schedules, 0 divergences; {restarted} restarted, {sink_failures} after a sink failure, \
+         {channel_state} with channel state; {} storage faults injected by this binary so far",
+        seeds.len().div_ceil(2),
+        storage_faults_injected()
     );
     if mode == Mode::Unaligned && seeds.len() >= 50 {
         assert!(
@@ -340,7 +327,7 @@ async fn file_sink_output_is_exactly_once_under_random_failures_unaligned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_file_sink_shows_duplicates_under_the_same_harness() {
-    let values = keyed_values();
+    let values = workload::values_by_key(0..EVENTS, KEYS);
     let mut duplicated = 0;
     for seed in 0..40u64 {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -368,7 +355,7 @@ async fn at_least_once_file_sink_shows_duplicates_under_the_same_harness() {
                 "seed {seed}: key {k} lost records"
             );
         }
-        if check_exactly_once(&lines, &values).is_err() {
+        if workload::check_sum_lines(&lines, &values).is_err() {
             assert!(
                 lines.len() as u64 > EVENTS,
                 "seed {seed}: not exactly-once, yet nothing duplicated"
@@ -386,9 +373,8 @@ async fn at_least_once_file_sink_shows_duplicates_under_the_same_harness() {
 }
 
 async fn two_input_harness(mode: Mode) {
-    let mut values: FxHashMap<u64, Vec<u64>> = FxHashMap::default();
+    let mut values = workload::values_by_key(0..EVENTS, KEYS);
     for i in 0..EVENTS {
-        values.entry(workload::key_of(i, KEYS)).or_default().push(i);
         values
             .entry(workload::key_of(i * 7 + 1, KEYS))
             .or_default()
@@ -427,7 +413,7 @@ async fn two_input_harness(mode: Mode) {
             panic!("seed {seed} ({mode:?}): two-input job failed: {e} (faults {faults:?})")
         });
         let lines = read_committed_lines(dir.path()).unwrap();
-        if let Err(e) = check_exactly_once(&lines, &values) {
+        if let Err(e) = workload::check_sum_lines(&lines, &values) {
             panic!(
                 "seed {seed} ({mode:?}): two-input output is not exactly-once: {e} (faults {faults:?}); replay with \
                  SLUICE_EO_SEED={seed}"
@@ -438,6 +424,11 @@ async fn two_input_harness(mode: Mode) {
             "seed {seed}: in-progress files left"
         );
     }
+    println!(
+        "{mode:?}: {} two-input schedules, 0 divergences; {} storage faults injected by this binary so far",
+        seeds.len().div_ceil(4),
+        storage_faults_injected()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,3 +254,95 @@ async fn a_restore_from_an_unaligned_checkpoint_replays_its_channel_state_exactl
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn channel_state_is_restored_to_the_task_with_its_uid_even_when_the_graph_order_changes() {
+    let events = 300_000;
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let sink = SlowSink::default();
+    let handle = start(events, config(true, None), storage.clone(), sink.clone());
+    let m = handle.monitor();
+    backpressured(&m).await;
+    let id = m.trigger_checkpoint().await.expect("unaligned checkpoint");
+    let meta = RestoreSource::checkpoint(storage.clone(), id)
+        .await
+        .unwrap()
+        .metadata;
+    let uids: Vec<&str> = meta.channel_state.iter().map(|c| c.task_uid.as_str()).collect();
+    assert!(
+        uids.contains(&"events") && uids.contains(&"running-sum"),
+        "channel state of the source's output and the keyed task's input: {uids:?}"
+    );
+    handle.cancel();
+    let _ = handle.wait().await;
+    // The same pipeline, with another pipeline built first: every task's
+    // position in the graph moves, its uid does not.
+    let restored: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let job = Job::new("reordered")
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(restored.clone())
+        .from_savepoint(SavepointLocation::new(storage.clone(), id.dir()).unwrap());
+    job.source("other", SequenceSource::new(1_000, 1, |i| (i, i)), 1)
+        .rebalance()
+        .sink(DiscardSink::new())
+        .unwrap();
+    job.source(
+        "events",
+        SequenceSource::new(events, 2, |i| (key_of(i, KEYS), i)),
+        2,
+    )
+    .key_by(|(k, _)| *k)
+    .process("running-sum", RunningSum::default())
+    .set_parallelism(1)
+    .sink(DiscardSink::new())
+    .unwrap();
+    let result = job.execute().await.expect("restores");
+    let sums = workload::final_sums(restored.as_ref(), result.final_checkpoint.unwrap())
+        .await
+        .unwrap();
+    let v = workload::verify(&sums, events, KEYS);
+    assert!(
+        v.exactly_once(),
+        "every record in flight went to its own task: {v:?}"
+    );
+
+    // Channel state of a task the job does not have is refused, not
+    // dropped: the same checkpoint, its keyed task's channel state renamed.
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&storage.read_metadata(id).await.unwrap()).unwrap();
+    json["checkpoint_id"] = 999.into();
+    for c in json["channel_state"].as_array_mut().unwrap() {
+        if c["task_uid"] == "running-sum" {
+            c["task_uid"] = "ghost".into();
+        }
+    }
+    storage
+        .commit_metadata(
+            sluice_core::CheckpointId(999),
+            serde_json::to_vec(&json).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let job = Job::new("ghost")
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()))
+        .from_savepoint(SavepointLocation::new(storage.clone(), "chk-999").unwrap());
+    job.source(
+        "events",
+        SequenceSource::new(events, 2, |i| (key_of(i, KEYS), i)),
+        2,
+    )
+    .key_by(|(k, _)| *k)
+    .process("running-sum", RunningSum::default())
+    .set_parallelism(1)
+    .sink(DiscardSink::new())
+    .unwrap();
+    let err = job
+        .execute()
+        .await
+        .expect_err("records in flight of a task the job does not have");
+    assert!(
+        err.to_string().contains("ghost") && err.to_string().contains("in flight"),
+        "{err}"
+    );
+}

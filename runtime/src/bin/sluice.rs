@@ -5,12 +5,13 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_core::{CheckpointStorage, StateBackend};
-use sluice_runtime::location;
+use sluice_runtime::file_sink::read_committed_lines;
+use sluice_runtime::location::{self, OpenMode};
 use sluice_runtime::rest::RestClient;
 use sluice_runtime::workload::{self, InjectedFailure, RunningSum};
 use sluice_runtime::{
-    copy_savepoint, CheckpointConfig, CheckpointingMode, DiscardSink, Job, RestartStrategy, RestoreSource,
-    SavepointLocation,
+    copy_savepoint, CheckpointConfig, CheckpointingMode, DiscardSink, FileSink, Job, RestartStrategy,
+    RestoreSource, SavepointLocation,
 };
 use std::io::Write;
 use std::process::ExitCode;
@@ -189,6 +190,17 @@ struct KeyedSumArgs {
     /// With `--from-savepoint`: skip state of operators the job does not have.
     #[arg(long)]
     allow_non_restored_state: bool,
+    /// Write every `key sum` the job emits, exactly once, into part files in
+    /// this directory (a transactional file sink: two-phase commit with the
+    /// checkpoints); the end of the run checks the committed lines.
+    #[arg(long)]
+    output: Option<std::path::PathBuf>,
+    /// When the latest checkpoint cannot be restored, restore an older one
+    /// even though the exactly-once sink (`--output`) already committed the
+    /// newer one's output: this may duplicate output. Without it the job
+    /// stops and names the damaged file.
+    #[arg(long)]
+    allow_checkpoint_fallback: bool,
     /// Serve the job's REST API on this address (`PORT` or `ADDR:PORT`; a
     /// bare port binds 127.0.0.1). It has no authentication.
     #[arg(long)]
@@ -234,15 +246,30 @@ async fn checkpoint_storage(
     spec: &str,
     s3_endpoint: Option<&str>,
     job: &str,
+    mode: OpenMode,
 ) -> Result<Arc<dyn CheckpointStorage>, String> {
     let s3 = s3_options(s3_endpoint);
     let spec_for_job = match spec.strip_prefix("s3://") {
         Some(rest) => format!("s3://{}/{job}", rest.trim_end_matches('/')),
         None => spec.to_string(),
     };
-    location::open_storage(&spec_for_job, &s3)
+    location::open_storage_with(&spec_for_job, &s3, mode)
         .await
-        .map_err(|e| format!("--storage {spec}: {e}"))
+        .map_err(|e| failed(&format!("--storage {spec}"), &e))
+}
+
+/// The one-line message of a failure to open `what`; the error's whole
+/// source chain goes to the debug log (`RUST_LOG=debug`).
+fn failed(what: &str, e: &sluice_core::Error) -> String {
+    let mut chain = String::new();
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        chain.push_str("\n  caused by: ");
+        chain.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    tracing::debug!("{what}: {e}{chain}");
+    format!("{what}: {e}")
 }
 
 fn s3_options(endpoint: Option<&str>) -> location::S3Options {
@@ -251,16 +278,28 @@ fn s3_options(endpoint: Option<&str>) -> location::S3Options {
     }
 }
 
-async fn open_location(spec: &str, s3_endpoint: Option<&str>) -> Result<SavepointLocation, String> {
-    location::open_location(spec, &s3_options(s3_endpoint))
+async fn open_location(
+    spec: &str,
+    s3_endpoint: Option<&str>,
+    mode: OpenMode,
+) -> Result<SavepointLocation, String> {
+    location::open_location_with(spec, &s3_options(s3_endpoint), mode)
         .await
-        .map_err(|e| format!("{spec}: {e}"))
+        .map_err(|e| failed(spec, &e))
 }
+
+/// The log filter when `RUST_LOG` is not set: Sluice's progress at `info`;
+/// the AWS SDK's own logs (every attempt of the credential chain and of
+/// instance metadata, retries, connection errors) off — their failures
+/// reach the user as one short error, and `RUST_LOG=debug` shows them all.
+const DEFAULT_LOG_FILTER: &str =
+    "info,aws_config=off,aws_smithy=off,aws_runtime=off,aws_sdk=off,aws_credential_types=off,aws_sigv4=off";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
         )
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -385,7 +424,7 @@ fn inspect(
     s3_endpoint: Option<&str>,
 ) -> Result<ExitCode, String> {
     runtime()?.block_on(async move {
-        let location = open_location(path, s3_endpoint).await?;
+        let location = open_location(path, s3_endpoint, OpenMode::ReadOnly).await?;
         let source = RestoreSource::open(&location).await.map_err(|e| e.to_string())?;
         if dump {
             let uid = operator.unwrap_or_default();
@@ -422,8 +461,10 @@ fn inspect(
 
 fn copy(src: &str, dst: &str, s3_endpoint: Option<&str>) -> Result<ExitCode, String> {
     runtime()?.block_on(async move {
-        let from = open_location(src, s3_endpoint).await?;
-        let to = open_location(dst, s3_endpoint).await?;
+        // The source is opened read-only: a mistyped source creates nothing.
+        let (from, to) = location::open_copy_locations(src, dst, &s3_options(s3_endpoint))
+            .await
+            .map_err(|e| failed(&format!("copy {src} {dst}"), &e))?;
         let meta = copy_savepoint(&from, &to).await.map_err(|e| e.to_string())?;
         println!(
             "copied {} {} ({} bytes of state) to {}",
@@ -464,7 +505,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn list_checkpoints(spec: &str, s3_endpoint: Option<&str>) -> Result<ExitCode, String> {
     runtime()?.block_on(async move {
-        let storage = checkpoint_storage(spec, s3_endpoint, "keyed-sum").await?;
+        let storage = checkpoint_storage(spec, s3_endpoint, "keyed-sum", OpenMode::ReadOnly).await?;
         let listing = storage.list().await.map_err(|e| e.to_string())?;
         println!(
             "{:>8}  {:<20}  {:<10}  {:>12}  {:>9}",
@@ -526,9 +567,11 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         &a.storage,
         a.s3_endpoint.as_deref(),
         "keyed-sum",
+        OpenMode::ReadWrite,
     ))?;
     let from_savepoint = match &a.from_savepoint {
-        Some(p) => Some(rt.block_on(open_location(p, a.s3_endpoint.as_deref()))?),
+        // Read-only: a mistyped savepoint path creates nothing.
+        Some(p) => Some(rt.block_on(open_location(p, a.s3_endpoint.as_deref(), OpenMode::ReadOnly))?),
         None => None,
     };
     println!(
@@ -556,12 +599,18 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             .resume_from_latest_checkpoint(a.resume)
             .allow_non_restored_state(a.allow_non_restored_state)
             .with_restart_strategy(RestartStrategy::FixedDelay { attempts: 3, delay: Duration::from_millis(100) })
-            .with_checkpointing(CheckpointConfig { interval, mode, retained: a.retained, ..Default::default() });
+            .with_checkpointing(CheckpointConfig {
+                interval,
+                mode,
+                retained: a.retained,
+                fallback_to_older_checkpoint: a.allow_checkpoint_fallback,
+                ..Default::default()
+            });
         let job = match from_savepoint {
             Some(loc) => job.from_savepoint(loc),
             None => job,
         };
-        workload::keyed_sum_with_splits(
+        let sums = workload::keyed_sum_stream(
             &job,
             a.events,
             a.keys,
@@ -569,8 +618,12 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             a.parallelism,
             a.rate,
             RunningSum::with_failures(failures),
-            DiscardSink::new(),
         )
+        .map_err(|e| e.to_string())?;
+        match &a.output {
+            Some(dir) => sums.transactional_sink("output", FileSink::new(dir, workload::sum_line)),
+            None => sums.sink(DiscardSink::new()),
+        }
         .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let handle = job.start().map_err(|e| e.to_string())?;
@@ -654,6 +707,26 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("reading the final state from checkpoint {final_id}: {e}"))?;
         println!("final state: checkpoint {final_id}, {} keys", sums.len());
         let v = workload::verify(&sums, a.events, a.keys);
+        let output_ok = match &a.output {
+            None => true,
+            Some(dir) => {
+                let lines = read_committed_lines(dir).map_err(|e| format!("reading the output in {}: {e}", dir.display()))?;
+                let values = workload::values_by_key(0..a.events, a.keys);
+                match workload::check_sum_lines(&lines, &values) {
+                    Ok(()) => {
+                        println!("output: {} committed lines in {}; exactly-once: ok", lines.len(), dir.display());
+                        true
+                    }
+                    Err(e) => {
+                        println!("output: {} committed lines in {}: {e}; exactly-once: FAILED", lines.len(), dir.display());
+                        false
+                    }
+                }
+            }
+        };
+        if !output_ok && mode == CheckpointingMode::ExactlyOnce {
+            return Ok(ExitCode::from(1));
+        }
         if v.exactly_once() {
             println!("result: {} keys checked against the expected sums; exactly-once: ok", v.keys);
             Ok(ExitCode::SUCCESS)
