@@ -37,12 +37,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use sluice_core::state::{KeyValueVisitor, SnapshotVisitor};
-use sluice_core::storage::{checkpoint_of_path, dir_prefix, validate_dir, validate_path};
+use sluice_core::storage::{dir_prefix, validate_dir, validate_path, Capabilities};
 use sluice_core::{
-    CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, KeyGroupRange, KeyedStateStore,
-    Result, StateBackend, StateId, StateSnapshot, StoreScope,
+    CheckpointId, CheckpointStorage, Error, FileListing, KeyGroupRange, KeyedStateStore, Result,
+    StateBackend, StateId, StateSnapshot, StoreScope,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -334,12 +334,11 @@ impl StateSnapshot for MemorySnapshot {
 #[derive(Debug, Default)]
 struct Inner {
     files: BTreeMap<String, Bytes>,
-    metadata: BTreeMap<CheckpointId, Bytes>,
 }
 
 /// Checkpoints in memory. Clones share the same data, so a job restarted in
 /// the same process finds its checkpoints; they are gone when the process
-/// ends.
+/// ends (not [`Capabilities::durable`]).
 #[derive(Debug, Clone, Default)]
 pub struct MemoryCheckpointStorage {
     inner: Arc<Mutex<Inner>>,
@@ -357,13 +356,7 @@ impl MemoryCheckpointStorage {
 
     /// Total bytes held (files and metadata).
     pub fn total_bytes(&self) -> u64 {
-        let inner = self.lock();
-        inner
-            .files
-            .values()
-            .chain(inner.metadata.values())
-            .map(|b| b.len() as u64)
-            .sum()
+        self.lock().files.values().map(|b| b.len() as u64).sum()
     }
 }
 
@@ -385,16 +378,21 @@ impl CheckpointStorage for MemoryCheckpointStorage {
         Ok(())
     }
 
-    async fn read_file(&self, path: &str) -> Result<Bytes> {
-        self.lock()
+    async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
+        // Memory is as durable as it gets here: the same as a write.
+        self.write_file(path, data).await
+    }
+
+    async fn read(&self, path: &str, range: Option<Range<u64>>) -> Result<Bytes> {
+        let file = self
+            .lock()
             .files
             .get(path)
             .cloned()
-            .ok_or_else(|| Error::not_found(path))
-    }
-
-    async fn read_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
-        let file = self.read_file(path).await?;
+            .ok_or_else(|| Error::not_found(path))?;
+        let Some(range) = range else {
+            return Ok(file);
+        };
         let len = file.len() as u64;
         if range.start > range.end || range.end > len {
             return Err(Error::corrupt(
@@ -406,51 +404,6 @@ impl CheckpointStorage for MemoryCheckpointStorage {
             ));
         }
         Ok(file.slice(range.start as usize..range.end as usize))
-    }
-
-    async fn commit_metadata(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
-        let mut inner = self.lock();
-        if inner.metadata.contains_key(&id) {
-            return Err(Error::AlreadyExists {
-                what: format!("metadata of checkpoint {id}"),
-            });
-        }
-        inner.metadata.insert(id, metadata);
-        Ok(())
-    }
-
-    async fn read_metadata(&self, id: CheckpointId) -> Result<Bytes> {
-        self.lock()
-            .metadata
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::not_found(format!("metadata of checkpoint {id}")))
-    }
-
-    async fn list(&self) -> Result<Vec<CheckpointListing>> {
-        let inner = self.lock();
-        let mut ids: BTreeSet<CheckpointId> = inner.metadata.keys().copied().collect();
-        ids.extend(inner.files.keys().filter_map(|p| checkpoint_of_path(p)));
-        Ok(ids
-            .into_iter()
-            .map(|id| CheckpointListing {
-                id,
-                committed: inner.metadata.contains_key(&id),
-            })
-            .collect())
-    }
-
-    async fn discard(&self, id: CheckpointId) -> Result<()> {
-        let mut inner = self.lock();
-        inner.metadata.remove(&id);
-        let prefix = format!("{}/", id.dir());
-        inner.files.retain(|p, _| !p.starts_with(&prefix));
-        Ok(())
-    }
-
-    async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
-        // Memory is as durable as it gets here: the same as a write.
-        self.write_file(path, data).await
     }
 
     async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
@@ -474,5 +427,12 @@ impl CheckpointStorage for MemoryCheckpointStorage {
         // One lock: the directory disappears at once.
         self.lock().files.retain(|p, _| !p.starts_with(&prefix));
         Ok(())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            atomic_create: true,
+            durable: false,
+        }
     }
 }

@@ -11,7 +11,7 @@ async fn memory_state_backend_passes_the_state_suite() {
 
 #[tokio::test]
 async fn memory_checkpoint_storage_passes_the_storage_suite() {
-    testkit::run_checkpoint_storage_suite(&MemoryCheckpointStorage::new(), &MemoryStateBackend::new()).await;
+    testkit::run_checkpoint_storage_suite(&MemoryCheckpointStorage::new()).await;
 }
 
 #[test]

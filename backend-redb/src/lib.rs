@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use sluice_backend_redb::RedbCheckpointStorage;
-//! use sluice_core::{CheckpointId, CheckpointStorage, Bytes};
+//! use sluice_core::{CheckpointId, CheckpointStorage, CheckpointStorageExt, Bytes};
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let dir = tempfile::tempdir().unwrap();

@@ -23,9 +23,8 @@ use crate::{corrupt_or_storage, spawn_db};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use redb::{Database, Durability, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
-use sluice_core::storage::{checkpoint_of_path, dir_prefix, validate_dir, validate_path};
-use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, Result};
-use std::collections::BTreeSet;
+use sluice_core::storage::{checkpoint_of_path, dir_prefix, metadata_path, validate_dir, validate_path};
+use sluice_core::{CheckpointId, CheckpointStorage, Error, FileListing, Result};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -424,27 +423,37 @@ fn remove_prefix(tx: &redb::WriteTransaction, store: &str, prefix: &str) -> Resu
     Ok(())
 }
 
-#[async_trait]
-impl CheckpointStorage for RedbCheckpointStorage {
-    fn describe(&self) -> String {
-        format!("redb:{}", self.path.display())
-    }
+/// The checkpoint whose metadata `path` is (`chk-<id>/_metadata`): such
+/// paths live in the `checkpoints` table, with a CRC, not in `files`.
+fn metadata_id(path: &str) -> Option<CheckpointId> {
+    checkpoint_of_path(path).filter(|id| path == metadata_path(*id))
+}
 
-    async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
-        self.write(path, data, Durability::None).await
+/// Reads checkpoint `id`'s metadata row, checking its CRC.
+fn read_metadata_blocking(db: &Db, store: &str, id: CheckpointId) -> Result<Bytes> {
+    let read = db.begin_read().map_err(|e| Error::storage(store, e))?;
+    let t = read
+        .open_table(CHECKPOINTS)
+        .map_err(|e| Error::storage(store, e))?;
+    let v = t
+        .get(id.0)
+        .map_err(|e| corrupt_or_storage(store, e))?
+        .ok_or_else(|| Error::not_found(format!("{} in {store}", metadata_path(id))))?;
+    let raw = v.value();
+    let what = format!("{store}: metadata of checkpoint {id}");
+    if raw.len() < 4 {
+        return Err(Error::corrupt(what, "truncated"));
     }
-
-    async fn read_file(&self, path: &str) -> Result<Bytes> {
-        let (db, store, path) = (self.db.clone(), self.name(), path.to_string());
-        spawn_db(move || read_range_blocking(&db, &store, &path, None)).await
+    let (data, crc) = raw.split_at(raw.len() - 4);
+    if crc32fast::hash(data).to_le_bytes() != crc {
+        return Err(Error::corrupt(what, "checksum mismatch"));
     }
+    Ok(Bytes::copy_from_slice(data))
+}
 
-    async fn read_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
-        let (db, store, path) = (self.db.clone(), self.name(), path.to_string());
-        spawn_db(move || read_range_blocking(&db, &store, &path, Some(range))).await
-    }
-
-    async fn commit_metadata(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
+impl RedbCheckpointStorage {
+    /// Commits checkpoint `id`'s metadata durably and create-if-absent.
+    async fn commit_metadata_row(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
         let (db, store) = (self.db.clone(), self.name());
         spawn_db(move || {
             let mut tx = db.begin_write(&store)?;
@@ -456,7 +465,7 @@ impl CheckpointStorage for RedbCheckpointStorage {
                     .map_err(|e| Error::storage(&store, e))?;
                 if t.get(id.0).map_err(|e| corrupt_or_storage(&store, e))?.is_some() {
                     return Err(Error::AlreadyExists {
-                        what: format!("metadata of checkpoint {id} in {store}"),
+                        what: format!("{} in {store}", metadata_path(id)),
                     });
                 }
                 let mut v = metadata.to_vec();
@@ -468,84 +477,54 @@ impl CheckpointStorage for RedbCheckpointStorage {
         })
         .await
     }
+}
 
-    async fn read_metadata(&self, id: CheckpointId) -> Result<Bytes> {
-        let (db, store) = (self.db.clone(), self.name());
-        spawn_db(move || {
-            let read = db.begin_read().map_err(|e| Error::storage(&store, e))?;
-            let t = read
-                .open_table(CHECKPOINTS)
-                .map_err(|e| Error::storage(&store, e))?;
-            let v = t
-                .get(id.0)
-                .map_err(|e| corrupt_or_storage(&store, e))?
-                .ok_or_else(|| Error::not_found(format!("metadata of checkpoint {id} in {store}")))?;
-            let raw = v.value();
-            let what = format!("{store}: metadata of checkpoint {id}");
-            if raw.len() < 4 {
-                return Err(Error::corrupt(what, "truncated"));
-            }
-            let (data, crc) = raw.split_at(raw.len() - 4);
-            if crc32fast::hash(data).to_le_bytes() != crc {
-                return Err(Error::corrupt(what, "checksum mismatch"));
-            }
-            Ok(Bytes::copy_from_slice(data))
-        })
-        .await
+#[async_trait]
+impl CheckpointStorage for RedbCheckpointStorage {
+    fn describe(&self) -> String {
+        format!("redb:{}", self.path.display())
     }
 
-    async fn list(&self) -> Result<Vec<CheckpointListing>> {
-        let (db, store) = (self.db.clone(), self.name());
-        spawn_db(move || {
-            let read = db.begin_read().map_err(|e| Error::storage(&store, e))?;
-            let t = read
-                .open_table(CHECKPOINTS)
-                .map_err(|e| Error::storage(&store, e))?;
-            let mut committed = BTreeSet::new();
-            for row in t.iter().map_err(|e| corrupt_or_storage(&store, e))? {
-                let (k, _) = row.map_err(|e| corrupt_or_storage(&store, e))?;
-                committed.insert(CheckpointId(k.value()));
-            }
-            let mut all = committed.clone();
-            let files = read.open_table(FILES).map_err(|e| Error::storage(&store, e))?;
-            for row in files.iter().map_err(|e| corrupt_or_storage(&store, e))? {
-                let (k, _) = row.map_err(|e| corrupt_or_storage(&store, e))?;
-                if let Some(id) = checkpoint_of_path(k.value()) {
-                    all.insert(id);
-                }
-            }
-            Ok(all
-                .into_iter()
-                .map(|id| CheckpointListing {
-                    id,
-                    committed: committed.contains(&id),
-                })
-                .collect())
-        })
-        .await
-    }
-
-    async fn discard(&self, id: CheckpointId) -> Result<()> {
-        let (db, store) = (self.db.clone(), self.name());
-        spawn_db(move || {
-            let mut tx = db.begin_write(&store)?;
-            tx.set_durability(Durability::None)
-                .map_err(|e| Error::storage(&store, e))?;
-            {
-                let mut meta = tx
-                    .open_table(CHECKPOINTS)
-                    .map_err(|e| Error::storage(&store, e))?;
-                meta.remove(id.0).map_err(|e| Error::storage(&store, e))?;
-            }
-            remove_prefix(&tx, &store, &format!("{}/", id.dir()))?;
-            tx.commit().map_err(|e| Error::storage(&store, e))
-        })
-        .await
+    async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
+        match metadata_id(path) {
+            // Metadata is only ever committed (durably).
+            Some(id) => self.commit_metadata_row(id, data).await,
+            None => self.write(path, data, Durability::None).await,
+        }
     }
 
     async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
-        // An `Immediate` transaction: durable together with every earlier one.
-        self.write(path, data, Durability::Immediate).await
+        match metadata_id(path) {
+            Some(id) => self.commit_metadata_row(id, data).await,
+            // An `Immediate` transaction: durable together with every earlier one.
+            None => self.write(path, data, Durability::Immediate).await,
+        }
+    }
+
+    async fn read(&self, path: &str, range: Option<Range<u64>>) -> Result<Bytes> {
+        let (db, store, path) = (self.db.clone(), self.name(), path.to_string());
+        spawn_db(move || match metadata_id(&path) {
+            None => read_range_blocking(&db, &store, &path, range),
+            Some(id) => {
+                let data = read_metadata_blocking(&db, &store, id)?;
+                match range {
+                    None => Ok(data),
+                    Some(r) if r.start <= r.end && r.end <= data.len() as u64 => {
+                        Ok(data.slice(r.start as usize..r.end as usize))
+                    }
+                    Some(r) => Err(Error::corrupt(
+                        path,
+                        format!(
+                            "range {}..{} is outside the file's {} bytes",
+                            r.start,
+                            r.end,
+                            data.len()
+                        ),
+                    )),
+                }
+            }
+        })
+        .await
     }
 
     async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
@@ -568,6 +547,18 @@ impl CheckpointStorage for RedbCheckpointStorage {
                     size: v.value(),
                 });
             }
+            let meta = read
+                .open_table(CHECKPOINTS)
+                .map_err(|e| Error::storage(&store, e))?;
+            for row in meta.iter().map_err(|e| corrupt_or_storage(&store, e))? {
+                let (k, v) = row.map_err(|e| corrupt_or_storage(&store, e))?;
+                let path = metadata_path(CheckpointId(k.value()));
+                if path.starts_with(&prefix) {
+                    let size = v.value().len().saturating_sub(4) as u64;
+                    out.push(FileListing { path, size });
+                }
+            }
+            out.sort_by(|a, b| a.path.cmp(&b.path));
             Ok(out)
         })
         .await
@@ -581,6 +572,21 @@ impl CheckpointStorage for RedbCheckpointStorage {
             let mut tx = db.begin_write(&store)?;
             tx.set_durability(Durability::Immediate)
                 .map_err(|e| Error::storage(&store, e))?;
+            {
+                let mut meta = tx
+                    .open_table(CHECKPOINTS)
+                    .map_err(|e| Error::storage(&store, e))?;
+                let mut ids = Vec::new();
+                for row in meta.iter().map_err(|e| corrupt_or_storage(&store, e))? {
+                    let (k, _) = row.map_err(|e| corrupt_or_storage(&store, e))?;
+                    if metadata_path(CheckpointId(k.value())).starts_with(&prefix) {
+                        ids.push(k.value());
+                    }
+                }
+                for id in ids {
+                    meta.remove(id).map_err(|e| Error::storage(&store, e))?;
+                }
+            }
             remove_prefix(&tx, &store, &prefix)?;
             tx.commit().map_err(|e| Error::storage(&store, e))
         })
@@ -617,6 +623,7 @@ pub fn damage_stored_file(store: &Path, file: &str, damage: impl FnOnce(&mut Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_core::CheckpointStorageExt;
 
     /// A store at `path` with checkpoint 1 (one state file, committed).
     async fn store_with_one_checkpoint(path: &Path) {

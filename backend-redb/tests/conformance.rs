@@ -5,7 +5,9 @@
 use redb::{Database, TableDefinition};
 use sluice_backend_redb::{RedbCheckpointStorage, RedbStateBackend, RedbStateConfig};
 use sluice_core::format::{decode_snapshot, encode_snapshot};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{testkit, Bytes, CheckpointId, CheckpointStorage, Error, KeyGroupRange, StateBackend};
+use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redb_state_backend_passes_the_state_suite() {
@@ -35,8 +37,20 @@ async fn redb_state_backend_passes_the_state_suite_with_tiny_buffers() {
 async fn redb_checkpoint_storage_passes_the_storage_suite() {
     let dir = tempfile::tempdir().unwrap();
     let storage = RedbCheckpointStorage::open(dir.path().join("chk.redb")).unwrap();
-    let backend = RedbStateBackend::new(dir.path().join("state")).unwrap();
-    testkit::run_checkpoint_storage_suite(&storage, &backend).await;
+    testkit::run_checkpoint_storage_suite(&storage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redb_checkpoint_storage_keeps_what_it_committed_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chk.redb");
+    testkit::storage_survives_reopen(|| {
+        let path = path.clone();
+        async move {
+            Arc::new(RedbCheckpointStorage::open(&path).unwrap()) as Arc<dyn sluice_core::CheckpointStorage>
+        }
+    })
+    .await;
 }
 
 #[test]

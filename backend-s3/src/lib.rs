@@ -48,9 +48,9 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use sluice_core::metadata::SAVEPOINT_METADATA_FILE;
-use sluice_core::storage::{checkpoint_of_path, dir_prefix, validate_dir, validate_path};
-use sluice_core::{BoxError, CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, Result};
-use std::collections::BTreeMap;
+use sluice_core::storage::{dir_prefix, validate_dir, validate_path, Capabilities};
+use sluice_core::{BoxError, CheckpointStorage, Error, FileListing, Result};
+
 use std::ops::Range;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -632,6 +632,62 @@ impl S3CheckpointStorage {
         result
     }
 
+    /// A ranged GET (a HEAD for an empty range, to check the length).
+    async fn get_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
+        if range.start > range.end {
+            return Err(Error::corrupt(
+                path,
+                format!("bad range {}..{}", range.start, range.end),
+            ));
+        }
+        if range.start == range.end {
+            // An empty read still checks that the object is long enough.
+            let head = self
+                .client
+                .head_object()
+                .bucket(&self.config.bucket)
+                .key(self.key(path))
+                .send()
+                .await
+                .map_err(|e| map_sdk(self, Request::Read, path, e))?;
+            let len = head.content_length().unwrap_or(0).max(0) as u64;
+            if range.end > len {
+                return Err(Error::corrupt(
+                    path,
+                    format!("range ends at {} beyond the object's {len} bytes", range.end),
+                ));
+            }
+            return Ok(Bytes::new());
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(self.key(path))
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .send()
+            .await
+            .map_err(|e| map_sdk(self, Request::Read, path, e))?;
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| Error::storage(path, e))?
+            .into_bytes();
+        if bytes.len() as u64 != range.end - range.start {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "asked for bytes {}..{}, got {}: the object is shorter than expected",
+                    range.start,
+                    range.end,
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+
     /// Every object key under `prefix`, with pagination.
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
         Ok(self
@@ -759,118 +815,22 @@ impl CheckpointStorage for S3CheckpointStorage {
         }
     }
 
-    async fn read_file(&self, path: &str) -> Result<Bytes> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.config.bucket)
-            .key(self.key(path))
-            .send()
-            .await
-            .map_err(|e| map_sdk(self, Request::Read, path, e))?;
-        let body = out.body.collect().await.map_err(|e| Error::storage(path, e))?;
-        Ok(body.into_bytes())
-    }
-
-    async fn read_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
-        if range.start > range.end {
-            return Err(Error::corrupt(
-                path,
-                format!("bad range {}..{}", range.start, range.end),
-            ));
-        }
-        if range.start == range.end {
-            // An empty read still checks that the object is long enough.
-            let head = self
-                .client
-                .head_object()
-                .bucket(&self.config.bucket)
-                .key(self.key(path))
-                .send()
-                .await
-                .map_err(|e| map_sdk(self, Request::Read, path, e))?;
-            let len = head.content_length().unwrap_or(0).max(0) as u64;
-            if range.end > len {
-                return Err(Error::corrupt(
-                    path,
-                    format!("range ends at {} beyond the object's {len} bytes", range.end),
-                ));
-            }
-            return Ok(Bytes::new());
-        }
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.config.bucket)
-            .key(self.key(path))
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
-            .send()
-            .await
-            .map_err(|e| map_sdk(self, Request::Read, path, e))?;
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| Error::storage(path, e))?
-            .into_bytes();
-        if bytes.len() as u64 != range.end - range.start {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "asked for bytes {}..{}, got {}: the object is shorter than expected",
-                    range.start,
-                    range.end,
-                    bytes.len()
-                ),
-            ));
-        }
-        Ok(bytes)
-    }
-
-    async fn commit_metadata(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
-        let path = format!("{}/_metadata", id.dir());
-        self.check_writable(&path)?;
-        // Failures that may have taken effect are `Indeterminate`: the job
-        // master reads back.
-        self.put_new(&self.key(&path), metadata, &path).await
-    }
-
-    async fn read_metadata(&self, id: CheckpointId) -> Result<Bytes> {
-        self.read_file(&format!("{}/_metadata", id.dir())).await
-    }
-
-    async fn list(&self) -> Result<Vec<CheckpointListing>> {
-        let root = self.root();
-        let mut found: BTreeMap<CheckpointId, bool> = BTreeMap::new();
-        for key in self.list_keys(&root).await? {
-            let rel = &key[root.len()..];
-            if let Some(id) = checkpoint_of_path(rel) {
-                let committed = rel.ends_with("/_metadata") && rel.matches('/').count() == 1;
-                *found.entry(id).or_default() |= committed;
+    async fn read(&self, path: &str, range: Option<Range<u64>>) -> Result<Bytes> {
+        match range {
+            Some(range) => self.get_range(path, range).await,
+            None => {
+                let out = self
+                    .client
+                    .get_object()
+                    .bucket(&self.config.bucket)
+                    .key(self.key(path))
+                    .send()
+                    .await
+                    .map_err(|e| map_sdk(self, Request::Read, path, e))?;
+                let body = out.body.collect().await.map_err(|e| Error::storage(path, e))?;
+                Ok(body.into_bytes())
             }
         }
-        Ok(found
-            .into_iter()
-            .map(|(id, committed)| CheckpointListing { id, committed })
-            .collect())
-    }
-
-    async fn discard(&self, id: CheckpointId) -> Result<()> {
-        self.check_writable(&id.dir())?;
-        let dir = self.key(&format!("{}/", id.dir()));
-        let meta = self.key(&format!("{}/_metadata", id.dir()));
-        // The metadata first: the checkpoint stops existing before its files go.
-        self.client
-            .delete_object()
-            .bucket(&self.config.bucket)
-            .key(&meta)
-            .send()
-            .await
-            .map_err(|e| map_sdk(self, Request::Write, &meta, e))?;
-        let keys = self.list_keys(&dir).await?;
-        self.delete_keys(keys, &dir).await?;
-        self.abort_incomplete_uploads(&dir).await?;
-        Ok(())
     }
 
     async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
@@ -921,6 +881,16 @@ impl CheckpointStorage for S3CheckpointStorage {
     fn locate(&self, dir: &str) -> String {
         let key = self.key(dir);
         format!("s3://{}/{}", self.config.bucket, key.trim_end_matches('/'))
+    }
+
+    /// Create-if-absent is atomic only where the store honours
+    /// `If-None-Match` (found by the probe at open); else a HEAD precedes
+    /// the PUT, which is correct with one writer per job directory.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            atomic_create: self.conditional_writes,
+            durable: true,
+        }
     }
 }
 

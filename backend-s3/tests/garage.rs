@@ -2,8 +2,8 @@
 //! started by `scripts/s3-server.sh start`; `scripts/test.sh` does it and
 //! sets `SLUICE_REQUIRE_S3=1`, so in CI these tests cannot skip).
 
-use sluice_backend_memory::MemoryStateBackend;
 use sluice_backend_s3::{S3CheckpointStorage, S3Config};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{testkit, Bytes, CheckpointId, CheckpointStorage, Error};
 
 /// The bucket of the test server, or `None` (with a message) when no server
@@ -52,7 +52,21 @@ async fn storage(name: &str) -> Option<S3CheckpointStorage> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_checkpoint_storage_passes_the_storage_suite_against_garage() {
     let Some(s) = storage("suite").await else { return };
-    testkit::run_checkpoint_storage_suite(&s, &MemoryStateBackend::new()).await;
+    testkit::run_checkpoint_storage_suite(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_checkpoint_storage_keeps_what_it_committed_across_a_reopen() {
+    let Some(bucket) = bucket() else { return };
+    let prefix = unique("reopen");
+    testkit::storage_survives_reopen(|| {
+        let config = S3Config::new(bucket.clone(), prefix.clone());
+        async move {
+            std::sync::Arc::new(S3CheckpointStorage::open(config).await.expect("open S3 storage"))
+                as std::sync::Arc<dyn sluice_core::CheckpointStorage>
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 //! sets `SLUICE_S3_CONTROL=1` and `SLUICE_S3_SCRIPT`.
 
 use sluice_backend_s3::{S3CheckpointStorage, S3Config};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{Bytes, CheckpointId, CheckpointStorage, Error};
 use std::time::Duration;
 

@@ -21,6 +21,7 @@ use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_backend_redb::{RedbCheckpointStorage, RedbStateBackend};
 use sluice_backend_s3::{S3CheckpointStorage, S3Config};
 use sluice_core::format::{encode_snapshot, read_key_groups};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{
     Bytes, CheckpointId, CheckpointStorage, KeyGroupRange, KeyedStateStore, OperatorUid, StateBackend,
     StateFileHandle, StoreScope,

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_backend_redb::{RedbCheckpointStorage, RedbStateBackend};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{CheckpointStorage, StateBackend};
 use sluice_runtime::prelude::*;
 use sluice_runtime::workload::key_of;

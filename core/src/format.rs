@@ -22,7 +22,7 @@
 
 use crate::metadata::StateFileHandle;
 use crate::state::StateSnapshot;
-use crate::storage::CheckpointStorage;
+use crate::storage::{CheckpointStorage, CheckpointStorageExt};
 use crate::{Error, KeyGroupRange, Result};
 use bytes::Bytes;
 
@@ -413,53 +413,28 @@ pub async fn read_key_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::CheckpointListing;
-    use crate::{CheckpointId, StateId};
+    use crate::StateId;
     use std::collections::BTreeMap;
     use std::ops::Range;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
 
-    /// A snapshot over a fixed set of entries.
-    struct Fixed {
-        range: KeyGroupRange,
-        names: Vec<String>,
-        entries: BTreeMap<(u32, StateId, Vec<u8>), Vec<u8>>,
-    }
-
-    impl StateSnapshot for Fixed {
-        fn key_groups(&self) -> KeyGroupRange {
-            self.range
-        }
-        fn state_names(&self) -> Vec<String> {
-            self.names.clone()
-        }
-        fn visit_key_group(&self, kg: u32, visit: &mut crate::state::SnapshotVisitor<'_>) -> Result<()> {
-            for ((g, s, k), v) in &self.entries {
-                if *g == kg {
-                    visit(*s, k, v)?;
-                }
-            }
-            Ok(())
-        }
-    }
-
-    fn fixed() -> Fixed {
-        let mut entries = BTreeMap::new();
+    fn fixed() -> crate::MapSnapshot {
+        let mut snap =
+            crate::MapSnapshot::new(KeyGroupRange::new(5, 12).unwrap(), vec!["a".into(), "b".into()]);
         for i in 0..300u32 {
             let kg = 5 + i % 7;
-            entries.insert(
-                (kg, (i % 2) as StateId, i.to_be_bytes().to_vec()),
-                vec![i as u8; (i % 13) as usize],
-            );
+            // Key group 11 stays empty.
+            if kg != 11 {
+                snap.insert(
+                    kg,
+                    (i % 2) as StateId,
+                    i.to_be_bytes().to_vec(),
+                    vec![i as u8; (i % 13) as usize],
+                );
+            }
         }
-        // Key group 11 stays empty.
-        entries.retain(|(g, _, _), _| *g != 11);
-        Fixed {
-            range: KeyGroupRange::new(5, 12).unwrap(),
-            names: vec!["a".into(), "b".into()],
-            entries,
-        }
+        snap
     }
 
     /// A storage that holds one file and counts the bytes read.
@@ -479,31 +454,18 @@ mod tests {
             *self.file.lock().unwrap() = data;
             Ok(())
         }
-        async fn read_file(&self, _path: &str) -> Result<Bytes> {
+        async fn read(&self, path: &str, r: Option<Range<u64>>) -> Result<Bytes> {
             let f = self.file.lock().unwrap().clone();
-            self.read.fetch_add(f.len() as u64, Ordering::Relaxed);
-            Ok(f)
-        }
-        async fn read_range(&self, path: &str, r: Range<u64>) -> Result<Bytes> {
-            let f = self.file.lock().unwrap().clone();
+            let Some(r) = r else {
+                self.read.fetch_add(f.len() as u64, Ordering::Relaxed);
+                return Ok(f);
+            };
             if r.end > f.len() as u64 || r.start > r.end {
                 return Err(Error::corrupt(path, "range past the end"));
             }
             self.read.fetch_add(r.end - r.start, Ordering::Relaxed);
             self.requests.fetch_add(1, Ordering::Relaxed);
             Ok(f.slice(r.start as usize..r.end as usize))
-        }
-        async fn commit_metadata(&self, _id: CheckpointId, _m: Bytes) -> Result<()> {
-            Ok(())
-        }
-        async fn read_metadata(&self, id: CheckpointId) -> Result<Bytes> {
-            Err(Error::not_found(format!("{id}")))
-        }
-        async fn list(&self) -> Result<Vec<CheckpointListing>> {
-            Ok(vec![])
-        }
-        async fn discard(&self, _id: CheckpointId) -> Result<()> {
-            Ok(())
         }
         async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
             self.write_file(path, data).await
@@ -545,12 +507,12 @@ mod tests {
     fn round_trip_keeps_every_entry_and_an_empty_key_group() {
         let snap = fixed();
         let enc = encode_snapshot(&snap).unwrap();
-        assert_eq!(enc.entries as usize, snap.entries.len());
-        let got = decode_all(&enc.bytes, snap.range).unwrap();
+        assert_eq!(enc.entries as usize, snap.len());
+        let got = decode_all(&enc.bytes, snap.key_groups()).unwrap();
+        let names = snap.state_names();
         let want: BTreeMap<_, _> = snap
-            .entries
             .iter()
-            .map(|((g, s, k), v)| ((*g, snap.names[*s as usize].clone(), k.clone()), v.clone()))
+            .map(|(g, s, k, v)| ((g, names[s as usize].clone(), k.to_vec()), v.to_vec()))
             .collect();
         assert_eq!(got, want);
         verify_snapshot_file("t", &enc.bytes, enc.crc32).unwrap();
@@ -574,10 +536,7 @@ mod tests {
             },
         ))
         .unwrap();
-        assert_eq!(
-            n as usize,
-            snap.entries.keys().filter(|(g, _, _)| *g == 7).count()
-        );
+        assert_eq!(n as usize, snap.iter().filter(|(g, _, _, _)| *g == 7).count());
         assert!(seen.iter().all(|g| *g == 7));
         let read = storage.read.load(Ordering::Relaxed);
         assert!(

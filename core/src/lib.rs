@@ -42,8 +42,8 @@ pub use keygroup::{
     DEFAULT_MAX_PARALLELISM,
 };
 pub use metadata::{ChannelStateHandle, CheckpointMetadata, SplitPosition, StateDescriptor, StateFileHandle};
-pub use state::{KeyedStateStore, StateBackend, StateId, StateSnapshot, StoreScope};
-pub use storage::{CheckpointListing, CheckpointStorage, FileListing};
+pub use state::{KeyedStateStore, MapSnapshot, StateBackend, StateId, StateSnapshot, StoreScope};
+pub use storage::{Capabilities, CheckpointListing, CheckpointStorage, CheckpointStorageExt, FileListing};
 
 /// The version of Sluice that wrote a checkpoint or savepoint (recorded in
 /// its metadata).

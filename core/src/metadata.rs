@@ -2,6 +2,7 @@
 
 use crate::ids::{CheckpointId, CheckpointKind, OperatorUid};
 use crate::keygroup::KeyGroupRange;
+use crate::storage::CheckpointStorageExt;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -163,7 +164,7 @@ fn default_snapshot_version() -> u16 {
 }
 
 /// The name of a savepoint's metadata file inside its directory.
-pub const SAVEPOINT_METADATA_FILE: &str = "_metadata";
+pub const SAVEPOINT_METADATA_FILE: &str = crate::storage::METADATA_FILE;
 
 impl CheckpointMetadata {
     /// Serializes to pretty JSON.

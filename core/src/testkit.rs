@@ -2,18 +2,20 @@
 //! that every state backend and checkpoint storage runs from its own tests,
 //! as `object_store`'s integration suite does. A new backend proves itself
 //! by calling [`run_state_backend_suite`] and/or
-//! [`run_checkpoint_storage_suite`].
+//! [`run_checkpoint_storage_suite`] (plus [`storage_survives_reopen`] for a
+//! durable storage). A storage crate needs no state backend to test itself:
+//! the suite builds its snapshot files from a [`crate::MapSnapshot`].
 //!
 //! The functions panic with a message naming the broken rule. Each uses its
 //! own checkpoint ids (1000 and up), so they can share one storage; the
 //! storage must not hold other checkpoints with ids from 1000 to 1999, nor
-//! a `savepoints/` directory.
+//! `savepoints/` or `races/` directories.
 
 use crate::format::{decode_snapshot, encode_snapshot, read_key_groups, verify_snapshot_file};
 use crate::metadata::StateFileHandle;
 use crate::{
-    key_group_for_key, CheckpointId, CheckpointStorage, Error, FileListing, KeyGroupRange, KeyedStateStore,
-    OperatorUid, StateBackend, StoreScope,
+    key_group_for_key, CheckpointId, CheckpointStorage, CheckpointStorageExt, Error, FileListing,
+    KeyGroupRange, KeyedStateStore, MapSnapshot, OperatorUid, StateBackend, StoreScope,
 };
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -282,6 +284,66 @@ pub async fn state_restore_by_key_group_range(backend: &dyn StateBackend, storag
     storage.discard(id).await.unwrap();
 }
 
+/// A snapshot file of every key group (from a [`MapSnapshot`]) written to
+/// the storage and read back by key-group range with range reads, as
+/// subtasks of parallelism 1, 3 and 4 restore it: each range gets exactly
+/// its entries, and together they get all of them.
+pub async fn storage_restore_by_key_group_range(storage: &dyn CheckpointStorage) {
+    let id = CheckpointId(1070);
+    let mut snapshot = MapSnapshot::new(
+        KeyGroupRange::all(MAX_PARALLELISM),
+        vec!["sum".into(), "names".into()],
+    );
+    let mut expected: BTreeMap<(String, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
+    for i in 0..2000u64 {
+        let key = i.to_be_bytes();
+        let kg = key_group_for_key(&key, MAX_PARALLELISM);
+        snapshot.insert(kg, 0, key.to_vec(), (i * 3).to_le_bytes().to_vec());
+        expected.insert(("sum".into(), kg, key.to_vec()), (i * 3).to_le_bytes().to_vec());
+        if i % 5 == 0 {
+            snapshot.insert(kg, 1, key.to_vec(), format!("n{i}").into_bytes());
+            expected.insert(("names".into(), kg, key.to_vec()), format!("n{i}").into_bytes());
+        }
+    }
+    let enc = encode_snapshot(&snapshot).unwrap();
+    let path = format!("{}/suite-0.kst", id.dir());
+    storage
+        .write_file(&path, enc.bytes.clone())
+        .await
+        .expect("write state file");
+    let file = StateFileHandle {
+        path: path.clone(),
+        size: enc.bytes.len() as u64,
+        crc32: enc.crc32,
+        key_groups: enc.key_groups,
+        entries: enc.entries,
+    };
+    for parallelism in [1u32, 3, 4] {
+        let mut restored: BTreeMap<(String, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
+        for subtask in 0..parallelism {
+            let range = KeyGroupRange::for_subtask(MAX_PARALLELISM, parallelism, subtask);
+            read_key_groups(storage, &file, range, &mut |name, kg, k, v| {
+                assert!(
+                    range.contains(kg),
+                    "restore visited key group {kg} outside {range}"
+                );
+                let fresh = restored
+                    .insert((name.to_string(), kg, k.to_vec()), v.to_vec())
+                    .is_none();
+                assert!(fresh, "an entry was visited twice");
+                Ok(())
+            })
+            .await
+            .expect("read_key_groups");
+        }
+        assert_eq!(
+            restored, expected,
+            "parallelism {parallelism}: restored entries differ"
+        );
+    }
+    storage.discard(id).await.unwrap();
+}
+
 /// Values of 1 MiB and empty values survive a snapshot round trip.
 pub async fn state_large_values(backend: &dyn StateBackend) {
     let range = KeyGroupRange::new(0, 1).unwrap();
@@ -480,15 +542,14 @@ pub async fn storage_discard(storage: &dyn CheckpointStorage) {
 
 /// A flipped byte or a truncation in a stored state file is reported as
 /// [`Error::Corrupt`] by the restore path, never as data.
-pub async fn storage_corrupt_file_detected(storage: &dyn CheckpointStorage, backend: &dyn StateBackend) {
+pub async fn storage_corrupt_file_detected(storage: &dyn CheckpointStorage) {
     let id = CheckpointId(1030);
     let range = KeyGroupRange::new(0, 3).unwrap();
-    let mut store = open(backend, range);
-    let s = store.register_state("s").unwrap();
+    let mut snapshot = MapSnapshot::new(range, vec!["s".into()]);
     for i in 0..200u32 {
-        store.put(s, i % 4, &i.to_le_bytes(), &[7u8; 40]).unwrap();
+        snapshot.insert(i % 4, 0, i.to_le_bytes().to_vec(), vec![7u8; 40]);
     }
-    let enc = encode_snapshot(store.snapshot(id).unwrap().as_ref()).unwrap();
+    let enc = encode_snapshot(&snapshot).unwrap();
     let len = enc.bytes.len();
     let cases: Vec<(String, Vec<u8>)> = vec![
         ("flip in a section".into(), flip(&enc.bytes, len / 2)),
@@ -648,15 +709,101 @@ pub async fn storage_directories(storage: &dyn CheckpointStorage) {
     assert!(storage.list_files("savepoints").await.unwrap().is_empty());
 }
 
-/// Runs every checkpoint-storage test. `backend` is any working state
-/// backend (it produces the snapshot files the corruption test damages).
-pub async fn run_checkpoint_storage_suite(storage: &dyn CheckpointStorage, backend: &dyn StateBackend) {
+/// Two commits of one path at the same time: exactly one wins, the other
+/// gets [`Error::AlreadyExists`], and the file holds the winner's bytes.
+/// Twenty rounds, each on a new path. Run only when the storage declares
+/// [`crate::Capabilities::atomic_create`]; a storage that checks before it
+/// writes is correct with one writer per directory, which is what the job
+/// master is, and says so.
+pub async fn storage_concurrent_commits_one_wins(storage: &dyn CheckpointStorage) {
+    if !storage.capabilities().atomic_create {
+        return;
+    }
+    for round in 0..20 {
+        let path = format!("races/r{round}/_metadata");
+        let (a, b) = futures::join!(
+            storage.commit_file(&path, Bytes::from_static(b"first writer")),
+            storage.commit_file(&path, Bytes::from_static(b"second writer")),
+        );
+        let winner = match (&a, &b) {
+            (Ok(()), Err(Error::AlreadyExists { .. })) => Bytes::from_static(b"first writer"),
+            (Err(Error::AlreadyExists { .. }), Ok(())) => Bytes::from_static(b"second writer"),
+            other => panic!("round {round}: exactly one concurrent commit must win, got {other:?}"),
+        };
+        assert_eq!(
+            storage.read_file(&path).await.unwrap(),
+            winner,
+            "round {round}: the file holds the winner's bytes"
+        );
+    }
+    storage.delete_dir("races").await.unwrap();
+    assert!(storage.list_files("races").await.unwrap().is_empty());
+}
+
+/// What was committed survives a reopen: `open` opens the same storage
+/// again each time it is called (the same file, directory or bucket). A
+/// checkpoint's files and metadata written through one instance are read
+/// back, listed and discarded through the next. For durable storages
+/// ([`crate::Capabilities::durable`]).
+pub async fn storage_survives_reopen<F, Fut>(open: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::sync::Arc<dyn CheckpointStorage>>,
+{
+    let id = CheckpointId(1060);
+    let state = Bytes::from_static(b"state of checkpoint 1060");
+    {
+        let storage = open().await;
+        assert!(storage.capabilities().durable, "reopen is for durable storages");
+        storage
+            .write_file(&format!("{}/op-0.kst", id.dir()), state.clone())
+            .await
+            .unwrap();
+        storage
+            .commit_metadata(id, Bytes::from_static(b"{\"reopen\":1}"))
+            .await
+            .unwrap();
+        storage
+            .write_file(&format!("{}/op-0.kst", CheckpointId(1061).dir()), state.clone())
+            .await
+            .unwrap();
+    }
+    let storage = open().await;
+    assert_eq!(
+        storage
+            .read_metadata(id)
+            .await
+            .expect("committed metadata after a reopen"),
+        Bytes::from_static(b"{\"reopen\":1}")
+    );
+    assert_eq!(
+        storage
+            .read_file(&format!("{}/op-0.kst", id.dir()))
+            .await
+            .unwrap(),
+        state,
+        "files written before the commit survive with it"
+    );
+    assert_eq!(
+        listing(storage.as_ref(), 1060..1062).await,
+        vec![(1060, true), (1061, false)]
+    );
+    storage.discard(id).await.unwrap();
+    storage.discard(CheckpointId(1061)).await.unwrap();
+    drop(storage);
+    assert!(listing(open().await.as_ref(), 1060..1062).await.is_empty());
+}
+
+/// Runs every checkpoint-storage test of one storage instance (see also
+/// [`storage_survives_reopen`]).
+pub async fn run_checkpoint_storage_suite(storage: &dyn CheckpointStorage) {
     storage_write_read_range(storage).await;
     storage_atomic_commit(storage).await;
     storage_list(storage).await;
     storage_discard(storage).await;
-    storage_corrupt_file_detected(storage, backend).await;
+    storage_corrupt_file_detected(storage).await;
     storage_large_file(storage).await;
     storage_directories(storage).await;
-    state_restore_by_key_group_range(backend, storage).await;
+    storage_restore_by_key_group_range(storage).await;
+    storage_concurrent_commits_one_wins(storage).await;
 }

@@ -19,6 +19,7 @@
 //!   decides.
 
 use bytes::Bytes;
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{CheckpointId, CheckpointStorage, Error};
 use std::sync::Arc;
 use tracing::warn;

@@ -15,6 +15,7 @@ use crate::testing::CommitHook;
 use bytes::Bytes;
 use sluice_core::metadata::{OperatorSnapshot, METADATA_FORMAT_VERSION, SAVEPOINT_METADATA_FILE};
 use sluice_core::ChannelStateHandle;
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{
     check_parallelism, Alignment, CheckpointBarrier, CheckpointId, CheckpointKind, CheckpointMetadata,
     CheckpointStorage, OperatorUid, StateBackend,

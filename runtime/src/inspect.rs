@@ -8,6 +8,7 @@ use crate::error::{Result, RuntimeError};
 use crate::savepoint::RestoreSource;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{OperatorUid, StateDescriptor};
 use std::fmt::Write;
 use std::time::{Duration, UNIX_EPOCH};

@@ -12,7 +12,8 @@
 
 use crate::error::{Result, RuntimeError};
 use sluice_core::metadata::{read_checkpoint_metadata, read_savepoint_metadata, SAVEPOINT_METADATA_FILE};
-use sluice_core::storage::{checkpoint_of_path, validate_dir};
+use sluice_core::storage::{checkpoint_of_dir, validate_dir};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{
     CheckpointId, CheckpointKind, CheckpointMetadata, CheckpointStorage, Error, StateFileHandle,
 };
@@ -61,7 +62,7 @@ impl SavepointLocation {
         if self.dir.contains('/') {
             return None;
         }
-        checkpoint_of_path(&self.dir)
+        checkpoint_of_dir(&self.dir)
     }
 }
 

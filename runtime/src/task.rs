@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice_core::metadata::SubtaskSnapshot;
 use sluice_core::ChannelStateHandle;
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{
     CheckpointBarrier, CheckpointId, CheckpointKind, OperatorUid, SplitPosition, StateDescriptor,
     StateFileHandle,

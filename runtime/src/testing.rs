@@ -8,7 +8,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sluice_core::{CheckpointId, CheckpointListing, CheckpointStorage, Error, FileListing, Result};
+use sluice_core::{CheckpointId, CheckpointStorage, Error, FileListing, Result};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,14 +57,13 @@ impl CommitHook for CrashBeforeCommit {
 pub enum Op {
     /// `write_file` (state and channel-state files).
     Write,
-    /// `commit_metadata` and `commit_file` (checkpoint and savepoint
-    /// metadata), counted together.
+    /// `commit_file` (checkpoint and savepoint metadata).
     Commit,
-    /// `read_file`, `read_range` and `read_metadata` (restores, read-backs).
+    /// `read` (whole and ranged reads: restores, read-backs).
     Read,
-    /// `discard` and `delete_dir`.
+    /// `delete_dir` (discarding a checkpoint is one).
     Delete,
-    /// `list` and `list_files`.
+    /// `list_files` (listing checkpoints is one).
     List,
 }
 
@@ -256,49 +255,7 @@ impl CheckpointStorage for FaultyStorage {
         .await
     }
 
-    async fn read_file(&self, path: &str) -> Result<Bytes> {
-        self.read_fault(format!("read of {path}")).await?;
-        self.inner.read_file(path).await
-    }
-
-    async fn read_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
-        self.read_fault(format!("read of {path}")).await?;
-        self.inner.read_range(path, range).await
-    }
-
-    async fn commit_metadata(&self, id: CheckpointId, metadata: Bytes) -> Result<()> {
-        let fault = self.fault(Op::Commit).await;
-        self.disturbed(fault, format!("metadata commit of checkpoint {id}"), || {
-            self.inner.commit_metadata(id, metadata.clone())
-        })
-        .await
-    }
-
-    async fn read_metadata(&self, id: CheckpointId) -> Result<Bytes> {
-        self.read_fault(format!("read of the metadata of checkpoint {id}"))
-            .await?;
-        self.inner.read_metadata(id).await
-    }
-
-    async fn list(&self) -> Result<Vec<CheckpointListing>> {
-        if self
-            .fault(Op::List)
-            .await
-            .is_some_and(|f| !matches!(f, Fault::Slow(_)))
-        {
-            return Err(Error::storage("listing checkpoints", "injected failure"));
-        }
-        self.inner.list().await
-    }
-
-    async fn discard(&self, id: CheckpointId) -> Result<()> {
-        let fault = self.fault(Op::Delete).await;
-        self.disturbed(fault, format!("discard of checkpoint {id}"), || {
-            self.inner.discard(id)
-        })
-        .await
-    }
-
+    /// Counted as [`Op::Commit`] (checkpoint and savepoint metadata).
     async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
         let fault = self.fault(Op::Commit).await;
         self.disturbed(fault, format!("commit of {path}"), || {
@@ -307,13 +264,18 @@ impl CheckpointStorage for FaultyStorage {
         .await
     }
 
+    async fn read(&self, path: &str, range: Option<Range<u64>>) -> Result<Bytes> {
+        self.read_fault(format!("read of {path}")).await?;
+        self.inner.read(path, range).await
+    }
+
     async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
         if self
             .fault(Op::List)
             .await
             .is_some_and(|f| !matches!(f, Fault::Slow(_)))
         {
-            return Err(Error::storage(format!("listing {dir}"), "injected failure"));
+            return Err(Error::storage(format!("listing {dir:?}"), "injected failure"));
         }
         self.inner.list_files(dir).await
     }
@@ -326,6 +288,10 @@ impl CheckpointStorage for FaultyStorage {
 
     fn locate(&self, dir: &str) -> String {
         self.inner.locate(dir)
+    }
+
+    fn capabilities(&self) -> sluice_core::Capabilities {
+        self.inner.capabilities()
     }
 }
 

@@ -2,6 +2,7 @@
 //! clean-up, timeouts, retention, id continuity, resume, triggers.
 
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{CheckpointId, CheckpointStorage};
 use sluice_runtime::prelude::*;
 use sluice_runtime::testing::{FaultPlan, FaultyStorage};

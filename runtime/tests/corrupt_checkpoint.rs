@@ -7,6 +7,7 @@
 use sluice_backend_memory::MemoryStateBackend;
 use sluice_backend_redb::RedbCheckpointStorage;
 use sluice_core::CheckpointStorage;
+use sluice_core::CheckpointStorageExt;
 use sluice_runtime::file_sink::read_committed_lines;
 use sluice_runtime::prelude::*;
 use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum};
@@ -226,30 +227,15 @@ impl CheckpointStorage for RotOnRead {
     async fn write_file(&self, path: &str, data: bytes::Bytes) -> sluice_core::Result<()> {
         self.inner.write_file(path, data).await
     }
-    async fn read_file(&self, path: &str) -> sluice_core::Result<bytes::Bytes> {
-        Ok(self.rot(path, self.inner.read_file(path).await?))
-    }
-    async fn read_range(&self, path: &str, range: std::ops::Range<u64>) -> sluice_core::Result<bytes::Bytes> {
-        Ok(self.rot(path, self.inner.read_range(path, range).await?))
-    }
-    async fn commit_metadata(
-        &self,
-        id: sluice_core::CheckpointId,
-        m: bytes::Bytes,
-    ) -> sluice_core::Result<()> {
-        self.inner.commit_metadata(id, m).await
-    }
-    async fn read_metadata(&self, id: sluice_core::CheckpointId) -> sluice_core::Result<bytes::Bytes> {
-        self.inner.read_metadata(id).await
-    }
-    async fn list(&self) -> sluice_core::Result<Vec<sluice_core::CheckpointListing>> {
-        self.inner.list().await
-    }
-    async fn discard(&self, id: sluice_core::CheckpointId) -> sluice_core::Result<()> {
-        self.inner.discard(id).await
-    }
     async fn commit_file(&self, path: &str, data: bytes::Bytes) -> sluice_core::Result<()> {
         self.inner.commit_file(path, data).await
+    }
+    async fn read(
+        &self,
+        path: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> sluice_core::Result<bytes::Bytes> {
+        Ok(self.rot(path, self.inner.read(path, range).await?))
     }
     async fn list_files(&self, dir: &str) -> sluice_core::Result<Vec<sluice_core::FileListing>> {
         self.inner.list_files(dir).await

@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustc_hash::FxHashMap;
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
-use sluice_core::CheckpointStorage;
+use sluice_core::CheckpointStorageExt;
 use sluice_runtime::prelude::*;
 use sluice_runtime::testing::{CrashBeforeCommit, Fault, FaultPlan, FaultyStorage, Op, OpFault};
 use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum, TwoInputSum};

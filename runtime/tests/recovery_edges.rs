@@ -3,6 +3,7 @@
 //! unreadable, and hostile metadata from storage.
 
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{CheckpointId, CheckpointStorage};
 use sluice_runtime::file_sink::{read_committed_lines, FileSinkPoint};
 use sluice_runtime::prelude::*;

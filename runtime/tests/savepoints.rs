@@ -6,6 +6,7 @@
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_backend_redb::{RedbCheckpointStorage, RedbStateBackend};
 use sluice_core::metadata::SAVEPOINT_METADATA_FILE;
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{Bytes, CheckpointKind, CheckpointMetadata, CheckpointStorage, StateBackend};
 use sluice_runtime::prelude::*;
 use sluice_runtime::workload::{self, key_of, RunningSum};

@@ -9,6 +9,7 @@
 
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_core::CheckpointStorage;
+use sluice_core::CheckpointStorageExt;
 use sluice_runtime::prelude::*;
 use sluice_runtime::workload::{self, key_of, RunningSum};
 use sluice_runtime::{CheckpointStatus, JobHandle, JobMonitor, RestoreSource, SavepointLocation};

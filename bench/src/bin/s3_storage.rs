@@ -18,6 +18,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use clap::Parser;
 use sluice_backend_memory::MemoryStateBackend;
 use sluice_backend_s3::{S3CheckpointStorage, S3Config};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{Bytes, CheckpointId, CheckpointStorage};
 use sluice_runtime::workload::{self, RunningSum};
 use sluice_runtime::{CheckpointConfig, CheckpointStatus, DiscardSink, Job};

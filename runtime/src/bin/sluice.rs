@@ -4,6 +4,7 @@
 //! cancel); lists checkpoints; inspects and copies savepoints.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{CheckpointStorage, StateBackend};
 use sluice_runtime::file_sink::read_committed_lines;
 use sluice_runtime::location::{self, OpenMode};
