@@ -190,7 +190,7 @@ impl CheckpointMetadata {
                 ),
             });
         }
-        meta.validate().map_err(|reason| Error::corrupt(path, reason))?;
+        meta.validate(path)?;
         Ok(meta)
     }
 
@@ -201,9 +201,13 @@ impl CheckpointMetadata {
     /// files hold valid, disjoint key-group ranges that together cover every
     /// key group (a gap would silently drop state); split indexes are in
     /// range and unique; channel state names its task and a subtask in
-    /// range, once. Returns what is wrong, for a
-    /// [`Error::Corrupt`] naming the file.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// range, once. What is wrong is an [`Error::Corrupt`] naming `path`
+    /// (where the metadata was read from).
+    pub fn validate(&self, path: &str) -> Result<()> {
+        self.check().map_err(|reason| Error::corrupt(path, reason))
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
         let max = self.max_parallelism;
         if max == 0 || max > crate::keygroup::UPPER_MAX_PARALLELISM {
             return Err(format!(

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use std::fmt::Debug;
 use std::ops::Range;
 
-/// One checkpoint found in storage by [`CheckpointStorage::list`].
+/// One checkpoint found in storage by [`CheckpointStorageExt::list`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointListing {
     /// The checkpoint's id.

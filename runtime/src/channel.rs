@@ -355,11 +355,6 @@ impl<T> InputGate<T> {
         self.receivers.len()
     }
 
-    /// Whether the gate has no channels.
-    pub fn is_empty(&self) -> bool {
-        self.receivers.is_empty()
-    }
-
     /// Marks a channel as ended; it is not polled any more.
     pub fn mark_ended(&mut self, channel: usize) {
         self.ended[channel] = true;

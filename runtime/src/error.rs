@@ -79,9 +79,32 @@ pub enum RuntimeError {
         /// Why it failed.
         reason: String,
     },
-    /// A fault injected by a test ([`crate::testing`]).
+    /// A fault injected by a test (`sluice_runtime::testing`).
     #[error("injected failure: {0}")]
     Injected(String),
+    /// A requested checkpoint or savepoint failed (or its outcome is
+    /// unknown); the job goes on.
+    #[error("{reason}")]
+    CheckpointFailed {
+        /// Which checkpoint or savepoint, and why.
+        reason: String,
+    },
+    /// The job is not running (it ended, or was never started): nothing can
+    /// be triggered.
+    #[error("the job is not running")]
+    JobNotRunning,
+    /// The job's REST API could not be reached or refused a request.
+    #[error("REST API of the job at {url}: {reason}")]
+    Rest {
+        /// The address asked.
+        url: String,
+        /// What went wrong (the server's message, if it answered).
+        reason: String,
+    },
+    /// An internal invariant of the runtime was violated: a bug in Sluice.
+    /// The job restarts from its latest checkpoint; please report it.
+    #[error("internal error (a bug in Sluice, please report it): {0}")]
+    Internal(String),
     /// The latest checkpoint cannot be restored (a corrupt or missing file),
     /// and the job's two-phase-commit sinks were already told that it
     /// completed: they committed its output, so restoring an older
@@ -119,6 +142,26 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// Whether restarting the job (restoring a checkpoint and running
+    /// again) can cure this failure. Not for the job being cancelled, an
+    /// invalid job, restarts already exhausted, state that does not fit
+    /// the job ([`sluice_core::Error::Incompatible`]), or a checkpoint that
+    /// cannot be restored without duplicating output; a restart is tried
+    /// for everything else (task errors and panics, storage failures,
+    /// corrupt checkpoints, which recovery then skips, an undecided commit,
+    /// internal errors).
+    pub fn is_restartable(&self) -> bool {
+        !matches!(
+            self,
+            RuntimeError::Cancelled
+                | RuntimeError::InvalidJob(_)
+                | RuntimeError::RestartsExhausted { .. }
+                | RuntimeError::UnrestorableCheckpoint { .. }
+                | RuntimeError::JobNotRunning
+                | RuntimeError::Storage(sluice_core::Error::Incompatible { .. })
+        )
+    }
+
     /// A user-function error for `operator`.
     pub fn user(operator: impl Into<String>, message: impl std::fmt::Display) -> Self {
         RuntimeError::User {

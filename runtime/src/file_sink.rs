@@ -1,6 +1,6 @@
 //! A transactional file sink (Flink's `FileSink`): rolling part files
 //! written as hidden in-progress files and renamed to their final names on
-//! commit; exactly-once through [`crate::two_phase`].
+//! commit; exactly-once through two-phase commit ([`crate::TwoPhaseCommitSink`]).
 //!
 //! In the output directory:
 //! - `.part-<subtask>-<txn>-<n>.inprogress`: a part of an open or

@@ -17,7 +17,9 @@ use crate::keyed::{
 use crate::operator::{FilterOp, FlatMapOp, MapOp, NetworkOutput, Operator};
 use crate::sink::{Sink, SinkOp};
 use crate::source::Source;
-use crate::task::{run_input_task, run_source_task, TaskRuntime};
+use crate::task::input_task::run_input_task;
+use crate::task::source_task::run_source_task;
+use crate::task::TaskRuntime;
 use crate::two_phase::{TwoPhaseCommitSink, TwoPhaseSinkOp};
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
@@ -139,6 +141,7 @@ pub(crate) struct Builder {
     pub resume: bool,
     pub from_savepoint: Option<crate::savepoint::SavepointLocation>,
     pub allow_non_restored_state: bool,
+    #[cfg(feature = "testing")]
     pub commit_hook: Option<Arc<dyn crate::testing::CommitHook>>,
     pub vertices: Vec<VertexDef>,
     pub edges: Vec<EdgeDef>,
@@ -174,6 +177,7 @@ impl Job {
                 resume: false,
                 from_savepoint: None,
                 allow_non_restored_state: false,
+                #[cfg(feature = "testing")]
                 commit_hook: None,
                 vertices: Vec::new(),
                 edges: Vec::new(),
@@ -248,7 +252,9 @@ impl Job {
         self
     }
 
-    /// Test hook called before every metadata commit ([`crate::testing`]).
+    /// Test hook called before every metadata commit ([`crate::testing`];
+    /// feature `testing`).
+    #[cfg(feature = "testing")]
     pub fn with_commit_hook(self, hook: Arc<dyn crate::testing::CommitHook>) -> Self {
         self.inner.borrow_mut().commit_hook = Some(hook);
         self

@@ -43,44 +43,47 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod barrier_handler;
-pub mod channel;
-pub(crate) mod commit;
-pub mod config;
-pub mod error;
-pub mod executor;
+mod barriers;
+mod channel;
+mod config;
+mod error;
 pub mod file_sink;
-pub mod graph;
+mod graph;
+mod handle;
+#[cfg(feature = "cli")]
 pub mod inspect;
-pub mod keyed;
+mod keyed;
 pub mod location;
-pub mod operator;
+mod master;
+mod operator;
 #[cfg(feature = "rest")]
 pub mod rest;
-pub mod savepoint;
-pub mod sink;
-pub mod source;
-pub mod state;
-pub(crate) mod task;
+mod savepoint;
+mod sink;
+mod source;
+mod state;
+mod task;
+#[cfg(feature = "testing")]
 pub mod testing;
-pub mod two_phase;
+mod two_phase;
+#[cfg(feature = "workload")]
 pub mod workload;
 
+pub use channel::BATCH_SIZE;
 pub use config::{CheckpointConfig, CheckpointingMode, RestartStrategy};
 pub use error::{Result, RuntimeError};
-pub use executor::{
+pub use file_sink::FileSink;
+pub use graph::{ConnectedKeyedStreams, DataStream, Job, KeyedStream, Record};
+pub use handle::{
     CheckpointStats, CheckpointStatus, JobHandle, JobMonitor, JobResult, JobState, JobStatus, Recovery,
     Savepoint,
 };
-pub use file_sink::FileSink;
-pub use graph::{ConnectedKeyedStreams, DataStream, Job, KeyedStream, Record};
 pub use keyed::{Either, KeyedCoProcessFunction, KeyedProcessFunction};
 pub use operator::Collector;
 pub use savepoint::{copy_savepoint, RestoreSource, SavepointLocation};
 pub use sink::{CollectSink, DiscardSink, Sink, SinkWriter};
 pub use source::{FileLinesSource, SequenceSource, Source, SplitReader, VecSource};
 pub use state::{KeyedContext, ListState, MapState, OpenContext, ValueState};
-pub use task::Metrics;
 pub use two_phase::{TransactionalWriter, TwoPhaseCommitSink};
 
 /// Everything a job definition usually needs.

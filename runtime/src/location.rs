@@ -5,16 +5,27 @@
 //! | --- | --- | --- |
 //! | `redb:PATH` | the redb file at `PATH` | its root |
 //! | `redb:PATH#DIR` | the redb file at `PATH` | `DIR` |
-//! | `s3://bucket/a/b/c` | bucket, key prefix `a/b` | `c` |
+//! | `file:PATH` or `/PATH` | the directory `PATH`'s parent (as a storage: `PATH`) | `PATH`'s last segment |
+//! | `file:PATH#DIR` | the directory `PATH` | `DIR` |
+//! | `s3://bucket/a/b/c` | bucket, key prefix `a/b` (as a storage: `a/b/c`) | `c` |
 //! | `memory` | a new in-process storage (storages only) | — |
+//!
+//! `file:PATH` names a directory as an `s3://` URL names a key prefix: as a
+//! checkpoint storage (`--storage`) the directory is the storage's root; as
+//! a location (a savepoint, a savepoint target, `chk-<id>`) it is a
+//! directory of the storage rooted at its parent, so the address a
+//! directory storage gives a savepoint (`file:/data/sp/savepoint-9-1a2b3c`)
+//! reads back as the same files, and a checkpoint directory
+//! (`file:/data/chk/chk-7`) as that checkpoint. An absolute path with no
+//! prefix is a `file:` path; `file:///PATH` is accepted too.
 //!
 //! A redb file can be opened only once at a time, so redb storages are
 //! shared by path within the process: the job's checkpoint file can also
 //! hold its savepoints.
 //!
 //! Tools that only read open with [`OpenMode::ReadOnly`]: nothing is
-//! created or written (a mistyped redb path is a "no such file" error, not
-//! a new empty store).
+//! created or written (a mistyped redb path or directory is a "no such
+//! file" or "no such directory" error, not a new empty store).
 
 use crate::savepoint::SavepointLocation;
 use sluice_core::{CheckpointStorage, Error, Result};
@@ -32,13 +43,14 @@ pub struct S3Options {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OpenMode {
     /// For reading and writing (a job's checkpoint storage, a savepoint
-    /// target): a missing redb file is created.
+    /// target): a missing redb file or directory is created.
     #[default]
     ReadWrite,
     /// For reading only (`sluice inspect`, `sluice checkpoints list`, the
     /// source of `sluice copy`): nothing is created or written. A redb file
     /// must exist and be a checkpoint store, and is opened read-only
-    /// (`RedbCheckpointStorage::open_existing`); S3 is opened without the
+    /// (`RedbCheckpointStorage::open_existing`); a directory must exist
+    /// (`FsCheckpointStorage::open_existing`); S3 is opened without the
     /// conditional-write probe (`S3CheckpointStorage::open_read_only`).
     /// Writes through the storage fail. A redb file already open in this
     /// process is shared as it is (possibly writable).
@@ -48,11 +60,14 @@ pub enum OpenMode {
 fn unknown(spec: &str) -> Error {
     Error::InvalidArgument {
         what: format!("location {spec:?}"),
-        reason: "use redb:PATH[#DIR] or s3://bucket/prefix (memory lives in one process only)".into(),
+        reason: "use redb:PATH[#DIR], file:PATH[#DIR] (or an absolute path), or s3://bucket/prefix (memory \
+                 lives in one process only)"
+            .into(),
     }
 }
 
 /// Opens the checkpoint storage named by `spec` (`memory`, `redb:PATH`,
+/// `file:PATH` or an absolute path: the whole directory is the storage's,
 /// `s3://bucket/prefix`: the whole prefix is the storage's) for reading and
 /// writing.
 pub async fn open_storage(spec: &str, s3: &S3Options) -> Result<Arc<dyn CheckpointStorage>> {
@@ -74,11 +89,15 @@ pub async fn open_storage_with(
     if spec.starts_with("s3://") {
         return s3_storage(spec, None, s3, mode).await;
     }
+    if let Some(path) = file_path(spec) {
+        return fs_storage(path?, mode);
+    }
     Err(unknown(spec))
 }
 
 /// Opens the savepoint location (or savepoint target) named by `spec`:
-/// `redb:PATH[#DIR]` or `s3://bucket/prefix/dir`, for reading and writing.
+/// `redb:PATH[#DIR]`, `file:PATH[#DIR]` (or an absolute path) or
+/// `s3://bucket/prefix/dir`, for reading and writing.
 pub async fn open_location(spec: &str, s3: &S3Options) -> Result<SavepointLocation> {
     open_location_with(spec, s3, OpenMode::ReadWrite).await
 }
@@ -95,6 +114,10 @@ pub async fn open_location_with(spec: &str, s3: &S3Options, mode: OpenMode) -> R
         let (prefix, dir) = key.rsplit_once('/').unwrap_or(("", key));
         let storage = s3_storage(&format!("s3://{bucket}/{prefix}"), Some(prefix), s3, mode).await?;
         return SavepointLocation::new(storage, dir);
+    }
+    if let Some(path) = file_path(spec) {
+        let (root, dir) = split_file(path?)?;
+        return SavepointLocation::new(fs_storage(root, mode)?, dir);
     }
     Err(unknown(spec))
 }
@@ -127,6 +150,43 @@ pub async fn open_copy_locations(
 /// `PATH` and `DIR` of `PATH[#DIR]`.
 fn split_redb(rest: &str) -> (&str, &str) {
     rest.rsplit_once('#').unwrap_or((rest, ""))
+}
+
+/// The path of a `file:PATH`, `file:///PATH` or `file://localhost/PATH`
+/// spec, or of a bare absolute path; `None` for any other spec.
+fn file_path(spec: &str) -> Option<Result<&str>> {
+    if let Some(rest) = spec.strip_prefix("file://") {
+        let path = rest.strip_prefix("localhost").unwrap_or(rest);
+        return Some(match path.starts_with('/') {
+            true => Ok(path),
+            false => Err(Error::InvalidArgument {
+                what: format!("location {spec:?}"),
+                reason: "a file:// URL names a host; write file:/PATH or file:///PATH".into(),
+            }),
+        });
+    }
+    match spec.strip_prefix("file:") {
+        Some(path) => Some(Ok(path)),
+        None => spec.starts_with('/').then_some(Ok(spec)),
+    }
+}
+
+/// The storage root and the directory of a `file:` location: `PATH#DIR`,
+/// else `PATH`'s parent and its last segment.
+fn split_file(path: &str) -> Result<(&str, &str)> {
+    if let Some(split) = path.rsplit_once('#') {
+        return Ok(split);
+    }
+    let trimmed = path.trim_end_matches('/');
+    match trimmed.rsplit_once('/') {
+        Some(("", dir)) => Ok(("/", dir)),
+        Some(split) => Ok(split),
+        None if !trimmed.is_empty() => Ok((".", trimmed)),
+        None => Err(Error::InvalidArgument {
+            what: format!("file:{path}"),
+            reason: "names no directory; e.g. file:./sluice-data/savepoints".into(),
+        }),
+    }
 }
 
 /// The absolute path of the redb file a `redb:PATH[#DIR]` spec names (the
@@ -196,6 +256,26 @@ fn redb_storage(path: &str, mode: OpenMode) -> Result<Arc<dyn CheckpointStorage>
 #[cfg(not(feature = "redb"))]
 fn redb_storage(_path: &str, _mode: OpenMode) -> Result<Arc<dyn CheckpointStorage>> {
     Err(not_built("redb", "redb"))
+}
+
+#[cfg(feature = "fs")]
+fn fs_storage(path: &str, mode: OpenMode) -> Result<Arc<dyn CheckpointStorage>> {
+    use sluice_backend_fs::FsCheckpointStorage;
+    if path.is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "file:".into(),
+            reason: "needs a directory, e.g. file:./sluice-data/checkpoints".into(),
+        });
+    }
+    Ok(Arc::new(match mode {
+        OpenMode::ReadWrite => FsCheckpointStorage::open(path)?,
+        OpenMode::ReadOnly => FsCheckpointStorage::open_existing(path)?,
+    }))
+}
+
+#[cfg(not(feature = "fs"))]
+fn fs_storage(_path: &str, _mode: OpenMode) -> Result<Arc<dyn CheckpointStorage>> {
+    Err(not_built("fs", "fs"))
 }
 
 /// `prefix`: the key prefix, if the caller split it off already.
@@ -332,5 +412,86 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("read-only"), "{e}");
+    }
+}
+
+#[cfg(all(test, feature = "fs"))]
+mod fs_tests {
+    use super::*;
+    use bytes::Bytes;
+    use sluice_core::CheckpointStorageExt;
+
+    #[tokio::test]
+    async fn file_locations_read_back_as_the_same_directory_in_every_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = S3Options::default();
+        let root = dir.path().join("sp");
+        let target = open_location(&format!("file:{}", root.display()), &s3)
+            .await
+            .unwrap();
+        assert_eq!(target.dir, "sp");
+        let sp = target.child("savepoint-9-1a2b3c");
+        sp.storage
+            .commit_file(&sp.join("_metadata"), Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let address = sp.describe();
+        assert_eq!(address, format!("file:{}/savepoint-9-1a2b3c", root.display()));
+        for spec in [
+            address.clone(),
+            format!("file:{}#savepoint-9-1a2b3c", root.display()),
+            format!("file://{}/savepoint-9-1a2b3c/", root.display()),
+            format!("file://localhost{}/savepoint-9-1a2b3c", root.display()),
+            format!("{}/savepoint-9-1a2b3c", root.display()),
+        ] {
+            let loc = open_location_with(&spec, &s3, OpenMode::ReadOnly).await.unwrap();
+            assert_eq!(
+                loc.storage.read_file(&loc.join("_metadata")).await.unwrap(),
+                Bytes::from_static(b"{}"),
+                "{spec}"
+            );
+            assert_eq!(loc.describe(), address, "{spec}");
+        }
+        // As a storage, the whole directory is the root.
+        let storage = open_storage(&format!("file:{}", root.display()), &s3)
+            .await
+            .unwrap();
+        assert_eq!(storage.list_files("").await.unwrap().len(), 1);
+        assert_eq!(storage.describe(), format!("file:{}", root.display()));
+        for bad in ["file:", "file:/", "file://host/x"] {
+            assert!(open_location(bad, &s3).await.is_err(), "{bad}");
+        }
+        assert!(open_storage("file:", &s3).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_read_only_open_of_a_missing_directory_names_it_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = S3Options::default();
+        let missing = dir.path().join("typo");
+        let spec = format!("file:{}", missing.display());
+        let e = open_storage_with(&spec, &s3, OpenMode::ReadOnly)
+            .await
+            .unwrap_err();
+        assert!(
+            e.is_not_found() && e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
+        let e = open_location_with(&format!("{spec}/sp-1"), &s3, OpenMode::ReadOnly)
+            .await
+            .unwrap_err();
+        assert!(
+            e.is_not_found() && e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
+        let e = open_copy_locations(&format!("{spec}#sp-1"), &format!("{spec}#sp-2"), &s3)
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(
+            !missing.exists(),
+            "a read-only open created {}",
+            missing.display()
+        );
     }
 }

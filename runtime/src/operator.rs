@@ -11,6 +11,7 @@ use crate::savepoint::RestoreSource;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use sluice_core::CheckpointStorageExt;
 use sluice_core::{
     Alignment, CheckpointBarrier, CheckpointId, CheckpointStorage, OperatorUid, SplitPosition, StateBackend,
     StateDescriptor, StateSnapshot,
@@ -38,6 +39,42 @@ pub struct InitContext {
     pub restore: Option<Arc<RestoreSource>>,
     /// The task's stable id (its channel state is stored under it).
     pub task_uid: Arc<str>,
+}
+
+impl InitContext {
+    /// The records that were on this subtask's inputs at the (unaligned)
+    /// checkpoint it restores: processed before anything else.
+    pub(crate) async fn restored_input_channel_state<X: DeserializeOwned>(&self) -> Result<Vec<X>> {
+        let Some(restore) = &self.restore else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for c in restore.channel_state_of(&self.task_uid, self.subtask, self.parallelism)? {
+            if c.input_records > 0 {
+                let bytes = restore.storage.read_file(&restore.path_of_channel(c)).await?;
+                out.extend(sluice_core::channel_state::decode_input::<X>(c, &bytes)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The records this subtask had queued for its outputs at the
+    /// (unaligned) checkpoint it restores, per output channel: sent first.
+    pub(crate) async fn restored_output_channel_state<X: DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<(u32, Vec<X>)>> {
+        let Some(restore) = &self.restore else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for c in restore.channel_state_of(&self.task_uid, self.subtask, self.parallelism)? {
+            if c.output_records > 0 {
+                let bytes = restore.storage.read_file(&restore.path_of_channel(c)).await?;
+                out.extend(sluice_core::channel_state::decode_output::<X>(c, &bytes)?);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// One keyed operator's part of a snapshot.
@@ -254,7 +291,7 @@ impl<T: Clone + Send + Serialize + DeserializeOwned + 'static> Operator<T> for N
     async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
         // The records this subtask had queued for its outputs at the restored
         // unaligned checkpoint go out first.
-        let state: Vec<(u32, Vec<T>)> = crate::task::restored_channel_state(ctx, false).await?;
+        let state: Vec<(u32, Vec<T>)> = ctx.restored_output_channel_state().await?;
         self.writer.restore_output(state)
     }
     #[inline]
@@ -271,12 +308,7 @@ impl<T: Clone + Send + Serialize + DeserializeOwned + 'static> Operator<T> for N
             let count: u64 = state.iter().map(|(_, v)| v.len() as u64).sum();
             if count > 0 {
                 parts.output_state = Some(Box::new(move || {
-                    let bytes =
-                        postcard::to_allocvec(&state).map_err(|e| sluice_core::Error::Serialization {
-                            what: "output channel state".into(),
-                            reason: e.to_string(),
-                        })?;
-                    Ok((bytes, count))
+                    Ok((sluice_core::channel_state::encode_output(&state)?, count))
                 }));
             }
         } else {

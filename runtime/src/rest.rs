@@ -21,7 +21,8 @@
 //! Triggers answer when the checkpoint or savepoint is complete (they can
 //! take as long as the checkpoint timeout).
 
-use crate::executor::{CheckpointStats, CheckpointStatus, JobMonitor, JobState};
+use crate::error::RuntimeError;
+use crate::handle::{CheckpointStats, CheckpointStatus, JobMonitor, JobState};
 use crate::savepoint::SavepointLocation;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -38,7 +39,7 @@ use tokio::task::JoinHandle;
 /// Turns a savepoint target string of a request into a location (the CLI's
 /// is [`crate::location::open_location`]).
 pub type TargetResolver =
-    Arc<dyn Fn(String) -> BoxFuture<'static, std::result::Result<SavepointLocation, String>> + Send + Sync>;
+    Arc<dyn Fn(String) -> BoxFuture<'static, crate::Result<SavepointLocation>> + Send + Sync>;
 
 struct Api {
     monitor: JobMonitor,
@@ -148,7 +149,7 @@ async fn trigger_checkpoint(State(api): State<Arc<Api>>) -> Reply {
     }
     match api.monitor.trigger_checkpoint().await {
         Ok(id) => (StatusCode::OK, Json(json!({ "id": id.0 }))),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -178,7 +179,7 @@ async fn take_savepoint(api: &Api, target: String, stop: bool) -> Reply {
             StatusCode::OK,
             Json(json!({ "id": sp.id.0, "location": sp.path(), "stopped": stop })),
         ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -236,30 +237,34 @@ impl RestClient {
         &self,
         path: &str,
         r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<Value, String> {
+    ) -> crate::Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut resp = r.map_err(|e| format!("cannot reach the job at {url}: {e}"))?;
+        let fail = |reason: String| RuntimeError::Rest {
+            url: url.clone(),
+            reason,
+        };
+        let mut resp = r.map_err(|e| fail(format!("cannot reach the job: {e}")))?;
         let status = resp.status();
         let body: Value = resp
             .body_mut()
             .read_json()
-            .map_err(|e| format!("{url} answered HTTP {status} without JSON: {e}"))?;
+            .map_err(|e| fail(format!("answered HTTP {status} without JSON: {e}")))?;
         if status.is_success() {
             Ok(body)
         } else {
             let msg = body["error"].as_str().unwrap_or("no message").to_string();
-            Err(format!("{url}: HTTP {status}: {msg}"))
+            Err(fail(format!("HTTP {status}: {msg}")))
         }
     }
 
     /// `GET path`.
-    pub fn get(&self, path: &str) -> Result<Value, String> {
+    pub fn get(&self, path: &str) -> crate::Result<Value> {
         let r = self.agent.get(&format!("{}{path}", self.base)).call();
         self.answer(path, r)
     }
 
     /// `POST path` with a JSON body.
-    pub fn post(&self, path: &str, body: Value) -> Result<Value, String> {
+    pub fn post(&self, path: &str, body: Value) -> crate::Result<Value> {
         let r = self.agent.post(&format!("{}{path}", self.base)).send_json(&body);
         self.answer(path, r)
     }

@@ -156,6 +156,41 @@ impl RestoreSource {
         join(&self.base, &c.path)
     }
 
+    /// The channel-state files of subtask `subtask` of the task `task_uid`
+    /// running at `parallelism`: matched by task id and subtask, refused
+    /// when written at another parallelism (channel state does not rescale)
+    /// or by a Sluice that did not record task ids.
+    pub(crate) fn channel_state_of(
+        &self,
+        task_uid: &str,
+        subtask: u32,
+        parallelism: u32,
+    ) -> sluice_core::Result<Vec<&sluice_core::ChannelStateHandle>> {
+        let all = &self.metadata.channel_state;
+        if let Some(c) = all.iter().find(|c| c.task_uid.is_empty()) {
+            return Err(Error::Incompatible {
+                what: format!("channel state of task {} in {}", c.task_name, self.describe()),
+                reason:
+                    "it was written by an older Sluice that did not record the task's id, so it cannot be \
+                         matched to a task safely; restore from an aligned checkpoint or a savepoint instead"
+                        .into(),
+            });
+        }
+        let mine: Vec<&sluice_core::ChannelStateHandle> =
+            all.iter().filter(|c| c.task_uid == task_uid).collect();
+        if let Some(c) = mine.iter().find(|c| c.parallelism != parallelism) {
+            return Err(Error::Incompatible {
+                what: format!("channel state of task {} in {}", c.task_name, self.describe()),
+                reason: format!(
+                    "an unaligned checkpoint with records in flight restores only at the parallelism it was taken \
+                     at ({}, the job has {parallelism}); take a savepoint (always aligned) to rescale",
+                    c.parallelism
+                ),
+            });
+        }
+        Ok(mine.into_iter().filter(|c| c.subtask == subtask).collect())
+    }
+
     /// A copy of `file` whose path is its storage path.
     pub fn resolve(&self, file: &StateFileHandle) -> StateFileHandle {
         StateFileHandle {

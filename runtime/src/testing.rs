@@ -20,7 +20,7 @@ use std::time::Duration;
 /// previous completed checkpoint.
 pub trait CommitHook: Send + Sync {
     /// Decides whether the job master "crashes" before committing `id`.
-    fn before_commit(&self, id: CheckpointId) -> std::result::Result<(), String>;
+    fn before_commit(&self, id: CheckpointId) -> crate::Result<()>;
 }
 
 /// Crashes the job master before the commit of the checkpoints listed.
@@ -39,13 +39,13 @@ impl CrashBeforeCommit {
 }
 
 impl CommitHook for CrashBeforeCommit {
-    fn before_commit(&self, id: CheckpointId) -> std::result::Result<(), String> {
+    fn before_commit(&self, id: CheckpointId) -> crate::Result<()> {
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = ids.iter().position(|x| *x == id) {
             ids.remove(i);
-            return Err(format!(
-                "injected job master crash before committing checkpoint {id}"
-            ));
+            return Err(crate::RuntimeError::Injected(format!(
+                "job master crash before committing checkpoint {id}"
+            )));
         }
         Ok(())
     }
@@ -292,43 +292,5 @@ impl CheckpointStorage for FaultyStorage {
 
     fn capabilities(&self) -> sluice_core::Capabilities {
         self.inner.capabilities()
-    }
-}
-
-/// Fails (error or panic) when a shared counter reaches a chosen value, once.
-/// Put it in a `map` to inject a task failure at a record.
-#[derive(Debug)]
-pub struct FailAt {
-    seen: AtomicU64,
-    at: u64,
-    panic: bool,
-}
-
-impl FailAt {
-    /// Fails on the `at`-th call (1-based) of [`FailAt::check`], with a panic
-    /// if `panic`, else with an error.
-    pub fn new(at: u64, panic: bool) -> Self {
-        FailAt {
-            seen: AtomicU64::new(0),
-            at,
-            panic,
-        }
-    }
-
-    /// Counts one call; fails on the chosen one.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
-        if n == self.at {
-            if self.panic {
-                panic!("injected panic at record {n}");
-            }
-            return Err(format!("injected error at record {n}"));
-        }
-        Ok(())
-    }
-
-    /// Whether the failure has fired.
-    pub fn fired(&self) -> bool {
-        self.seen.load(Ordering::Relaxed) >= self.at
     }
 }

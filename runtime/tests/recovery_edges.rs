@@ -119,7 +119,7 @@ async fn two_checkpoints(
     storage: Arc<dyn CheckpointStorage>,
     events: u64,
 ) -> (
-    Vec<std::result::Result<CheckpointId, String>>,
+    Vec<std::result::Result<CheckpointId, RuntimeError>>,
     JobMonitor,
     tempfile::TempDir,
     sluice_runtime::JobResult,
@@ -166,8 +166,8 @@ async fn a_commit_answered_already_exists_by_a_retry_of_our_own_write_is_complet
     let (storage, inner) = faulty(vec![OpFault::new(Op::Commit, 0, Fault::RetriedAfterEffect)]);
     let (outcomes, m, dir, _) = two_checkpoints(storage.clone(), events).await;
     assert!(storage.injected() > 0);
-    let first = outcomes[0]
-        .clone()
+    let first = *outcomes[0]
+        .as_ref()
         .expect("the landed commit counts as completed");
     assert_eq!(status(&m, first), CheckpointStatus::Completed);
     assert!(
@@ -182,7 +182,7 @@ async fn an_indeterminate_commit_that_landed_is_completed() {
     let events = 60_000;
     let (storage, inner) = faulty(vec![OpFault::new(Op::Commit, 0, Fault::AfterEffect)]);
     let (outcomes, m, dir, _) = two_checkpoints(storage, events).await;
-    let first = outcomes[0].clone().expect("read back: committed");
+    let first = outcomes[0].as_ref().copied().expect("read back: committed");
     assert_eq!(status(&m, first), CheckpointStatus::Completed);
     assert!(inner.read_metadata(first).await.is_ok());
     exactly_once(&dir, events);
@@ -198,10 +198,13 @@ async fn an_unknown_commit_outcome_keeps_the_checkpoint_until_a_read_back_finds_
     ]);
     let (outcomes, m, dir, result) = two_checkpoints(storage, events).await;
     let err = outcomes[0]
-        .clone()
+        .as_ref()
         .expect_err("not reported as completed while unknown");
-    assert!(err.contains("unknown"), "{err}");
-    let second = outcomes[1].clone().expect("the next checkpoint completes");
+    assert!(err.to_string().contains("unknown"), "{err}");
+    let second = outcomes[1]
+        .as_ref()
+        .copied()
+        .expect("the next checkpoint completes");
     let first = CheckpointId(second.0 - 1);
     assert_eq!(
         status(&m, first),
@@ -233,7 +236,7 @@ async fn an_unknown_commit_outcome_keeps_the_files_until_a_read_back_finds_nothi
     let m = handle.monitor();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let err = handle.trigger_checkpoint().await.expect_err("unknown outcome");
-    assert!(err.contains("unknown"), "{err}");
+    assert!(err.to_string().contains("unknown"), "{err}");
     let first = m.checkpoint_stats().last().unwrap().id;
     assert!(matches!(status(&m, first), CheckpointStatus::Unresolved(_)));
     assert!(

@@ -38,20 +38,24 @@ fn resolver(targets: Arc<dyn CheckpointStorage>) -> TargetResolver {
         let targets = targets.clone();
         Box::pin(async move {
             match target.strip_prefix("mem:") {
-                Some(dir) => SavepointLocation::new(targets, dir).map_err(|e| e.to_string()),
-                None => Err("targets look like mem:DIR here".to_string()),
+                Some(dir) => Ok(SavepointLocation::new(targets, dir)?),
+                None => Err(RuntimeError::InvalidJob(
+                    "targets look like mem:DIR here".to_string(),
+                )),
             }
         })
     })
 }
 
-async fn call<F: FnOnce(&RestClient) -> Result<Value, String> + Send + 'static>(
+/// Calls the API from a blocking thread; errors as their message.
+async fn call<F: FnOnce(&RestClient) -> Result<Value, RuntimeError> + Send + 'static>(
     base: String,
     f: F,
 ) -> Result<Value, String> {
     tokio::task::spawn_blocking(move || f(&RestClient::new(&base, Duration::from_secs(60))))
         .await
         .unwrap()
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,7 +43,8 @@ enum Command {
         command: CheckpointsCommand,
     },
     /// Take a savepoint of a running job (started with `--rest`), into a new
-    /// directory under TARGET (`redb:PATH[#DIR]` or `s3://bucket/prefix`).
+    /// directory under TARGET (`redb:PATH[#DIR]`, `file:DIR` or
+    /// `s3://bucket/prefix`).
     Savepoint {
         /// The job's REST address, e.g. `http://127.0.0.1:8081`.
         #[arg(long)]
@@ -77,7 +78,8 @@ enum Command {
         job: String,
     },
     /// Print a savepoint's or checkpoint's metadata (PATH: `redb:FILE#DIR`,
-    /// `s3://bucket/prefix/DIR`; DIR a savepoint directory or `chk-<id>`).
+    /// `file:ROOT/DIR`, `s3://bucket/prefix/DIR`; DIR a savepoint directory
+    /// or `chk-<id>`).
     Inspect {
         /// The savepoint or checkpoint.
         path: String,
@@ -112,7 +114,7 @@ enum Command {
 enum CheckpointsCommand {
     /// List the completed checkpoints (id, time, kind, size, duration).
     List {
-        /// Checkpoint storage: `redb:PATH` or `s3://bucket/prefix`.
+        /// Checkpoint storage: `redb:PATH`, `file:DIR` or `s3://bucket/prefix`.
         #[arg(long, default_value = DEFAULT_STORAGE)]
         storage: String,
         /// S3 endpoint URL (else AWS_ENDPOINT_URL or AWS's default).
@@ -161,8 +163,10 @@ struct KeyedSumArgs {
     /// Directory of the redb state backend's working files.
     #[arg(long, default_value = "./sluice-data/state")]
     state_dir: std::path::PathBuf,
-    /// Checkpoint storage: `redb:PATH` (a local file), `s3://bucket/prefix`
-    /// (credentials and region from the usual AWS variables) or `memory`.
+    /// Checkpoint storage: `redb:PATH` (a local file), `file:DIR` (a
+    /// directory, local or on a network mount; an absolute path works too),
+    /// `s3://bucket/prefix` (credentials and region from the usual AWS
+    /// variables) or `memory`.
     #[arg(long, default_value = DEFAULT_STORAGE)]
     storage: String,
     /// S3 endpoint URL (else AWS_ENDPOINT_URL or AWS's default).
@@ -345,10 +349,12 @@ fn client(job: &str) -> RestClient {
 }
 
 fn client_savepoint(job: &str, stop: bool, target: &str) -> Result<ExitCode, String> {
-    let r = client(job).post(
-        "/savepoints",
-        serde_json::json!({ "target": target, "stop": stop }),
-    )?;
+    let r = client(job)
+        .post(
+            "/savepoints",
+            serde_json::json!({ "target": target, "stop": stop }),
+        )
+        .map_err(|e| e.to_string())?;
     let location = r["location"].as_str().unwrap_or("?");
     if stop {
         println!("job stopped with savepoint {} at {location}", r["id"]);
@@ -359,21 +365,25 @@ fn client_savepoint(job: &str, stop: bool, target: &str) -> Result<ExitCode, Str
 }
 
 fn client_checkpoint(job: &str) -> Result<ExitCode, String> {
-    let r = client(job).post("/checkpoints", serde_json::json!({}))?;
+    let r = client(job)
+        .post("/checkpoints", serde_json::json!({}))
+        .map_err(|e| e.to_string())?;
     println!("checkpoint {} completed", r["id"]);
     Ok(ExitCode::SUCCESS)
 }
 
 fn client_cancel(job: &str) -> Result<ExitCode, String> {
-    client(job).post("/cancel", serde_json::json!({}))?;
+    client(job)
+        .post("/cancel", serde_json::json!({}))
+        .map_err(|e| e.to_string())?;
     println!("job cancelled");
     Ok(ExitCode::SUCCESS)
 }
 
 fn client_status(job: &str, json: bool) -> Result<ExitCode, String> {
     let c = client(job);
-    let status = c.get("/job")?;
-    let checkpoints = c.get("/checkpoints")?;
+    let status = c.get("/job").map_err(|e| e.to_string())?;
+    let checkpoints = c.get("/checkpoints").map_err(|e| e.to_string())?;
     if json {
         println!(
             "{}",
@@ -633,7 +643,7 @@ fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
                 let s3 = s3_options(a.s3_endpoint.as_deref());
                 let resolve: sluice_runtime::rest::TargetResolver = Arc::new(move |target: String| {
                     let s3 = s3.clone();
-                    Box::pin(async move { location::open_location(&target, &s3).await.map_err(|e| e.to_string()) })
+                    Box::pin(async move { Ok(location::open_location(&target, &s3).await?) })
                 });
                 let (bound, task) = sluice_runtime::rest::serve(addr, handle.monitor(), resolve)
                     .await

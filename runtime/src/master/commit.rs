@@ -1,4 +1,5 @@
-//! Committing checkpoint and savepoint metadata with an honest outcome.
+//! Assembling checkpoint and savepoint metadata, and committing it with an
+//! honest outcome.
 //!
 //! A commit is the one write that makes a checkpoint exist. Storage can
 //! fail in two ways (Materialize's persist calls them determinate and
@@ -18,10 +19,16 @@
 //!   and its files are not deleted until [`resolve`] (a read-back alone)
 //!   decides.
 
+use crate::task::AckPart;
 use bytes::Bytes;
-use sluice_core::CheckpointStorageExt;
-use sluice_core::{CheckpointId, CheckpointStorage, Error};
+use sluice_core::metadata::{OperatorSnapshot, METADATA_FORMAT_VERSION};
+use sluice_core::{
+    ChannelStateHandle, CheckpointBarrier, CheckpointId, CheckpointMetadata, CheckpointStorage,
+    CheckpointStorageExt, Error, OperatorUid,
+};
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::warn;
 
 /// Where metadata is committed: a checkpoint's (`commit_metadata`) or a
@@ -150,5 +157,51 @@ pub(crate) async fn resolve(target: &CommitTarget, json: &Bytes) -> CommitOutcom
         Err(e) => CommitOutcome::Unknown {
             reason: format!("reading {} back failed: {e}", target.describe()),
         },
+    }
+}
+
+/// Assembles a checkpoint's (or savepoint's) metadata from the tasks'
+/// acknowledgements: one entry per operator uid with its subtasks in order,
+/// its key type, states and source splits, and the channel state.
+pub(crate) fn assemble_metadata(
+    job: &str,
+    max_parallelism: u32,
+    barrier: &CheckpointBarrier,
+    duration: Duration,
+    parts: impl IntoIterator<Item = AckPart>,
+    channel_state: Vec<ChannelStateHandle>,
+) -> CheckpointMetadata {
+    let mut ops: BTreeMap<OperatorUid, OperatorSnapshot> = BTreeMap::new();
+    for part in parts {
+        let op = ops.entry(part.uid.clone()).or_insert_with(|| OperatorSnapshot {
+            uid: part.uid.clone(),
+            parallelism: part.parallelism,
+            key_type: None,
+            states: Vec::new(),
+            source_splits: None,
+            subtasks: Vec::new(),
+        });
+        op.key_type = op.key_type.take().or(part.key_type);
+        op.source_splits = op.source_splits.or(part.source_splits);
+        if op.states.is_empty() {
+            op.states = part.states;
+        }
+        op.subtasks.push(part.snapshot);
+    }
+    for op in ops.values_mut() {
+        op.subtasks.sort_by_key(|s| s.subtask);
+    }
+    CheckpointMetadata {
+        format_version: METADATA_FORMAT_VERSION,
+        sluice_version: sluice_core::SLUICE_VERSION.to_string(),
+        snapshot_format_version: sluice_core::format::SNAPSHOT_FORMAT_VERSION,
+        job_name: job.to_string(),
+        checkpoint_id: barrier.checkpoint_id,
+        kind: barrier.kind,
+        trigger_time_ms: barrier.timestamp_ms,
+        duration_ms: duration.as_millis() as u64,
+        max_parallelism,
+        operators: ops.into_values().collect(),
+        channel_state,
     }
 }

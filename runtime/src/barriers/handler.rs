@@ -76,6 +76,7 @@ pub struct BarrierHandler {
 
 impl BarrierHandler {
     /// A handler for a task with `inputs` channels.
+    #[cfg(test)]
     pub fn new(inputs: usize) -> Self {
         Self::with_alignment_timeout(inputs, None)
     }

@@ -1,0 +1,327 @@
+//! One job attempt: every task spawned (restoring the chosen restore
+//! point), the loop that drives them — task completions and failures,
+//! acknowledgements, the checkpoint timer, requests from handles, deadlines
+//! — and the teardown that stops every task and snapshot writer.
+
+use super::coordinator::{end_sources, Coordinator, TriggerKind};
+use crate::config::CheckpointConfig;
+use crate::error::{Result, RuntimeError};
+use crate::graph::{JobGraph, TaskBuild};
+use crate::handle::Request;
+use crate::operator::InitContext;
+use crate::savepoint::RestoreSource;
+use crate::task::{sleep_until_opt, Metrics, TaskEvent, TaskInfo, TaskRuntime};
+use sluice_core::{CheckpointStorage, StateBackend};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{error, info};
+
+/// What every attempt of a job needs, fixed for the job's life.
+pub(crate) struct JobContext {
+    pub name: String,
+    pub graph: Arc<JobGraph>,
+    pub max_parallelism: u32,
+    pub config: CheckpointConfig,
+    pub backend: Arc<dyn StateBackend>,
+    pub storage: Arc<dyn CheckpointStorage>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The requests of the job's handles, across attempts.
+pub(crate) struct Requests {
+    pub rx: mpsc::UnboundedReceiver<Request>,
+    /// Every handle was dropped: the job runs on, detached.
+    pub closed: bool,
+}
+
+/// Runs one attempt restoring `restore` (with `stopped`, the sources end
+/// right after restoring: the job was stopped with that savepoint) until
+/// every task finished (`Ok`) or one failed, then tears it down.
+pub(crate) async fn run_attempt(
+    ctx: &JobContext,
+    coordinator: &mut Coordinator,
+    restore: Option<Arc<RestoreSource>>,
+    stopped: bool,
+    requests: &mut Requests,
+) -> Result<()> {
+    let mut attempt = Attempt {
+        ctx,
+        coordinator,
+        tasks: JoinSet::new(),
+        task_of: HashMap::new(),
+        infos: Vec::new(),
+        writers: Arc::default(),
+    };
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let build = attempt.spawn_tasks(restore, stopped, &events_tx);
+    drop(events_tx);
+    let result = match build {
+        Ok(()) => attempt.run(&mut events_rx, requests).await,
+        Err(e) => Err(e),
+    };
+    attempt.tear_down().await;
+    result
+}
+
+/// The running tasks of an attempt and the coordinator driving them.
+struct Attempt<'a> {
+    ctx: &'a JobContext,
+    coordinator: &'a mut Coordinator,
+    tasks: JoinSet<Result<()>>,
+    task_of: HashMap<tokio::task::Id, usize>,
+    infos: Vec<TaskInfo>,
+    /// The asynchronous parts of snapshots in flight.
+    writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+enum Step {
+    TaskDone(std::result::Result<(tokio::task::Id, Result<()>), tokio::task::JoinError>),
+    AllDone,
+    Event(TaskEvent),
+    Tick,
+    Request(Option<Request>),
+    Timeout,
+}
+
+impl Attempt<'_> {
+    /// Creates every channel and task of the graph and spawns the tasks.
+    fn spawn_tasks(
+        &mut self,
+        restore: Option<Arc<RestoreSource>>,
+        stopped: bool,
+        events: &mpsc::UnboundedSender<TaskEvent>,
+    ) -> Result<()> {
+        let graph = self.ctx.graph.clone();
+        let mut grids: Vec<_> = graph
+            .edges
+            .iter()
+            .map(|e| {
+                (e.grid)(
+                    graph.vertices[e.from].parallelism as usize,
+                    graph.vertices[e.to].parallelism as usize,
+                )
+            })
+            .collect();
+        for (v, vertex) in graph.vertices.iter().enumerate() {
+            let build = vertex
+                .build
+                .clone()
+                .ok_or_else(|| RuntimeError::InvalidJob(format!("task {} has no sink", vertex.name)))?;
+            for s in 0..vertex.parallelism {
+                let mut inputs = Vec::new();
+                let mut outputs = Vec::new();
+                for (e, edge) in graph.edges.iter().enumerate() {
+                    if edge.to == v {
+                        inputs.append(&mut grids[e].receivers[s as usize]);
+                    }
+                    if edge.from == v {
+                        outputs.append(&mut grids[e].senders[s as usize]);
+                    }
+                }
+                let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+                let index = self.infos.len();
+                let name = format!("{} ({}/{})", vertex.name, s + 1, vertex.parallelism);
+                let alignment_timeout = match self.ctx.config.unaligned {
+                    true => self.ctx.config.aligned_checkpoint_timeout,
+                    false => None,
+                };
+                let init = InitContext {
+                    job_name: self.ctx.name.clone(),
+                    task_name: Arc::from(name.as_str()),
+                    subtask: s,
+                    parallelism: vertex.parallelism,
+                    max_parallelism: self.ctx.max_parallelism,
+                    state_backend: self.ctx.backend.clone(),
+                    storage: self.ctx.storage.clone(),
+                    restore: restore.clone(),
+                    task_uid: Arc::from(vertex.uid.as_str()),
+                };
+                let rt = TaskRuntime {
+                    index,
+                    vertex: v as u32,
+                    vertex_name: Arc::from(vertex.name.as_str()),
+                    alignment_timeout,
+                    init,
+                    control: ctl_rx,
+                    events: events.clone(),
+                    writers: self.writers.clone(),
+                    metrics: self.ctx.metrics.clone(),
+                    savepoints: self.coordinator.savepoint_targets.clone(),
+                    stopped,
+                };
+                let body = build(&mut TaskBuild {
+                    runtime: Some(rt),
+                    inputs,
+                    outputs,
+                })?;
+                let handle = self.tasks.spawn(body);
+                self.task_of.insert(handle.id(), index);
+                self.infos.push(TaskInfo {
+                    name,
+                    is_source: vertex.is_source,
+                    control: ctl_tx,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every task and snapshot writer; the coordinator cleans up
+    /// what the attempt left.
+    async fn tear_down(&mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        let handles: Vec<JoinHandle<()>> = self
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for h in &handles {
+            h.abort();
+        }
+        for h in handles {
+            let _ = h.await;
+        }
+        self.coordinator.end_attempt(&self.infos).await;
+    }
+
+    /// The attempt's loop: until every task is done (and the final
+    /// checkpoint committed), or a task fails, or the job is cancelled.
+    async fn run(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<TaskEvent>,
+        requests: &mut Requests,
+    ) -> Result<()> {
+        let infos = std::mem::take(&mut self.infos);
+        let result = self.drive(&infos, events, requests).await;
+        self.infos = infos;
+        result
+    }
+
+    async fn drive(
+        &mut self,
+        infos: &[TaskInfo],
+        events: &mut mpsc::UnboundedReceiver<TaskEvent>,
+        requests: &mut Requests,
+    ) -> Result<()> {
+        let coordinator = &mut *self.coordinator;
+        let mut sources_finishing = false;
+        let mut exhausted = vec![false; infos.len()];
+        let mut all_done = false;
+        coordinator.begin_attempt();
+        let interval = self.ctx.config.interval;
+        let mut ticker = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await; // the first tick is immediate
+        loop {
+            let deadline = coordinator.next_deadline();
+            let step = tokio::select! {
+                r = self.tasks.join_next_with_id(), if !all_done => match r { Some(r) => Step::TaskDone(r), None => Step::AllDone },
+                Some(ev) = events.recv() => Step::Event(ev),
+                _ = ticker.tick(), if interval.is_some() => Step::Tick,
+                r = requests.rx.recv(), if !requests.closed => Step::Request(r),
+                _ = sleep_until_opt(deadline), if deadline.is_some() => Step::Timeout,
+            };
+            match step {
+                Step::AllDone => {
+                    // Wait for the final checkpoint's acknowledgements (its
+                    // writers outlive the tasks) and its commit.
+                    all_done = true;
+                }
+                Step::TaskDone(Ok((id, Ok(())))) => {
+                    if let Some(&i) = self.task_of.get(&id) {
+                        sources_finishing |= infos[i].is_source;
+                    }
+                }
+                Step::TaskDone(Ok((id, Err(e)))) => {
+                    let name = self
+                        .task_of
+                        .get(&id)
+                        .map(|i| infos[*i].name.as_str())
+                        .unwrap_or("?");
+                    error!("task {name} failed: {e}");
+                    return Err(e);
+                }
+                Step::TaskDone(Err(join)) => {
+                    let name = self
+                        .task_of
+                        .get(&join.id())
+                        .map(|i| infos[*i].name.clone())
+                        .unwrap_or_default();
+                    let message = if join.is_panic() {
+                        let p = join.into_panic();
+                        p.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "non-string panic".into())
+                    } else {
+                        "task was cancelled".into()
+                    };
+                    error!("task {name} panicked: {message}");
+                    return Err(RuntimeError::Panic { task: name, message });
+                }
+                Step::Event(TaskEvent::SourceExhausted { task }) => {
+                    exhausted[task] = true;
+                    let all = infos
+                        .iter()
+                        .enumerate()
+                        .all(|(i, t)| !t.is_source || exhausted[i]);
+                    if all && !sources_finishing {
+                        sources_finishing = true;
+                        if self.ctx.config.final_checkpoint {
+                            // The sources end once it is committed.
+                            coordinator.trigger_final(infos).await?;
+                        } else {
+                            end_sources(infos);
+                        }
+                    }
+                }
+                Step::Event(ev) => coordinator.on_event(ev, infos).await?,
+                Step::Tick => {
+                    if coordinator.completed.has_undecided() {
+                        coordinator.resolve_undecided(infos).await;
+                    }
+                    let stopped = coordinator.stopped_with.is_some();
+                    if !sources_finishing && !coordinator.savepoint_pending() && !stopped {
+                        coordinator.trigger(infos, TriggerKind::Periodic).await?;
+                    }
+                }
+                Step::Request(Some(Request::Savepoint { target, stop, tx })) => {
+                    if sources_finishing || coordinator.stopped_with.is_some() {
+                        let _ = tx.send(Err("the job's sources are finishing; no more savepoints".into()));
+                    } else if coordinator.stopping() {
+                        let _ = tx.send(Err("the job is being stopped with a savepoint".into()));
+                    } else {
+                        coordinator.trigger_savepoint(infos, target, stop, tx).await?;
+                    }
+                }
+                Step::Request(None) => requests.closed = true,
+                Step::Request(Some(Request::Cancel)) => {
+                    info!("job {} cancelled", self.ctx.name);
+                    return Err(RuntimeError::Cancelled);
+                }
+                Step::Request(Some(Request::Trigger(tx))) => {
+                    if sources_finishing || coordinator.stopped_with.is_some() {
+                        let _ = tx.send(Err("the job's sources are finishing; no more checkpoints".into()));
+                    } else {
+                        coordinator.trigger(infos, TriggerKind::Requested(tx)).await?;
+                    }
+                }
+                Step::Timeout => coordinator.on_timeouts(infos).await?,
+            }
+            if let Some((id, reason)) = coordinator.final_failure.take() {
+                // Failed but tolerated (else the coordinator returned the
+                // error): take the final checkpoint again.
+                info!("final checkpoint {id} failed ({reason}); taking it again");
+                coordinator.trigger_final(infos).await?;
+            }
+            if all_done {
+                return Ok(());
+            }
+        }
+    }
+}

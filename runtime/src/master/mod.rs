@@ -1,0 +1,386 @@
+//! The job master (Flink's JobManager role), one tokio task per job, split
+//! by role:
+//!
+//! - this file: the job's life — validate the graph, start (resume, a
+//!   savepoint to start from), run attempts until one ends well or the job
+//!   fails, report the result;
+//! - [`attempt`]: one attempt (spawn every task, drive them, tear down);
+//! - [`coordinator`] and [`savepoints`]: the checkpoint coordinator;
+//! - [`completed`]: the completed checkpoints and undecided commits;
+//! - [`commit`]: metadata assembly and the honest commit;
+//! - [`recovery`]: restart strategy, restore-point choice, restore checks.
+
+mod attempt;
+mod commit;
+mod completed;
+mod coordinator;
+mod recovery;
+mod savepoints;
+
+use crate::error::{Result, RuntimeError};
+use crate::graph::{Builder, EdgeKind, Job, JobGraph};
+use crate::handle::{
+    JobHandle, JobMonitor, JobResult, JobState, JobStatus, Recovery as RecoveryRecord, Request,
+};
+use crate::savepoint::{RestoreSource, SavepointLocation};
+use crate::task::Metrics;
+use attempt::{run_attempt, JobContext, Requests};
+use coordinator::Coordinator;
+use recovery::{AfterFailure, Recovery, RecoverySettings};
+use sluice_core::{check_parallelism, CheckpointId, CheckpointStorage, CheckpointStorageExt, StateBackend};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// The job master of one job.
+struct JobMaster {
+    ctx: JobContext,
+    coordinator: Coordinator,
+    recovery: Recovery,
+    /// Restore from the latest completed checkpoint in storage at start.
+    resume: bool,
+    /// Restore from this savepoint (or other storage's checkpoint) at start.
+    from_savepoint: Option<SavepointLocation>,
+    status: Arc<Mutex<JobStatus>>,
+}
+
+impl Job {
+    /// Validates the job and starts it on the current tokio runtime.
+    pub fn start(self) -> Result<JobHandle> {
+        let mut b = self.inner.borrow_mut();
+        let master = JobMaster::new(&mut b)?;
+        drop(b);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = master.coordinator.stats.clone();
+        let metrics = master.ctx.metrics.clone();
+        let status = master.status.clone();
+        let join = tokio::spawn(master.run(rx));
+        Ok(JobHandle {
+            monitor: JobMonitor {
+                requests: tx,
+                stats,
+                metrics,
+                status,
+                started: Instant::now(),
+            },
+            join,
+        })
+    }
+
+    /// Starts the job and waits for it to end.
+    pub async fn execute(self) -> Result<JobResult> {
+        self.start()?.wait().await
+    }
+}
+
+impl JobMaster {
+    fn new(b: &mut Builder) -> Result<Self> {
+        if let Some(e) = b.errors.first() {
+            return Err(RuntimeError::InvalidJob(e.clone()));
+        }
+        b.checkpoint.validate()?;
+        let backend = match b.state_backend.clone() {
+            Some(x) => x,
+            None => default_backend()?,
+        };
+        let storage = match b.storage.clone() {
+            Some(x) => x,
+            None => default_storage()?,
+        };
+        let vertices = std::mem::take(&mut b.vertices);
+        let edges = std::mem::take(&mut b.edges);
+        if vertices.is_empty() {
+            return Err(RuntimeError::InvalidJob("the job has no operators".into()));
+        }
+        for v in &vertices {
+            check_parallelism(b.max_parallelism, v.parallelism)
+                .map_err(|e| RuntimeError::InvalidJob(format!("task {}: {e}", v.name)))?;
+            if v.build.is_none() {
+                return Err(RuntimeError::InvalidJob(format!(
+                    "the stream of task {} goes nowhere: end it with a sink",
+                    v.name
+                )));
+            }
+        }
+        for e in &edges {
+            if e.kind == EdgeKind::Forward && vertices[e.from].parallelism != vertices[e.to].parallelism {
+                return Err(RuntimeError::InvalidJob(format!(
+                    "forward edge from {} (parallelism {}) to {} (parallelism {}) needs equal parallelism",
+                    vertices[e.from].name,
+                    vertices[e.from].parallelism,
+                    vertices[e.to].name,
+                    vertices[e.to].parallelism
+                )));
+            }
+        }
+        let task_uids = vertices.iter().map(|v| v.uid.clone()).collect();
+        let recovery = Recovery::new(RecoverySettings {
+            restart: b.restart.clone(),
+            transactional: b.transactional,
+            fallback_allowed: b.checkpoint.fallback_to_older_checkpoint,
+            allow_non_restored_state: b.allow_non_restored_state,
+            max_parallelism: b.max_parallelism,
+            uids: b.uids.clone(),
+            task_uids,
+        });
+        #[allow(unused_mut)]
+        let mut coordinator = Coordinator::new(
+            b.name.clone(),
+            b.max_parallelism,
+            b.checkpoint.clone(),
+            storage.clone(),
+        );
+        #[cfg(feature = "testing")]
+        coordinator.set_commit_hook(b.commit_hook.clone());
+        Ok(JobMaster {
+            ctx: JobContext {
+                name: b.name.clone(),
+                graph: Arc::new(JobGraph { vertices, edges }),
+                max_parallelism: b.max_parallelism,
+                config: b.checkpoint.clone(),
+                backend,
+                storage,
+                metrics: Arc::new(Metrics::default()),
+            },
+            coordinator,
+            recovery,
+            resume: b.resume,
+            from_savepoint: b.from_savepoint.clone(),
+            status: Arc::new(Mutex::new(JobStatus {
+                name: b.name.clone(),
+                state: JobState::Running,
+                restarts: 0,
+                source_records: 0,
+                uptime_ms: 0,
+                restored_from: None,
+                failure: None,
+            })),
+        })
+    }
+
+    fn set_state(&self, state: JobState, failure: Option<String>) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.state = state;
+        s.restarts = self.recovery.restarts();
+        if failure.is_some() {
+            s.failure = failure;
+        }
+    }
+
+    async fn run(mut self, requests: mpsc::UnboundedReceiver<Request>) -> Result<JobResult> {
+        let result = self.run_job(requests).await;
+        match &result {
+            Ok(_) => self.set_state(JobState::Finished, None),
+            Err(RuntimeError::Cancelled) => self.set_state(JobState::Cancelled, None),
+            Err(e) => self.set_state(JobState::Failed, Some(e.to_string())),
+        }
+        result
+    }
+
+    /// Before the first attempt: ids continue after the highest in storage,
+    /// left-overs of attempts that never committed are removed, and the
+    /// savepoint to start from is read and checked (a bad one is an error
+    /// and the job does not start).
+    async fn prepare(&mut self) -> Result<(Vec<CheckpointId>, Option<Arc<RestoreSource>>)> {
+        let storage = &self.ctx.storage;
+        let listing = storage.list().await?;
+        if let Some(max) = listing.iter().map(|c| c.id).max() {
+            self.coordinator.next_id = max.next();
+        }
+        for c in listing.iter().filter(|c| !c.committed) {
+            info!(
+                checkpoint = c.id.0,
+                "discarding the files of checkpoint {} that was never committed", c.id
+            );
+            if let Err(e) = storage.discard(c.id).await {
+                warn!("could not discard uncommitted checkpoint {}: {e}", c.id);
+            }
+        }
+        let committed = listing.iter().filter(|c| c.committed).map(|c| c.id).collect();
+        let initial = match &self.from_savepoint {
+            Some(loc) => {
+                let r = RestoreSource::open(loc).await.map_err(|e| {
+                    error!("cannot start from {}: {e}", loc.describe());
+                    RuntimeError::from(e)
+                })?;
+                self.recovery.check_restore(&r)?;
+                info!(
+                    "starting job {} from {}",
+                    self.ctx.name,
+                    r.describe_with_location()
+                );
+                // Checkpoint ids continue after the savepoint's.
+                let next = self.coordinator.next_id.max(r.metadata.checkpoint_id.next());
+                self.coordinator.next_id = next;
+                Some(Arc::new(r))
+            }
+            None => None,
+        };
+        Ok((committed, initial))
+    }
+
+    async fn run_job(&mut self, requests: mpsc::UnboundedReceiver<Request>) -> Result<JobResult> {
+        let job_started = Instant::now();
+        let mut requests = Requests {
+            rx: requests,
+            closed: false,
+        };
+        let (committed, initial) = self.prepare().await?;
+        let restored_from_savepoint = initial.as_ref().map(|r| r.describe_with_location());
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restored_from = restored_from_savepoint.clone();
+        let mut restore = initial.clone();
+        if self.resume {
+            // The retained checkpoints of the earlier run; older ones fall to
+            // retention now.
+            self.coordinator.completed.resume(&committed).await;
+            let chosen = self
+                .recovery
+                .choose_restore(&mut self.coordinator, &self.ctx.storage, &initial, None)
+                .await?;
+            match chosen {
+                Some(r) if !is_same(&r, &initial) => {
+                    self.recovery.check_channel_state(&r)?;
+                    info!(
+                        checkpoint = r.metadata.checkpoint_id.0,
+                        "resuming from checkpoint {}", r.metadata.checkpoint_id
+                    );
+                    restore = Some(r);
+                }
+                Some(_) => {}
+                None => info!(
+                    "no completed checkpoint to resume from in {}; starting from scratch",
+                    self.ctx.storage.describe()
+                ),
+            }
+        }
+        let resumed_from = restore
+            .as_ref()
+            .filter(|r| !is_same(r, &initial))
+            .map(|r| r.metadata.checkpoint_id);
+        let mut recoveries = Vec::new();
+        let mut stopped = false;
+        loop {
+            let outcome = run_attempt(
+                &self.ctx,
+                &mut self.coordinator,
+                restore.clone(),
+                stopped,
+                &mut requests,
+            )
+            .await;
+            let mut failure = match outcome {
+                Ok(()) => {
+                    let completed = &mut self.coordinator.completed;
+                    if completed.has_undecided() {
+                        self.coordinator.resolve_undecided(&[]).await;
+                        self.coordinator.completed.warn_undecided();
+                    }
+                    let completed = &self.coordinator.completed;
+                    return Ok(JobResult {
+                        restarts: self.recovery.restarts(),
+                        completed_checkpoints: completed.count,
+                        last_checkpoint: completed.newest(),
+                        resumed_from,
+                        final_checkpoint: self.coordinator.final_id,
+                        stopped_with_savepoint: self.coordinator.stopped_with.take(),
+                        restored_from_savepoint,
+                        recoveries,
+                        duration: job_started.elapsed(),
+                    });
+                }
+                Err(RuntimeError::Cancelled) => return Err(RuntimeError::Cancelled),
+                Err(e) => e,
+            };
+            let cause = failure.to_string();
+            // Until a restore point is chosen: each failure (of the attempt,
+            // or of choosing where to restore from) goes to recovery.
+            loop {
+                error!("job {} attempt failed: {failure}", self.ctx.name);
+                let fixed = [initial.as_ref(), self.coordinator.completed.stop_restore.as_ref()];
+                let (delay, bad) = match self.recovery.on_failure(failure, restore.as_ref(), &fixed) {
+                    AfterFailure::GiveUp(e) => {
+                        error!("job {} cannot recover: {e}", self.ctx.name);
+                        return Err(e);
+                    }
+                    AfterFailure::Restart { delay, bad } => (delay, bad),
+                };
+                self.set_state(JobState::Restarting, Some(cause.clone()));
+                tokio::time::sleep(delay).await;
+                match self
+                    .recovery
+                    .choose_restore(&mut self.coordinator, &self.ctx.storage, &initial, bad)
+                    .await
+                {
+                    Ok(r) => {
+                        restore = r;
+                        break;
+                    }
+                    Err(e) if !e.is_restartable() => {
+                        error!("job {}: {e}", self.ctx.name);
+                        return Err(e);
+                    }
+                    Err(e) => failure = e,
+                }
+            }
+            stopped = self.coordinator.completed.stop_restore.is_some();
+            let restarts = self.recovery.restarts();
+            match &restore {
+                Some(r) if stopped => info!(
+                    checkpoint = r.metadata.checkpoint_id.0,
+                    "restarting job {} (restart {restarts}) from {}, the savepoint it was stopped with: the job \
+                     ends at once",
+                    self.ctx.name,
+                    r.describe()
+                ),
+                Some(r) => info!(
+                    checkpoint = r.metadata.checkpoint_id.0,
+                    "restarting job {} (restart {restarts}) from {}",
+                    self.ctx.name,
+                    r.describe()
+                ),
+                None => info!(
+                    "restarting job {} (restart {restarts}) from scratch: no completed checkpoint",
+                    self.ctx.name
+                ),
+            }
+            self.set_state(JobState::Running, None);
+            recoveries.push(RecoveryRecord {
+                cause,
+                restored_from: restore.as_ref().map(|r| r.metadata.checkpoint_id),
+            });
+        }
+    }
+}
+
+/// Whether `r` is the restore source the job started from (a savepoint).
+fn is_same(r: &Arc<RestoreSource>, initial: &Option<Arc<RestoreSource>>) -> bool {
+    initial.as_ref().is_some_and(|i| Arc::ptr_eq(i, r))
+}
+
+#[cfg(feature = "memory")]
+fn default_backend() -> Result<Arc<dyn StateBackend>> {
+    Ok(Arc::new(sluice_backend_memory::MemoryStateBackend::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn default_backend() -> Result<Arc<dyn StateBackend>> {
+    Err(RuntimeError::InvalidJob(
+        "no state backend set: call Job::with_state_backend".into(),
+    ))
+}
+
+#[cfg(feature = "memory")]
+fn default_storage() -> Result<Arc<dyn CheckpointStorage>> {
+    Ok(Arc::new(sluice_backend_memory::MemoryCheckpointStorage::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn default_storage() -> Result<Arc<dyn CheckpointStorage>> {
+    Err(RuntimeError::InvalidJob(
+        "no checkpoint storage set: call Job::with_checkpoint_storage".into(),
+    ))
+}

@@ -1,0 +1,144 @@
+//! The tasks: one tokio task per subtask runs one operator chain. This
+//! file holds what tasks and the job master share — the control messages
+//! ([`Control`]) and events ([`TaskEvent`]) between them, a task's view of
+//! its attempt ([`TaskRuntime`]), the master's handle on a task
+//! ([`TaskInfo`]) — and helpers of both task loops. The loops themselves:
+//! [`source_task`] and [`input_task`]; the asynchronous part of snapshots:
+//! [`snapshot_writer`].
+
+pub(crate) mod input_task;
+pub(crate) mod snapshot_writer;
+pub(crate) mod source_task;
+
+use crate::barriers::handler::BarrierHandler;
+use crate::error::Result;
+use crate::operator::{InitContext, Operator};
+use crate::savepoint::SavepointLocation;
+use sluice_core::metadata::SubtaskSnapshot;
+use sluice_core::{ChannelStateHandle, CheckpointBarrier, CheckpointId, OperatorUid, StateDescriptor};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// From the job master to a task.
+#[derive(Debug, Clone)]
+pub(crate) enum Control {
+    /// Sources only: start checkpoint `barrier`; with `stop`, emit nothing
+    /// after the barrier until told to end (or, if the checkpoint is aborted,
+    /// to go on).
+    Trigger { barrier: CheckpointBarrier, stop: bool },
+    /// The checkpoint is complete.
+    Complete(CheckpointId),
+    /// The checkpoint was aborted.
+    Abort(CheckpointId),
+    /// Sources only: every source reached its end and the final checkpoint
+    /// (if any) was triggered; finish now.
+    EndInput,
+}
+
+/// One operator subtask's part of an acknowledgement.
+#[derive(Debug)]
+pub(crate) struct AckPart {
+    pub uid: OperatorUid,
+    pub parallelism: u32,
+    pub snapshot: SubtaskSnapshot,
+    pub key_type: Option<String>,
+    pub states: Vec<StateDescriptor>,
+    pub source_splits: Option<u32>,
+}
+
+/// Where the state files of the savepoints in progress go, by id.
+pub(crate) type SavepointTargets = Arc<Mutex<HashMap<CheckpointId, SavepointLocation>>>;
+
+/// From a task to the job master.
+#[derive(Debug)]
+pub(crate) enum TaskEvent {
+    Ack {
+        checkpoint: CheckpointId,
+        task: usize,
+        parts: Vec<AckPart>,
+        channel_state: Option<ChannelStateHandle>,
+        alignment: Duration,
+        sync: Duration,
+        async_part: Duration,
+    },
+    Decline {
+        checkpoint: CheckpointId,
+        task: usize,
+        reason: String,
+    },
+    /// A source task has read all its splits and waits for `EndInput`.
+    SourceExhausted { task: usize },
+}
+
+/// Job-wide counters, shared by all tasks and attempts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Records emitted by sources (replays count again).
+    pub source_records: AtomicU64,
+}
+
+/// What a task needs from its attempt.
+pub(crate) struct TaskRuntime {
+    pub index: usize,
+    /// The task's vertex in the job graph and its name (channel state).
+    pub vertex: u32,
+    pub vertex_name: Arc<str>,
+    /// Switch aligned checkpoints to unaligned after this long.
+    pub alignment_timeout: Option<Duration>,
+    pub init: InitContext,
+    pub control: mpsc::UnboundedReceiver<Control>,
+    pub events: mpsc::UnboundedSender<TaskEvent>,
+    pub writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    pub metrics: Arc<Metrics>,
+    pub savepoints: SavepointTargets,
+    /// The attempt restores the savepoint the job was stopped with: sources
+    /// end right after restoring, emitting nothing.
+    pub stopped: bool,
+}
+
+/// The job master's handle on one running task.
+pub(crate) struct TaskInfo {
+    /// `name (subtask/parallelism)`, for logs.
+    pub name: String,
+    pub is_source: bool,
+    pub control: mpsc::UnboundedSender<Control>,
+}
+
+pub(crate) fn apply_control<T>(
+    c: Control,
+    chain: &mut dyn Operator<T>,
+    handler: Option<&mut BarrierHandler>,
+) -> Result<()> {
+    match c {
+        Control::Complete(id) => chain.checkpoint_complete(id),
+        Control::Abort(id) => {
+            if let Some(h) = handler {
+                h.abort(id);
+            }
+            Ok(())
+        }
+        // Only sources are triggered or ended; other tasks get barriers
+        // and end of input in-band.
+        Control::Trigger { .. } | Control::EndInput => Ok(()),
+    }
+}
+
+pub(crate) async fn flush_and_drain<T>(chain: &mut dyn Operator<T>) -> Result<()> {
+    if let Some(o) = chain.outbox() {
+        o.flush_partial();
+        o.drain().await?;
+    }
+    Ok(())
+}
+
+/// Sleeps until `deadline`, or forever without one (for `select!`).
+pub(crate) async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,199 @@
+//! The asynchronous part of a snapshot (Flink's `AsyncCheckpointRunnable`):
+//! after a task's synchronous snapshot, a tokio task encodes each keyed
+//! state view in the canonical format (on the blocking pool), writes the
+//! state files and the channel-state file (to `chk-<id>/` or the
+//! savepoint's directory), and acknowledges to the job master with the
+//! file handles — or declines with the error.
+
+use super::{AckPart, TaskEvent, TaskRuntime};
+use crate::barriers::handler::AlignedCheckpoint;
+use crate::error::Result;
+use crate::operator::{Operator, SnapshotParts, SourcePart};
+use serde::Serialize;
+use sluice_core::metadata::SubtaskSnapshot;
+use sluice_core::{ChannelStateHandle, CheckpointKind, StateFileHandle};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+impl TaskRuntime {
+    /// Runs the synchronous part of a snapshot on `chain` and spawns the
+    /// asynchronous part, which writes the state files and acknowledges.
+    pub(crate) fn snapshot<T: Serialize + Send + 'static>(
+        &self,
+        chain: &mut dyn Operator<T>,
+        done: AlignedCheckpoint,
+        source: Option<SourcePart>,
+        channel_state: Option<oneshot::Receiver<Vec<T>>>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let mut parts = SnapshotParts::default();
+        parts.splits.extend(source);
+        chain.snapshot(&done.barrier, &mut parts)?;
+        let output_state = parts.output_state.take();
+        let sync = started.elapsed();
+        let id = done.barrier.checkpoint_id;
+        // Checkpoint files go to `chk-<id>/` of the job's storage, with paths
+        // relative to the storage; savepoint files to the savepoint's own
+        // directory, with paths relative to it.
+        let target = match done.barrier.kind {
+            CheckpointKind::Checkpoint => None,
+            CheckpointKind::Savepoint => Some(
+                self.savepoints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&id)
+                    .cloned(),
+            ),
+        };
+        let storage = self.init.storage.clone();
+        let events = self.events.clone();
+        let task = self.index;
+        let parallelism = self.init.parallelism;
+        let (vertex, vertex_name, subtask) = (self.vertex, self.vertex_name.clone(), self.init.subtask);
+        let task_uid = self.init.task_uid.clone();
+        let handle = tokio::spawn(async move {
+            let started = Instant::now();
+            let result: sluice_core::Result<(Vec<AckPart>, Option<ChannelStateHandle>)> = async {
+                let (storage, dir) = match target {
+                    None => (storage, None),
+                    Some(Some(loc)) => (loc.storage.clone(), Some(loc)),
+                    Some(None) => {
+                        return Err(sluice_core::Error::not_found(format!(
+                            "the target directory of savepoint {id} (it was aborted)"
+                        )))
+                    }
+                };
+                let mut acks: Vec<AckPart> = Vec::new();
+                for p in parts.splits {
+                    acks.push(AckPart {
+                        uid: p.uid,
+                        parallelism,
+                        snapshot: SubtaskSnapshot {
+                            subtask: p.subtask,
+                            keyed_state: None,
+                            splits: p.positions,
+                            operator_state: None,
+                        },
+                        key_type: None,
+                        states: Vec::new(),
+                        source_splits: Some(p.num_splits),
+                    });
+                }
+                for o in parts.operator_state {
+                    acks.push(AckPart {
+                        uid: o.uid,
+                        parallelism,
+                        snapshot: SubtaskSnapshot {
+                            subtask: o.subtask,
+                            keyed_state: None,
+                            splits: Vec::new(),
+                            operator_state: Some(o.state),
+                        },
+                        key_type: None,
+                        states: Vec::new(),
+                        source_splits: None,
+                    });
+                }
+                for k in parts.keyed {
+                    let snap = k.snapshot;
+                    let encoded = tokio::task::spawn_blocking(move || {
+                        sluice_core::format::encode_snapshot(snap.as_ref())
+                    })
+                    .await
+                    .map_err(|e| sluice_core::Error::storage("snapshot encoder", e.to_string()))??;
+                    let name = format!("{}-{}.kst", k.uid, k.subtask);
+                    let (path, write_path) = match &dir {
+                        None => {
+                            let p = format!("{}/{name}", id.dir());
+                            (p.clone(), p)
+                        }
+                        Some(loc) => (name.clone(), loc.join(&name)),
+                    };
+                    let size = encoded.bytes.len() as u64;
+                    storage.write_file(&write_path, encoded.bytes).await?;
+                    acks.push(AckPart {
+                        uid: k.uid,
+                        parallelism,
+                        snapshot: SubtaskSnapshot {
+                            subtask: k.subtask,
+                            keyed_state: Some(StateFileHandle {
+                                path,
+                                size,
+                                crc32: encoded.crc32,
+                                key_groups: encoded.key_groups,
+                                entries: encoded.entries,
+                            }),
+                            splits: Vec::new(),
+                            operator_state: None,
+                        },
+                        key_type: Some(k.key_type),
+                        states: k.states,
+                        source_splits: None,
+                    });
+                }
+                // An unaligned checkpoint: the records its barrier overtook,
+                // on the inputs (once every input delivered it in place) and
+                // in the output queue.
+                let mut channel = None;
+                let input: Vec<T> = match channel_state {
+                    Some(rx) => rx.await.map_err(|_| {
+                        sluice_core::Error::storage(
+                            format!("channel state of checkpoint {id}"),
+                            "the checkpoint was aborted on this task before its channel state was complete",
+                        )
+                    })?,
+                    None => Vec::new(),
+                };
+                if !input.is_empty() || output_state.is_some() {
+                    let path = format!("{}/channel-{vertex}-{subtask}.cst", id.dir());
+                    let (bytes, input_records, output_records) = tokio::task::spawn_blocking(move || {
+                        let (out, out_count) = match output_state {
+                            Some(encode) => encode()?,
+                            None => (sluice_core::channel_state::encode_output::<()>(&[])?, 0),
+                        };
+                        let bytes = sluice_core::channel_state::encode(&input, &out)?;
+                        Ok::<_, sluice_core::Error>((bytes, input.len() as u64, out_count))
+                    })
+                    .await
+                    .map_err(|e| sluice_core::Error::storage("channel state encoder", e.to_string()))??;
+                    let (size, crc32) = (bytes.len() as u64, crc32fast::hash(&bytes));
+                    storage.write_file(&path, bytes).await?;
+                    channel = Some(ChannelStateHandle {
+                        task_uid: task_uid.to_string(),
+                        task_name: vertex_name.to_string(),
+                        subtask,
+                        parallelism,
+                        path,
+                        size,
+                        crc32,
+                        input_records,
+                        output_records,
+                    });
+                }
+                Ok((acks, channel))
+            }
+            .await;
+            let event = match result {
+                Ok((parts, channel_state)) => TaskEvent::Ack {
+                    checkpoint: id,
+                    task,
+                    parts,
+                    channel_state,
+                    alignment: done.alignment,
+                    sync,
+                    async_part: started.elapsed(),
+                },
+                Err(e) => TaskEvent::Decline {
+                    checkpoint: id,
+                    task,
+                    reason: e.to_string(),
+                },
+            };
+            let _ = events.send(event);
+        });
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers.retain(|h| !h.is_finished());
+        writers.push(handle);
+        Ok(())
+    }
+}
