@@ -1,0 +1,300 @@
+//! The state-backend part of the conformance suite.
+
+use super::MAX_PARALLELISM;
+use crate::format::{decode_snapshot, encode_snapshot, read_key_groups, verify_snapshot_file};
+use crate::metadata::StateFileHandle;
+use crate::{
+    key_group_for_key, CheckpointId, CheckpointStorage, CheckpointStorageExt, KeyGroupRange, KeyedStateStore,
+    OperatorUid, StateBackend, StoreScope,
+};
+use std::collections::BTreeMap;
+
+/// A scope for one subtask of operator `suite` owning `range`.
+pub fn scope(range: KeyGroupRange, subtask: u32, parallelism: u32) -> StoreScope {
+    StoreScope {
+        job: "testkit".into(),
+        operator: OperatorUid("suite".into()),
+        subtask,
+        parallelism,
+        max_parallelism: MAX_PARALLELISM,
+        key_groups: range,
+    }
+}
+
+fn open(backend: &dyn StateBackend, range: KeyGroupRange) -> Box<dyn KeyedStateStore> {
+    backend.open_store(&scope(range, 0, 1)).expect("open_store")
+}
+
+fn get(store: &mut dyn KeyedStateStore, state: u16, kg: u32, key: &[u8]) -> Option<Vec<u8>> {
+    let mut out = b"garbage that get must clear".to_vec();
+    let found = store.get(state, kg, key, &mut out).expect("get");
+    if found {
+        Some(out)
+    } else {
+        assert!(out.is_empty(), "get of a missing key must leave the buffer empty");
+        None
+    }
+}
+
+fn scan(store: &mut dyn KeyedStateStore, state: u16, kg: u32, prefix: &[u8]) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut m = BTreeMap::new();
+    store
+        .scan_prefix(state, kg, prefix, &mut |k, v| {
+            m.insert(k.to_vec(), v.to_vec());
+            Ok(())
+        })
+        .expect("scan_prefix");
+    m
+}
+
+/// Puts, gets, overwrites, deletes and prefix scans across several states
+/// and key groups; states and key groups do not see each other's entries.
+pub async fn state_put_get_delete_scan(backend: &dyn StateBackend) {
+    let mut store = open(backend, KeyGroupRange::all(MAX_PARALLELISM));
+    let a = store.register_state("a").expect("register a");
+    let b = store.register_state("b").expect("register b");
+    assert_ne!(a, b, "two states get two ids");
+    assert_eq!(
+        store.register_state("a").expect("register a again"),
+        a,
+        "registering again finds the id"
+    );
+    store.put(a, 3, b"k1", b"v1").unwrap();
+    store.put(a, 3, b"k2", b"v2").unwrap();
+    store.put(a, 4, b"k1", b"other group").unwrap();
+    store.put(b, 3, b"k1", b"other state").unwrap();
+    assert_eq!(get(store.as_mut(), a, 3, b"k1").as_deref(), Some(&b"v1"[..]));
+    assert_eq!(
+        get(store.as_mut(), a, 4, b"k1").as_deref(),
+        Some(&b"other group"[..])
+    );
+    assert_eq!(
+        get(store.as_mut(), b, 3, b"k1").as_deref(),
+        Some(&b"other state"[..])
+    );
+    assert_eq!(get(store.as_mut(), b, 3, b"k2"), None, "states are separate");
+    store
+        .put(a, 3, b"k1", b"a much longer value than before")
+        .unwrap();
+    assert_eq!(
+        get(store.as_mut(), a, 3, b"k1").as_deref(),
+        Some(&b"a much longer value than before"[..])
+    );
+    store.put(a, 3, b"k1", b"s").unwrap();
+    assert_eq!(
+        get(store.as_mut(), a, 3, b"k1").as_deref(),
+        Some(&b"s"[..]),
+        "overwrite with a shorter value"
+    );
+    store.delete(a, 3, b"k2").unwrap();
+    assert_eq!(get(store.as_mut(), a, 3, b"k2"), None, "deleted");
+    store
+        .delete(a, 3, b"never there")
+        .expect("deleting a missing key is not an error");
+    for i in 0..50u8 {
+        store.put(a, 9, &[b'p', i % 3, i], &[i]).unwrap();
+    }
+    store.put(a, 9, b"q", b"x").unwrap();
+    let m = scan(store.as_mut(), a, 9, &[b'p', 1]);
+    assert_eq!(
+        m.len(),
+        (0..50u8).filter(|i| i % 3 == 1).count(),
+        "prefix scan finds exactly the prefix"
+    );
+    assert!(m.iter().all(|(k, v)| k[1] == 1 && v[0] == k[2]));
+    assert_eq!(
+        scan(store.as_mut(), a, 9, b"").len(),
+        51,
+        "empty prefix scans the whole key group"
+    );
+    assert!(
+        scan(store.as_mut(), a, 10, b"").is_empty(),
+        "other key group is empty"
+    );
+    store.put(a, 5, b"", b"empty key").unwrap();
+    assert_eq!(
+        get(store.as_mut(), a, 5, b"").as_deref(),
+        Some(&b"empty key"[..]),
+        "empty keys work"
+    );
+    store.put(a, 5, b"empty value", b"").unwrap();
+    assert_eq!(
+        get(store.as_mut(), a, 5, b"empty value").as_deref(),
+        Some(&b""[..]),
+        "empty values exist"
+    );
+}
+
+fn snapshot_entries(snap: &dyn crate::StateSnapshot) -> BTreeMap<(String, u32, Vec<u8>), Vec<u8>> {
+    let names = snap.state_names();
+    let mut m = BTreeMap::new();
+    for kg in snap.key_groups().iter() {
+        snap.visit_key_group(kg, &mut |s, k, v| {
+            m.insert((names[s as usize].clone(), kg, k.to_vec()), v.to_vec());
+            Ok(())
+        })
+        .expect("visit_key_group");
+    }
+    m
+}
+
+/// A snapshot shows exactly the state at the synchronous step while writes,
+/// overwrites and deletes go on, also after being encoded and decoded.
+pub async fn state_snapshot_isolation(backend: &dyn StateBackend) {
+    let range = KeyGroupRange::new(10, 20).unwrap();
+    let mut store = open(backend, range);
+    let s = store.register_state("s").unwrap();
+    let mut expected = BTreeMap::new();
+    for i in 0..500u32 {
+        let kg = 10 + i % 11;
+        let key = i.to_le_bytes();
+        store.put(s, kg, &key, &(i * 2).to_le_bytes()).unwrap();
+        expected.insert(
+            ("s".to_string(), kg, key.to_vec()),
+            (i * 2).to_le_bytes().to_vec(),
+        );
+    }
+    let snap = store.snapshot(CheckpointId(1)).expect("snapshot");
+    // Writes after the synchronous step.
+    let t = store.register_state("t").unwrap();
+    for i in 0..500u32 {
+        let kg = 10 + i % 11;
+        let key = i.to_le_bytes();
+        match i % 3 {
+            0 => store.put(s, kg, &key, b"changed").unwrap(),
+            1 => store.delete(s, kg, &key).unwrap(),
+            _ => store.put(s, kg, &(i + 10_000).to_le_bytes(), b"new").unwrap(),
+        }
+        store.put(t, kg, &key, b"new state").unwrap();
+    }
+    assert_eq!(snap.key_groups(), range);
+    assert_eq!(
+        snapshot_entries(snap.as_ref()),
+        expected,
+        "the snapshot changed after later writes"
+    );
+    let encoded = encode_snapshot(snap.as_ref()).expect("encode");
+    assert_eq!(encoded.entries, 500);
+    let mut decoded = BTreeMap::new();
+    decode_snapshot("isolation", &encoded.bytes, range, &mut |n, kg, k, v| {
+        decoded.insert((n.to_string(), kg, k.to_vec()), v.to_vec());
+        Ok(())
+    })
+    .expect("decode");
+    assert_eq!(decoded, expected, "encoded snapshot differs");
+    // The live store has the new view.
+    assert_eq!(
+        get(store.as_mut(), s, 10, &0u32.to_le_bytes()).as_deref(),
+        Some(&b"changed"[..])
+    );
+    assert_eq!(get(store.as_mut(), s, 11, &1u32.to_le_bytes()), None);
+}
+
+/// Snapshot of a store covering every key group, written to `storage` in
+/// the canonical format, restored into stores of parallelism 1, 3 and 4:
+/// each gets exactly the keys of its key groups.
+pub async fn state_restore_by_key_group_range(backend: &dyn StateBackend, storage: &dyn CheckpointStorage) {
+    let id = CheckpointId(1050);
+    let _ = storage.discard(id).await;
+    let all = KeyGroupRange::all(MAX_PARALLELISM);
+    let mut store = open(backend, all);
+    let sum = store.register_state("sum").unwrap();
+    let names = store.register_state("names").unwrap();
+    let mut expected: BTreeMap<(String, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
+    for i in 0..2000u64 {
+        let key = i.to_be_bytes();
+        let kg = key_group_for_key(&key, MAX_PARALLELISM);
+        store.put(sum, kg, &key, &(i * 3).to_le_bytes()).unwrap();
+        expected.insert(("sum".into(), kg, key.to_vec()), (i * 3).to_le_bytes().to_vec());
+        if i % 5 == 0 {
+            store.put(names, kg, &key, format!("n{i}").as_bytes()).unwrap();
+            expected.insert(("names".into(), kg, key.to_vec()), format!("n{i}").into_bytes());
+        }
+    }
+    let snap = store.snapshot(id).unwrap();
+    let enc = encode_snapshot(snap.as_ref()).unwrap();
+    let path = format!("{}/suite-0.kst", id.dir());
+    storage
+        .write_file(&path, enc.bytes.clone())
+        .await
+        .expect("write state file");
+    let file = StateFileHandle {
+        path: path.clone(),
+        size: enc.bytes.len() as u64,
+        crc32: enc.crc32,
+        key_groups: enc.key_groups,
+        entries: enc.entries,
+    };
+    verify_snapshot_file(&path, &storage.read_file(&path).await.unwrap(), file.crc32)
+        .expect("whole-file crc");
+    for parallelism in [1u32, 3, 4] {
+        let mut restored: BTreeMap<(String, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
+        for subtask in 0..parallelism {
+            let range = KeyGroupRange::for_subtask(MAX_PARALLELISM, parallelism, subtask);
+            let mut target = backend.open_store(&scope(range, subtask, parallelism)).unwrap();
+            let mut ids = BTreeMap::new();
+            let n = read_key_groups(storage, &file, range, &mut |name, kg, k, v| {
+                assert!(
+                    range.contains(kg),
+                    "restore visited key group {kg} outside {range}"
+                );
+                let id = match ids.get(name) {
+                    Some(id) => *id,
+                    None => {
+                        let id = target.register_state(name)?;
+                        ids.insert(name.to_string(), id);
+                        id
+                    }
+                };
+                target.put(id, kg, k, v)
+            })
+            .await
+            .expect("read_key_groups");
+            let mut count = 0;
+            for ((name, kg, key), value) in expected.iter().filter(|((_, kg, _), _)| range.contains(*kg)) {
+                let id = ids[name];
+                assert_eq!(
+                    get(target.as_mut(), id, *kg, key).as_ref(),
+                    Some(value),
+                    "p={parallelism} subtask {subtask}"
+                );
+                count += 1;
+                restored.insert((name.clone(), *kg, key.clone()), value.clone());
+            }
+            assert_eq!(n, count, "restore of {range} read entries of other key groups");
+        }
+        assert_eq!(
+            restored, expected,
+            "parallelism {parallelism}: some entries were not restored"
+        );
+    }
+    storage.discard(id).await.unwrap();
+}
+
+/// Values of 1 MiB and empty values survive a snapshot round trip.
+pub async fn state_large_values(backend: &dyn StateBackend) {
+    let range = KeyGroupRange::new(0, 1).unwrap();
+    let mut store = open(backend, range);
+    let s = store.register_state("big").unwrap();
+    let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    store.put(s, 0, b"big", &big).unwrap();
+    store.put(s, 1, b"empty", b"").unwrap();
+    assert_eq!(get(store.as_mut(), s, 0, b"big").as_deref(), Some(&big[..]));
+    let enc = encode_snapshot(store.snapshot(CheckpointId(2)).unwrap().as_ref()).unwrap();
+    let mut seen = BTreeMap::new();
+    decode_snapshot("large", &enc.bytes, range, &mut |_, _, k, v| {
+        seen.insert(k.to_vec(), v.to_vec());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen.get(&b"big"[..]), Some(&big));
+    assert_eq!(seen.get(&b"empty"[..]), Some(&Vec::new()));
+}
+
+/// Runs every state-backend test.
+pub async fn run_state_backend_suite(backend: &dyn StateBackend, storage: &dyn CheckpointStorage) {
+    state_put_get_delete_scan(backend).await;
+    state_snapshot_isolation(backend).await;
+    state_restore_by_key_group_range(backend, storage).await;
+    state_large_values(backend).await;
+}
