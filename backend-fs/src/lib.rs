@@ -225,6 +225,11 @@ impl CheckpointStorage for FsCheckpointStorage {
         self.blocking(move |s| s.list_files(&dir)).await
     }
 
+    async fn delete_file(&self, path: &str) -> Result<()> {
+        let path = path.to_string();
+        self.blocking(move |s| s.delete_file(&path)).await
+    }
+
     async fn delete_dir(&self, dir: &str) -> Result<()> {
         let dir = dir.to_string();
         self.blocking(move |s| s.delete_dir(&dir)).await
@@ -418,6 +423,36 @@ impl Inner {
             .collect();
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(files)
+    }
+
+    /// Removes one file (never a directory or a symbolic link's target)
+    /// and syncs its directory, so the deletion of a `_metadata` is durable.
+    fn delete_file(&self, path: &str) -> Result<()> {
+        self.writable()?;
+        let file = self.resolve(path)?;
+        match fs::symlink_metadata(&file) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(storage_error("deleting", &file, e)),
+            Ok(m) if m.is_dir() => {
+                return Err(Error::InvalidArgument {
+                    what: file.display().to_string(),
+                    reason: "is a directory, not a file".into(),
+                })
+            }
+            Ok(_) => {}
+        }
+        if let Some(parent) = file.parent() {
+            self.check_inside(parent)?;
+        }
+        match fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(storage_error("deleting", &file, e)),
+        }
+        match file.parent() {
+            Some(parent) => sync_dir(parent).map_err(|e| storage_error("syncing directory", parent, e)),
+            None => Ok(()),
+        }
     }
 
     fn delete_dir(&self, dir: &str) -> Result<()> {

@@ -21,6 +21,7 @@
 //!         parallelism: 1,
 //!         max_parallelism: 128,
 //!         key_groups: KeyGroupRange::all(128),
+//!         track_changes: false,
 //!     })
 //!     .unwrap();
 //! let sum = store.register_state("sum").unwrap();
@@ -36,11 +37,11 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
-use sluice_core::state::{KeyValueVisitor, SnapshotVisitor};
+use sluice_core::state::{ChangeSetVisitor, KeyValueVisitor, SnapshotVisitor};
 use sluice_core::storage::{dir_prefix, validate_dir, validate_path, Capabilities};
 use sluice_core::{
-    CheckpointId, CheckpointStorage, Error, FileListing, KeyGroupRange, KeyedStateStore, Result,
-    StateBackend, StateId, StateSnapshot, StoreScope,
+    ChangeSnapshot, CheckpointId, CheckpointStorage, Error, FileListing, KeyGroupRange, KeyedStateStore,
+    Result, StateBackend, StateId, StateSnapshot, StoreScope,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -182,6 +183,7 @@ impl StateBackend for MemoryStateBackend {
             range: scope.key_groups,
             names: Vec::new(),
             states: Vec::new(),
+            changes: scope.track_changes.then(Changes::default),
         }))
     }
 }
@@ -192,6 +194,61 @@ struct MemoryStore {
     names: Vec<String>,
     /// `states[state][key_group - range.start]`.
     states: Vec<Vec<Arc<Map>>>,
+    /// The keys written since each snapshot, when tracking changes.
+    changes: Option<Changes>,
+}
+
+/// The keys written or deleted in one epoch (between two snapshots), by
+/// (key group, state).
+#[derive(Default)]
+struct Dirty {
+    short: rustc_hash::FxHashSet<(u32, StateId, ShortKey)>,
+    long: rustc_hash::FxHashSet<(u32, StateId, Box<[u8]>)>,
+}
+
+impl Dirty {
+    #[inline]
+    fn mark(&mut self, key_group: u32, state: StateId, key: &[u8]) {
+        if key.len() <= ShortKey::MAX {
+            self.short.insert((key_group, state, ShortKey::new(key)));
+        } else if !self.long.contains(&(key_group, state, Box::<[u8]>::from(key))) {
+            self.long.insert((key_group, state, key.into()));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.short.len() + self.long.len()
+    }
+}
+
+/// Change tracking: the open epoch's keys and the closed epochs', by the
+/// snapshot that closed them.
+#[derive(Default)]
+struct Changes {
+    open: Dirty,
+    /// Epochs by the checkpoint whose snapshot ended them.
+    closed: BTreeMap<CheckpointId, Arc<Dirty>>,
+    /// Snapshots (or the restore) incremental snapshots may be relative to.
+    bases: std::collections::BTreeSet<CheckpointId>,
+}
+
+impl Changes {
+    /// Keys remembered before tracking gives up (the base's completion is
+    /// overdue): the next snapshot is then full.
+    const MAX_KEYS: usize = 1 << 26;
+
+    /// Ends the open epoch at snapshot `id`.
+    fn close(&mut self, id: CheckpointId) {
+        self.closed.insert(id, Arc::new(std::mem::take(&mut self.open)));
+        self.bases.insert(id);
+        let kept: usize = self.closed.values().map(|d| d.len()).sum();
+        if kept > Self::MAX_KEYS {
+            // Forget everything but this snapshot: later ones are relative to it.
+            self.closed.clear();
+            self.bases.clear();
+            self.bases.insert(id);
+        }
+    }
 }
 
 impl MemoryStore {
@@ -248,6 +305,9 @@ impl KeyedStateStore for MemoryStore {
     fn put(&mut self, state: StateId, key_group: u32, key: &[u8], value: &[u8]) -> Result<()> {
         let (s, g) = self.slot(state, key_group)?;
         Arc::make_mut(&mut self.states[s][g]).put(key, value);
+        if let Some(c) = self.changes.as_mut() {
+            c.open.mark(key_group, state, key);
+        }
         Ok(())
     }
 
@@ -255,6 +315,9 @@ impl KeyedStateStore for MemoryStore {
         let (s, g) = self.slot(state, key_group)?;
         if self.states[s][g].contains_key(key) {
             Arc::make_mut(&mut self.states[s][g]).remove(key);
+            if let Some(c) = self.changes.as_mut() {
+                c.open.mark(key_group, state, key);
+            }
         }
         Ok(())
     }
@@ -289,12 +352,99 @@ impl KeyedStateStore for MemoryStore {
         }
     }
 
-    fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
+    fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
+        if let Some(c) = self.changes.as_mut() {
+            c.close(checkpoint);
+        }
         Ok(Box::new(MemorySnapshot {
             range: self.range,
             names: self.names.clone(),
             states: self.states.clone(),
         }))
+    }
+
+    fn snapshot_changes(
+        &mut self,
+        checkpoint: CheckpointId,
+        base: CheckpointId,
+    ) -> Result<Option<Box<dyn ChangeSnapshot>>> {
+        let Some(c) = self.changes.as_mut() else {
+            return Ok(None);
+        };
+        if !c.bases.contains(&base) {
+            // The caller takes a full snapshot, which ends the epoch.
+            return Ok(None);
+        }
+        c.close(checkpoint);
+        // Every key written since `base`, by key group: its value now (in the
+        // copy-on-write view), or a deletion.
+        let mut keys: BTreeMap<u32, Vec<(StateId, Vec<u8>)>> = BTreeMap::new();
+        let mut seen: rustc_hash::FxHashSet<(u32, StateId, Vec<u8>)> = Default::default();
+        for (_, epoch) in c.closed.range(base.next()..=checkpoint) {
+            let short = epoch.short.iter().map(|(g, s, k)| (*g, *s, k.as_slice()));
+            let long = epoch.long.iter().map(|(g, s, k)| (*g, *s, &k[..]));
+            for (g, s, k) in short.chain(long) {
+                if seen.insert((g, s, k.to_vec())) {
+                    keys.entry(g).or_default().push((s, k.to_vec()));
+                }
+            }
+        }
+        for list in keys.values_mut() {
+            list.sort_unstable();
+        }
+        Ok(Some(Box::new(MemoryChanges {
+            view: MemorySnapshot {
+                range: self.range,
+                names: self.names.clone(),
+                states: self.states.clone(),
+            },
+            keys,
+        })))
+    }
+
+    fn checkpoint_complete(&mut self, checkpoint: CheckpointId) {
+        if let Some(c) = self.changes.as_mut() {
+            // Later incremental snapshots are relative to `checkpoint` or newer.
+            c.closed = c.closed.split_off(&checkpoint.next());
+            c.bases = c.bases.split_off(&checkpoint);
+        }
+    }
+
+    fn restored(&mut self, checkpoint: CheckpointId) {
+        if let Some(c) = self.changes.as_mut() {
+            // The restore's writes are the base, not changes.
+            *c = Changes::default();
+            c.bases.insert(checkpoint);
+        }
+    }
+}
+
+/// The changes since a base: the keys written since, read from the
+/// copy-on-write view of the snapshot that ended them.
+struct MemoryChanges {
+    view: MemorySnapshot,
+    keys: BTreeMap<u32, Vec<(StateId, Vec<u8>)>>,
+}
+
+impl ChangeSnapshot for MemoryChanges {
+    fn key_groups(&self) -> KeyGroupRange {
+        self.view.range
+    }
+
+    fn state_names(&self) -> Vec<String> {
+        self.view.names.clone()
+    }
+
+    fn visit_key_group(&self, key_group: u32, visit: &mut ChangeSetVisitor<'_>) -> Result<()> {
+        let Some(keys) = self.keys.get(&key_group) else {
+            return Ok(());
+        };
+        let g = (key_group - self.view.range.start) as usize;
+        for (s, k) in keys {
+            let value = self.view.states[*s as usize][g].get(k);
+            visit(*s, k, value.map(|v| &v[..]))?;
+        }
+        Ok(())
     }
 }
 
@@ -419,6 +569,12 @@ impl CheckpointStorage for MemoryCheckpointStorage {
                 size: b.len() as u64,
             })
             .collect())
+    }
+
+    async fn delete_file(&self, path: &str) -> Result<()> {
+        validate_path(path)?;
+        self.lock().files.remove(path);
+        Ok(())
     }
 
     async fn delete_dir(&self, dir: &str) -> Result<()> {

@@ -19,10 +19,10 @@
 use crate::corrupt_or_storage;
 use redb::{Database, Durability, ReadOnlyTable, ReadableDatabase, TableDefinition};
 use rustc_hash::FxHashMap;
-use sluice_core::state::{KeyValueVisitor, SnapshotVisitor};
+use sluice_core::state::{ChangeSetVisitor, KeyValueVisitor, SnapshotVisitor};
 use sluice_core::{
-    CheckpointId, Error, KeyGroupRange, KeyedStateStore, Result, StateBackend, StateId, StateSnapshot,
-    StoreScope,
+    ChangeSnapshot, CheckpointId, Error, KeyGroupRange, KeyedStateStore, Result, StateBackend, StateId,
+    StateSnapshot, StoreScope,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -147,6 +147,7 @@ impl StateBackend for RedbStateBackend {
             full: Vec::with_capacity(64),
             flushes: 0,
             config: self.config.clone(),
+            tracking: scope.track_changes.then(Tracking::default),
         }))
     }
 }
@@ -168,6 +169,52 @@ struct RedbStore {
     full: Vec<u8>,
     flushes: u64,
     config: RedbStateConfig,
+    /// The changes since recent snapshots, when tracking them.
+    tracking: Option<Tracking>,
+}
+
+/// Change tracking for incremental snapshots: the write buffers of each
+/// epoch (between two snapshots), kept as the shared layers they already
+/// are — a buffer flushed into redb mid-epoch stays here as a part.
+#[derive(Default)]
+struct Tracking {
+    /// Parts of the open epoch flushed before its end.
+    open: Vec<Arc<Dirty>>,
+    /// Closed epochs by the snapshot that ended them, their parts oldest first.
+    closed: BTreeMap<CheckpointId, Vec<Arc<Dirty>>>,
+    /// Snapshots (or the restore) incremental snapshots may be relative to.
+    bases: std::collections::BTreeSet<CheckpointId>,
+    /// Approximate bytes the parts hold.
+    bytes: usize,
+}
+
+impl Tracking {
+    /// Bytes of changes kept before tracking gives up (the base's
+    /// completion is overdue): the next snapshot is then full.
+    const MAX_BYTES: usize = 512 << 20;
+
+    /// Ends the open epoch at snapshot `id`, with `last` (the buffer frozen
+    /// by the snapshot) as its newest part.
+    fn close(&mut self, id: CheckpointId, last: Option<Arc<Dirty>>) {
+        let mut parts = std::mem::take(&mut self.open);
+        parts.extend(last);
+        self.bytes += parts.iter().map(|p| dirty_bytes(p)).sum::<usize>();
+        self.closed.insert(id, parts);
+        self.bases.insert(id);
+        if self.bytes > Self::MAX_BYTES {
+            self.closed.clear();
+            self.bases.clear();
+            self.bases.insert(id);
+            self.bytes = 0;
+        }
+    }
+}
+
+/// Approximate heap bytes of a layer.
+fn dirty_bytes(d: &Dirty) -> usize {
+    d.iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + 32)
+        .sum()
 }
 
 impl Drop for RedbStore {
@@ -253,7 +300,21 @@ impl RedbStore {
         .map_err(|e| Error::storage(&name, e))?;
         // Newer layers win; sorted, the inserts walk the B-tree in order
         // instead of at random.
-        let mut dirty: Vec<(Vec<u8>, Option<Vec<u8>>)> = if self.frozen.is_empty() {
+        let mut dirty: Vec<(Vec<u8>, Option<Vec<u8>>)> = if let Some(t) = self.tracking.as_mut() {
+            // The open epoch's buffer stays a tracked part: share it.
+            let buffer = Arc::new(std::mem::take(&mut self.buffer));
+            if !buffer.is_empty() {
+                t.open.push(buffer.clone());
+            }
+            let mut merged: Dirty = FxHashMap::default();
+            for layer in std::mem::take(&mut self.frozen)
+                .iter()
+                .chain(std::iter::once(&buffer))
+            {
+                merged.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            merged.into_iter().collect()
+        } else if self.frozen.is_empty() {
             std::mem::take(&mut self.buffer).into_iter().collect()
         } else {
             let mut merged: Dirty = FxHashMap::default();
@@ -440,16 +501,8 @@ impl KeyedStateStore for RedbStore {
 
     fn prefetch(&mut self, _key_group: u32, _key: &[u8]) {}
 
-    fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
-        // Cheap: the buffer becomes a frozen layer (unless there are too
-        // many, then everything goes into redb first).
-        if !self.buffer.is_empty() {
-            self.frozen.push(Arc::new(std::mem::take(&mut self.buffer)));
-            self.frozen_bytes += std::mem::take(&mut self.buffer_bytes);
-        }
-        if self.frozen.len() > MAX_LAYERS {
-            self.flush(false)?;
-        }
+    fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
+        self.end_epoch(checkpoint)?;
         let read = self
             .db()?
             .begin_read()
@@ -465,6 +518,126 @@ impl KeyedStateStore for RedbStore {
             range: self.range,
             name: self.name.clone(),
         }))
+    }
+
+    fn snapshot_changes(
+        &mut self,
+        checkpoint: CheckpointId,
+        base: CheckpointId,
+    ) -> Result<Option<Box<dyn ChangeSnapshot>>> {
+        if !self.tracking.as_ref().is_some_and(|t| t.bases.contains(&base)) {
+            // The caller takes a full snapshot, which ends the epoch.
+            return Ok(None);
+        }
+        self.end_epoch(checkpoint)?;
+        let Some(t) = self.tracking.as_ref() else {
+            return Ok(None);
+        };
+        if !t.bases.contains(&base) {
+            // Tracking gave up while ending the epoch (too much kept).
+            return Ok(None);
+        }
+        // The epochs after `base`, oldest first: newer parts win.
+        let mut newest: FxHashMap<&[u8], Option<&[u8]>> = FxHashMap::default();
+        for part in t
+            .closed
+            .range(base.next()..=checkpoint)
+            .flat_map(|(_, parts)| parts)
+        {
+            for (k, v) in part.iter() {
+                newest.insert(k.as_slice(), v.as_deref());
+            }
+        }
+        let mut merged: SortedDirty = newest
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+            .collect();
+        merged.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(Some(Box::new(RedbChanges {
+            merged,
+            names: self.names.clone(),
+            range: self.range,
+        })))
+    }
+
+    fn checkpoint_complete(&mut self, checkpoint: CheckpointId) {
+        if let Some(t) = self.tracking.as_mut() {
+            // Later incremental snapshots are relative to `checkpoint` or newer.
+            t.closed = t.closed.split_off(&checkpoint.next());
+            t.bases = t.bases.split_off(&checkpoint);
+            t.bytes = t.closed.values().flatten().map(|p| dirty_bytes(p)).sum();
+        }
+    }
+
+    fn restored(&mut self, checkpoint: CheckpointId) {
+        if self.tracking.is_some() {
+            // The restore's writes are the base, not changes: into redb, and
+            // tracking starts over.
+            let _ = self.flush(false);
+            self.tracking = Some(Tracking::default());
+            if let Some(t) = self.tracking.as_mut() {
+                t.bases.insert(checkpoint);
+            }
+        }
+    }
+}
+
+impl RedbStore {
+    /// The synchronous step shared by full and incremental snapshots: the
+    /// buffer becomes a frozen layer (cheap; unless there are too many,
+    /// then everything goes into redb first) and, when tracking, the last
+    /// part of epoch `checkpoint`.
+    fn end_epoch(&mut self, checkpoint: CheckpointId) -> Result<()> {
+        let mut last = None;
+        if !self.buffer.is_empty() {
+            let layer = Arc::new(std::mem::take(&mut self.buffer));
+            last = Some(layer.clone());
+            self.frozen.push(layer);
+            self.frozen_bytes += std::mem::take(&mut self.buffer_bytes);
+        }
+        if let Some(t) = self.tracking.as_mut() {
+            t.close(checkpoint, last);
+        }
+        if self.frozen.len() > MAX_LAYERS {
+            self.flush(false)?;
+        }
+        Ok(())
+    }
+}
+
+/// The changes of a [`RedbStore`] since a base: its epochs' write buffers
+/// merged (newest wins), sorted by key.
+struct RedbChanges {
+    merged: SortedDirty,
+    names: Vec<String>,
+    range: KeyGroupRange,
+}
+
+impl ChangeSnapshot for RedbChanges {
+    fn key_groups(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    fn state_names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+
+    fn visit_key_group(&self, key_group: u32, visit: &mut ChangeSetVisitor<'_>) -> Result<()> {
+        for s in 0..self.names.len() as StateId {
+            let (mut start, mut end) = (Vec::new(), Vec::new());
+            compose(&mut start, s, key_group, &[]);
+            compose(&mut end, s, key_group + 1, &[]);
+            let from = self
+                .merged
+                .partition_point(|(k, _)| k.as_slice() < start.as_slice());
+            let to = self
+                .merged
+                .partition_point(|(k, _)| k.as_slice() < end.as_slice());
+            for (k, v) in &self.merged[from..to] {
+                visit(s, &k[HEADER..], v.as_deref())?;
+            }
+        }
+        Ok(())
     }
 }
 

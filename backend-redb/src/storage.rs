@@ -399,6 +399,21 @@ impl RedbCheckpointStorage {
     }
 }
 
+/// Removes the file `path` (and its chunks), if it exists, in the write
+/// transaction `tx`.
+fn remove_file_rows(tx: &redb::WriteTransaction, store: &str, path: &str) -> Result<()> {
+    let mut files = tx.open_table(FILES).map_err(|e| Error::storage(store, e))?;
+    let len = match files.remove(path).map_err(|e| Error::storage(store, e))? {
+        Some(v) => v.value(),
+        None => return Ok(()),
+    };
+    let mut chunks = tx.open_table(CHUNKS).map_err(|e| Error::storage(store, e))?;
+    for i in 0..len.div_ceil(CHUNK).max(1) {
+        chunks.remove((path, i)).map_err(|e| Error::storage(store, e))?;
+    }
+    Ok(())
+}
+
 /// Removes the files whose paths start with `prefix` (and their chunks) in
 /// the write transaction `tx`.
 fn remove_prefix(tx: &redb::WriteTransaction, store: &str, prefix: &str) -> Result<()> {
@@ -560,6 +575,27 @@ impl CheckpointStorage for RedbCheckpointStorage {
             }
             out.sort_by(|a, b| a.path.cmp(&b.path));
             Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_file(&self, path: &str) -> Result<()> {
+        validate_path(path)?;
+        let (db, store, path) = (self.db.clone(), self.name(), path.to_string());
+        spawn_db(move || {
+            let mut tx = db.begin_write(&store)?;
+            tx.set_durability(Durability::Immediate)
+                .map_err(|e| Error::storage(&store, e))?;
+            match metadata_id(&path) {
+                Some(id) => {
+                    let mut meta = tx
+                        .open_table(CHECKPOINTS)
+                        .map_err(|e| Error::storage(&store, e))?;
+                    meta.remove(id.0).map_err(|e| Error::storage(&store, e))?;
+                }
+                None => remove_file_rows(&tx, &store, &path)?,
+            }
+            tx.commit().map_err(|e| Error::storage(&store, e))
         })
         .await
     }

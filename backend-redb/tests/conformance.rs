@@ -294,6 +294,7 @@ fn layered_snapshots_hold_exactly_the_state_at_their_moment() {
                 parallelism: 1,
                 max_parallelism: 4,
                 key_groups: range,
+                track_changes: true,
             })
             .unwrap();
         let (a, b) = (

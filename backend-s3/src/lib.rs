@@ -389,6 +389,21 @@ impl CheckpointStorage for S3CheckpointStorage {
         Ok(files)
     }
 
+    async fn delete_file(&self, path: &str) -> Result<()> {
+        validate_path(path)?;
+        self.check_writable(path)?;
+        let key = self.key(path);
+        // S3 answers a DELETE of a missing key with success.
+        self.client
+            .delete_object()
+            .bucket(&self.config.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| map_sdk(self, Request::Write, path, e))
+    }
+
     async fn delete_dir(&self, dir: &str) -> Result<()> {
         validate_dir(dir, false)?;
         self.check_writable(dir)?;

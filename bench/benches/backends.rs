@@ -40,6 +40,7 @@ fn scope() -> StoreScope {
         parallelism: 1,
         max_parallelism: MAX_PARALLELISM,
         key_groups: KeyGroupRange::all(MAX_PARALLELISM),
+        track_changes: true,
     }
 }
 

@@ -40,4 +40,10 @@ pub struct CheckpointBarrier {
     pub kind: CheckpointKind,
     /// How tasks align on this barrier.
     pub alignment: Alignment,
+    /// Incremental checkpoints: the completed checkpoint this one's changes
+    /// are relative to (chosen by the coordinator, which keeps its files
+    /// while this checkpoint is in flight). `None`: a full snapshot (always
+    /// for savepoints).
+    #[serde(default)]
+    pub base: Option<CheckpointId>,
 }

@@ -8,7 +8,9 @@
 //! file    = header sections index footer
 //! header  = "SLKS" version:u16 reserved:u16 kg_start:u32 kg_end:u32
 //!           state_count:u32 { name_len:u16 name:utf8 }* header_crc:u32
-//! section = { postcard((state_id:u16, key:&[u8], value:&[u8])) }*      -- one per key group, in order
+//! section = { entry }*                                                  -- one per key group, in order
+//! entry   = postcard((state_id:u16, key:&[u8], value:&[u8]))           -- version 1: a full snapshot
+//!         | postcard((state_id:u16, key:&[u8], value:Option<&[u8]>))   -- version 2: changes (None: deleted)
 //! index   = count:u32 { kg:u32 offset:u64 len:u64 entries:u64 crc:u32 }* index_crc:u32
 //! footer  = header_len:u32 index_offset:u64 index_len:u64 "SLKE"       -- 24 bytes
 //! ```
@@ -19,9 +21,14 @@
 //! the index, and only the sections it needs, verifying each CRC it
 //! touches; the whole-file CRC-32 in the metadata ([`verify_snapshot_file`])
 //! covers full reads.
+//!
+//! Version 1 files hold a whole state ([`encode_snapshot`]); version 2
+//! files hold the changes since an earlier snapshot, upserts and deletions
+//! (tombstones), for incremental checkpoints ([`encode_changes`]). Both are
+//! read by [`read_changes`]; [`read_key_groups`] reads full files only.
 
 use crate::metadata::StateFileHandle;
-use crate::state::StateSnapshot;
+use crate::state::{ChangeSnapshot, StateId, StateSnapshot};
 use crate::storage::{CheckpointStorage, CheckpointStorageExt};
 use crate::{Error, KeyGroupRange, Result};
 use bytes::Bytes;
@@ -29,11 +36,21 @@ use bytes::Bytes;
 /// Visits restored entries: `(state name, key group, key, value)`.
 pub type EntryVisitor<'a> = dyn FnMut(&str, u32, &[u8], &[u8]) -> Result<()> + Send + 'a;
 
-/// One decoded entry: `(state id, key, value)`.
+/// Visits restored changes: `(state name, key group, key, value)`, where a
+/// value of `None` deletes the key.
+pub type ChangeVisitor<'a> = dyn FnMut(&str, u32, &[u8], Option<&[u8]>) -> Result<()> + Send + 'a;
+
+/// One decoded entry of a full file: `(state id, key, value)`.
 type RawEntry<'a> = (u16, &'a [u8], &'a [u8]);
 
-/// The format version written by this build.
+/// One decoded entry of a changes file: `(state id, key, value or deleted)`.
+type RawChange<'a> = (u16, &'a [u8], Option<&'a [u8]>);
+
+/// The format version of full snapshot files written by this build.
 pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
+
+/// The format version of changes files (incremental checkpoints).
+pub const CHANGES_FORMAT_VERSION: u16 = 2;
 const MAGIC: &[u8; 4] = b"SLKS";
 const END_MAGIC: &[u8; 4] = b"SLKE";
 const FOOTER_LEN: u64 = 24;
@@ -52,18 +69,46 @@ pub struct EncodedSnapshot {
     pub key_groups: KeyGroupRange,
 }
 
-/// Encodes a snapshot in the canonical format.
+/// Encodes a snapshot in the canonical format (version 1: every entry).
 pub fn encode_snapshot(snapshot: &dyn StateSnapshot) -> Result<EncodedSnapshot> {
-    let range = snapshot.key_groups();
-    let names = snapshot.state_names();
+    encode(
+        snapshot.key_groups(),
+        &snapshot.state_names(),
+        SNAPSHOT_FORMAT_VERSION,
+        &mut |kg, put| snapshot.visit_key_group(kg, &mut |state, key, value| put(state, key, Some(value))),
+    )
+}
+
+/// Encodes the changes since an earlier snapshot (version 2: upserts and
+/// deletions) for an incremental checkpoint.
+pub fn encode_changes(changes: &dyn ChangeSnapshot) -> Result<EncodedSnapshot> {
+    encode(
+        changes.key_groups(),
+        &changes.state_names(),
+        CHANGES_FORMAT_VERSION,
+        &mut |kg, put| changes.visit_key_group(kg, &mut |state, key, value| put(state, key, value)),
+    )
+}
+
+/// Emits one entry of a key group: `(state, key, value or deleted)`.
+type Emit<'a> = dyn FnMut(StateId, &[u8], Option<&[u8]>) -> Result<()> + 'a;
+
+/// Writes a file of `version` whose key group `kg`'s entries
+/// `visit_kg(kg, emit)` emits.
+fn encode(
+    range: KeyGroupRange,
+    names: &[String],
+    version: u16,
+    visit_kg: &mut dyn FnMut(u32, &mut Emit<'_>) -> Result<()>,
+) -> Result<EncodedSnapshot> {
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&range.start.to_le_bytes());
     out.extend_from_slice(&range.end.to_le_bytes());
     out.extend_from_slice(&(names.len() as u32).to_le_bytes());
-    for n in &names {
+    for n in names {
         let len = u16::try_from(n.len()).map_err(|_| Error::InvalidArgument {
             what: format!("state name {n:?}"),
             reason: "longer than 65535 bytes".into(),
@@ -81,10 +126,20 @@ pub fn encode_snapshot(snapshot: &dyn StateSnapshot) -> Result<EncodedSnapshot> 
     for kg in range.iter() {
         let start = out.len();
         let mut entries = 0u64;
-        snapshot.visit_key_group(kg, &mut |state, key, value| {
+        visit_kg(kg, &mut |state, key, value| {
             entries += 1;
             let buf = std::mem::take(&mut out);
-            out = postcard::to_extend(&(state, key, value), buf).map_err(|e| Error::Serialization {
+            let encoded = match (version, value) {
+                (SNAPSHOT_FORMAT_VERSION, Some(v)) => postcard::to_extend(&(state, key, v), buf),
+                (SNAPSHOT_FORMAT_VERSION, None) => {
+                    return Err(Error::InvalidArgument {
+                        what: format!("a deletion in key group {kg}"),
+                        reason: "a full snapshot holds no deletions".into(),
+                    })
+                }
+                (_, value) => postcard::to_extend(&(state, key, value), buf),
+            };
+            out = encoded.map_err(|e| Error::Serialization {
                 what: format!("snapshot entry of key group {kg}"),
                 reason: e.to_string(),
             })?;
@@ -171,6 +226,7 @@ fn parse_footer(path: &str, b: &[u8], size: u64) -> Result<Footer> {
 
 /// The parsed header.
 struct Header {
+    version: u16,
     range: KeyGroupRange,
     names: Vec<String>,
 }
@@ -187,10 +243,13 @@ fn parse_header(path: &str, b: &[u8]) -> Result<Header> {
         ));
     }
     let version = u16::from_le_bytes([body[4], body[5]]);
-    if version != SNAPSHOT_FORMAT_VERSION {
+    if version != SNAPSHOT_FORMAT_VERSION && version != CHANGES_FORMAT_VERSION {
         return Err(Error::Incompatible {
             what: format!("snapshot file {path}"),
-            reason: format!("format version {version}; this build reads version {SNAPSHOT_FORMAT_VERSION}"),
+            reason: format!(
+                "format version {version}; this build reads versions {SNAPSHOT_FORMAT_VERSION} and \
+                 {CHANGES_FORMAT_VERSION}"
+            ),
         });
     }
     let (start, end) = (u32_at(body, 8), u32_at(body, 12));
@@ -216,7 +275,11 @@ fn parse_header(path: &str, b: &[u8]) -> Result<Header> {
     if at != body.len() {
         return Err(Error::corrupt(path, "header length does not match its content"));
     }
-    Ok(Header { range, names })
+    Ok(Header {
+        version,
+        range,
+        names,
+    })
 }
 
 /// One index row.
@@ -269,9 +332,9 @@ fn parse_index(path: &str, b: &[u8], range: KeyGroupRange, footer: &Footer) -> R
 fn decode_section(
     path: &str,
     row: &Row,
-    names: &[String],
+    header: &Header,
     mut bytes: &[u8],
-    visit: &mut EntryVisitor<'_>,
+    visit: &mut ChangeVisitor<'_>,
 ) -> Result<u64> {
     if crc32fast::hash(bytes) != row.crc {
         return Err(Error::corrupt(
@@ -279,11 +342,19 @@ fn decode_section(
             format!("checksum mismatch in the section of key group {}", row.kg),
         ));
     }
+    let bad = |e: postcard::Error| Error::corrupt(path, format!("bad entry in key group {}: {e}", row.kg));
     let mut n = 0u64;
     while !bytes.is_empty() {
-        let ((state, key, value), rest): (RawEntry<'_>, &[u8]) = postcard::take_from_bytes(bytes)
-            .map_err(|e| Error::corrupt(path, format!("bad entry in key group {}: {e}", row.kg)))?;
-        let name = names
+        let ((state, key, value), rest): (RawChange<'_>, &[u8]) = if header.version == SNAPSHOT_FORMAT_VERSION
+        {
+            let ((state, key, value), rest): (RawEntry<'_>, &[u8]) =
+                postcard::take_from_bytes(bytes).map_err(bad)?;
+            ((state, key, Some(value)), rest)
+        } else {
+            postcard::take_from_bytes(bytes).map_err(bad)?
+        };
+        let name = header
+            .names
             .get(state as usize)
             .ok_or_else(|| Error::corrupt(path, format!("entry names unknown state {state}")))?;
         visit(name, row.kg, key, value)?;
@@ -303,12 +374,25 @@ fn decode_section(
 }
 
 /// Decodes the entries of the key groups in `range` from a whole file held
-/// in memory: `visit(state name, key group, key, value)`.
+/// in memory: `visit(state name, key group, key, value)`. A changes file
+/// (with deletions) is refused: decode it with [`decode_changes`].
 pub fn decode_snapshot(
     path: &str,
     bytes: &[u8],
     range: KeyGroupRange,
     visit: &mut EntryVisitor<'_>,
+) -> Result<u64> {
+    decode_changes(path, bytes, range, &mut full_only(path, visit))
+}
+
+/// Decodes the entries of the key groups in `range` from a whole file held
+/// in memory, full or changes: `visit(state name, key group, key, value or
+/// deleted)`.
+pub fn decode_changes(
+    path: &str,
+    bytes: &[u8],
+    range: KeyGroupRange,
+    visit: &mut ChangeVisitor<'_>,
 ) -> Result<u64> {
     let size = bytes.len() as u64;
     if size < FOOTER_LEN + 24 {
@@ -329,19 +413,50 @@ pub fn decode_snapshot(
     let mut n = 0;
     for row in rows.iter().filter(|r| range.contains(r.kg)) {
         let s = &bytes[row.offset as usize..(row.offset + row.len) as usize];
-        n += decode_section(path, row, &header.names, s, visit)?;
+        n += decode_section(path, row, &header, s, visit)?;
     }
     Ok(n)
 }
 
+/// A change visitor for full files: a deletion means the file is a changes
+/// file, which the caller did not expect.
+fn full_only<'a, 'v: 'a>(
+    path: &'a str,
+    visit: &'a mut EntryVisitor<'v>,
+) -> impl FnMut(&str, u32, &[u8], Option<&[u8]>) -> Result<()> + Send + use<'a, 'v> {
+    move |name, kg, key, value| match value {
+        Some(v) => visit(name, kg, key, v),
+        None => Err(Error::corrupt(
+            path,
+            "holds deletions: it is the changes file of an incremental checkpoint, not a full snapshot",
+        )),
+    }
+}
+
 /// Reads the entries of the key groups in `range ∩ file.key_groups` from a
-/// state file in storage, reading only the footer, header, index and the
-/// needed sections (range reads). Returns the number of entries visited.
+/// full state file in storage (see [`read_changes`]). A changes file is
+/// refused as corrupt when it turns out to hold a deletion.
 pub async fn read_key_groups(
     storage: &dyn CheckpointStorage,
     file: &StateFileHandle,
     range: KeyGroupRange,
     visit: &mut EntryVisitor<'_>,
+) -> Result<u64> {
+    let path = file.path.clone();
+    let mut full = full_only(&path, visit);
+    read_changes(storage, file, range, &mut full).await
+}
+
+/// Reads the entries of the key groups in `range ∩ file.key_groups` from a
+/// state file in storage — a full snapshot, or the changes of an
+/// incremental checkpoint (a value of `None` deletes the key) — reading only
+/// the footer, header, index and the needed sections (range reads).
+/// Returns the number of entries visited.
+pub async fn read_changes(
+    storage: &dyn CheckpointStorage,
+    file: &StateFileHandle,
+    range: KeyGroupRange,
+    visit: &mut ChangeVisitor<'_>,
 ) -> Result<u64> {
     let path = file.path.as_str();
     let Some(range) = range.intersect(&file.key_groups) else {
@@ -405,7 +520,7 @@ pub async fn read_key_groups(
                 format!("section of key group {} is past the bytes read", row.kg),
             )
         })?;
-        n += decode_section(path, row, &header.names, section, visit)?;
+        n += decode_section(path, row, &header, section, visit)?;
     }
     Ok(n)
 }
@@ -472,6 +587,9 @@ mod tests {
         }
         async fn list_files(&self, _dir: &str) -> Result<Vec<crate::FileListing>> {
             Ok(vec![])
+        }
+        async fn delete_file(&self, _path: &str) -> Result<()> {
+            Ok(())
         }
         async fn delete_dir(&self, _dir: &str) -> Result<()> {
             Ok(())
@@ -645,5 +763,96 @@ mod tests {
             decode_all(&bytes, enc.key_groups),
             Err(Error::Incompatible { .. })
         ));
+    }
+
+    /// Changes of key groups 5..=7: upserts and a deletion per key group.
+    struct Changed(BTreeMap<(u32, StateId, Vec<u8>), Option<Vec<u8>>>);
+
+    impl crate::ChangeSnapshot for Changed {
+        fn key_groups(&self) -> KeyGroupRange {
+            KeyGroupRange::new(5, 7).unwrap()
+        }
+        fn state_names(&self) -> Vec<String> {
+            vec!["a".into()]
+        }
+        fn visit_key_group(&self, kg: u32, visit: &mut crate::state::ChangeSetVisitor<'_>) -> Result<()> {
+            for ((g, s, k), v) in &self.0 {
+                if *g == kg {
+                    visit(*s, k, v.as_deref())?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_changes_file_round_trips_upserts_and_deletions_and_is_refused_as_a_full_snapshot() {
+        let mut m = BTreeMap::new();
+        for kg in 5..=7u32 {
+            m.insert((kg, 0, vec![kg as u8, 1]), Some(vec![1, 2, 3]));
+            m.insert((kg, 0, vec![kg as u8, 2]), None);
+        }
+        let changes = Changed(m.clone());
+        let enc = encode_changes(&changes).unwrap();
+        assert_eq!(enc.entries, 6);
+        let mut got = BTreeMap::new();
+        decode_changes(
+            "c",
+            &enc.bytes,
+            KeyGroupRange::new(5, 7).unwrap(),
+            &mut |_, kg, k, v| {
+                got.insert((kg, 0, k.to_vec()), v.map(<[u8]>::to_vec));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got, m);
+        let storage = Counting::default();
+        block_on(storage.write_file("chk-2/c.kst", enc.bytes.clone())).unwrap();
+        let mut n = 0;
+        block_on(read_changes(
+            &storage,
+            &handle(&enc),
+            KeyGroupRange::new(6, 6).unwrap(),
+            &mut |_, kg, _, _| {
+                assert_eq!(kg, 6);
+                n += 1;
+                Ok(())
+            },
+        ))
+        .unwrap();
+        assert_eq!(n, 2, "a range read of a changes file");
+        let e = block_on(read_key_groups(
+            &storage,
+            &handle(&enc),
+            KeyGroupRange::new(5, 7).unwrap(),
+            &mut |_, _, _, _| Ok(()),
+        ))
+        .unwrap_err();
+        assert!(e.is_corrupt() && e.to_string().contains("deletions"), "{e}");
+        // A full file reads the same through read_changes.
+        let full = encode_snapshot(&fixed()).unwrap();
+        let mut ups = 0;
+        decode_changes(
+            "f",
+            &full.bytes,
+            KeyGroupRange::new(5, 12).unwrap(),
+            &mut |_, _, _, v| {
+                assert!(v.is_some());
+                ups += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(ups as u64, full.entries);
+        // Every flipped byte of a changes file is detected.
+        for at in 0..enc.bytes.len() {
+            let mut bad = enc.bytes.to_vec();
+            bad[at] ^= 0x20;
+            assert!(
+                verify_snapshot_file("c", &bad, enc.crc32).is_err(),
+                "flip at {at} not caught by the file checksum"
+            );
+        }
     }
 }

@@ -43,7 +43,9 @@ pub use keygroup::{
     DEFAULT_MAX_PARALLELISM,
 };
 pub use metadata::{ChannelStateHandle, CheckpointMetadata, SplitPosition, StateDescriptor, StateFileHandle};
-pub use state::{KeyedStateStore, MapSnapshot, StateBackend, StateId, StateSnapshot, StoreScope};
+pub use state::{
+    ChangeSnapshot, KeyedStateStore, MapSnapshot, StateBackend, StateId, StateSnapshot, StoreScope,
+};
 pub use storage::{Capabilities, CheckpointListing, CheckpointStorage, CheckpointStorageExt, FileListing};
 
 /// The version of Sluice that wrote a checkpoint or savepoint (recorded in

@@ -38,9 +38,17 @@ pub struct SplitPosition {
 pub struct SubtaskSnapshot {
     /// The subtask index.
     pub subtask: u32,
-    /// Keyed state, if the operator is keyed and holds any.
+    /// Keyed state, if the operator is keyed and holds any: a full snapshot
+    /// (the base of an incremental chain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyed_state: Option<StateFileHandle>,
+    /// Incremental checkpoints: the changes files to apply on top of
+    /// `keyed_state`, oldest first (each holds the upserts and deletions
+    /// since the one before). The files may belong to earlier checkpoints'
+    /// directories: they are shared, and deleted only when no retained
+    /// checkpoint references them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keyed_changes: Vec<StateFileHandle>,
     /// Source split positions, if the operator is a source.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub splits: Vec<SplitPosition>,
@@ -216,10 +224,8 @@ impl CheckpointMetadata {
             ));
         }
         let files = self
-            .operators
-            .iter()
-            .flat_map(|o| &o.subtasks)
-            .filter_map(|s| s.keyed_state.as_ref().map(|f| &f.path))
+            .state_files()
+            .map(|f| &f.path)
             .chain(self.channel_state.iter().map(|c| &c.path));
         for f in files {
             crate::storage::validate_path(f).map_err(|_| format!("unsafe state file path {f:?}"))?;
@@ -262,6 +268,24 @@ impl CheckpointMetadata {
                         ));
                     }
                     ranges.push(r);
+                }
+                match &st.keyed_state {
+                    None if !st.keyed_changes.is_empty() => {
+                        return Err(format!(
+                            "operator {uid} subtask {} has changes files but no base state file",
+                            st.subtask
+                        ))
+                    }
+                    Some(base) => {
+                        if let Some(c) = st.keyed_changes.iter().find(|c| c.key_groups != base.key_groups) {
+                            return Err(format!(
+                                "changes file {} of operator {uid} subtask {} covers key groups {}, its base {} \
+                                 covers {}",
+                                c.path, st.subtask, c.key_groups, base.path, base.key_groups
+                            ));
+                        }
+                    }
+                    None => {}
                 }
                 for p in &st.splits {
                     if let Some(n) = op.source_splits.filter(|n| p.split >= *n) {
@@ -320,13 +344,29 @@ impl CheckpointMetadata {
         Ok(())
     }
 
-    /// Total size of the state files in bytes (keyed state and channel
-    /// state).
-    pub fn state_size(&self) -> u64 {
+    /// Every keyed state file the checkpoint references: bases and changes
+    /// files (some may be shared with earlier checkpoints).
+    pub fn state_files(&self) -> impl Iterator<Item = &StateFileHandle> {
         self.operators
             .iter()
             .flat_map(|o| &o.subtasks)
-            .filter_map(|s| s.keyed_state.as_ref())
+            .flat_map(|s| s.keyed_state.iter().chain(&s.keyed_changes))
+    }
+
+    /// Total size in bytes of the state the checkpoint references: every
+    /// keyed state file (shared ones included: the full size) and the
+    /// channel state.
+    pub fn state_size(&self) -> u64 {
+        self.state_files().map(|f| f.size).sum::<u64>() + self.channel_state_size()
+    }
+
+    /// Size in bytes of the files this checkpoint wrote itself (its own
+    /// directory, `chk-<id>/`): for an incremental checkpoint, what it cost;
+    /// for a full one, its whole size.
+    pub fn own_state_size(&self) -> u64 {
+        let own = format!("{}/", self.checkpoint_id.dir());
+        self.state_files()
+            .filter(|f| f.path.starts_with(&own))
             .map(|f| f.size)
             .sum::<u64>()
             + self.channel_state_size()
@@ -419,6 +459,7 @@ mod tests {
                         key_groups: KeyGroupRange::all(128),
                         entries: 1,
                     }),
+                    keyed_changes: Vec::new(),
                     splits: vec![SplitPosition { split: 0, offset: 42 }],
                     operator_state: None,
                 }],
@@ -465,12 +506,14 @@ mod tests {
             SubtaskSnapshot {
                 subtask: 0,
                 keyed_state: Some(file("chk-3/sum-0.kst", 0, 63)),
+                keyed_changes: Vec::new(),
                 splits: vec![],
                 operator_state: None,
             },
             SubtaskSnapshot {
                 subtask: 1,
                 keyed_state: Some(file("chk-3/sum-1.kst", 64, 127)),
+                keyed_changes: Vec::new(),
                 splits: vec![],
                 operator_state: None,
             },
@@ -484,6 +527,7 @@ mod tests {
             subtasks: vec![SubtaskSnapshot {
                 subtask: 1,
                 keyed_state: None,
+                keyed_changes: Vec::new(),
                 splits: vec![
                     SplitPosition { split: 1, offset: 9 },
                     SplitPosition { split: 3, offset: 9 },

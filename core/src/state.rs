@@ -14,6 +14,10 @@ pub type KeyValueVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
 /// Visits `(state, key, value)` entries of a snapshot's key group.
 pub type SnapshotVisitor<'a> = dyn FnMut(StateId, &[u8], &[u8]) -> Result<()> + 'a;
 
+/// Visits `(state, key, value)` changes of a key group: `Some(value)` for a
+/// key written, `None` for a key deleted.
+pub type ChangeSetVisitor<'a> = dyn FnMut(StateId, &[u8], Option<&[u8]>) -> Result<()> + 'a;
+
 /// What a [`KeyedStateStore`] is opened for: one subtask of one operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreScope {
@@ -29,6 +33,11 @@ pub struct StoreScope {
     pub max_parallelism: u32,
     /// The key groups this subtask owns.
     pub key_groups: KeyGroupRange,
+    /// Whether the store should track its changes between snapshots, for
+    /// incremental checkpoints ([`KeyedStateStore::snapshot_changes`]).
+    /// Tracking costs some memory and time per write; without it the store
+    /// answers `None` and every snapshot is full.
+    pub track_changes: bool,
 }
 
 /// A state backend: a factory of keyed state stores (memory, redb, …).
@@ -81,6 +90,54 @@ pub trait KeyedStateStore: Send {
     /// (copy-on-write, a read transaction, a frozen buffer). Writes after this
     /// call are not in the returned snapshot.
     fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>>;
+
+    /// The synchronous part of an incremental snapshot for `checkpoint`:
+    /// what changed since this store's snapshot of `base` (an earlier
+    /// [`snapshot`](Self::snapshot) or `snapshot_changes` of this store, or
+    /// the checkpoint it was [`restored`](Self::restored) from), as upserts
+    /// and deletions, captured as cheaply as a snapshot. Like a snapshot, it
+    /// ends an epoch: later changes are relative to `checkpoint`.
+    /// `Ok(None)` when the store cannot tell (it does not track changes, or
+    /// has forgotten `base`): the caller takes a full snapshot instead. The
+    /// default tracks nothing.
+    fn snapshot_changes(
+        &mut self,
+        checkpoint: CheckpointId,
+        base: CheckpointId,
+    ) -> Result<Option<Box<dyn ChangeSnapshot>>> {
+        let _ = (checkpoint, base);
+        Ok(None)
+    }
+
+    /// Checkpoint `checkpoint` completed: no later incremental snapshot will
+    /// be asked for relative to an older one, so the store may forget the
+    /// changes before it.
+    fn checkpoint_complete(&mut self, checkpoint: CheckpointId) {
+        let _ = checkpoint;
+    }
+
+    /// The store now holds exactly the state of `checkpoint`, restored from
+    /// it: changes are tracked from here ([`snapshot_changes`](Self::snapshot_changes)
+    /// relative to `checkpoint`).
+    fn restored(&mut self, checkpoint: CheckpointId) {
+        let _ = checkpoint;
+    }
+}
+
+/// The changes of a store since an earlier snapshot, captured by
+/// [`KeyedStateStore::snapshot_changes`]: what an incremental checkpoint
+/// stores. Read by the asynchronous part while the task goes on.
+pub trait ChangeSnapshot: Send + Sync {
+    /// The key groups the changes cover (the store's range).
+    fn key_groups(&self) -> KeyGroupRange;
+
+    /// The state names, indexed by [`StateId`].
+    fn state_names(&self) -> Vec<String>;
+
+    /// Visits every change of one key group: `(state, key, Some(value))`
+    /// for a key written since the base, `(state, key, None)` for one
+    /// deleted.
+    fn visit_key_group(&self, key_group: u32, visit: &mut ChangeSetVisitor<'_>) -> Result<()>;
 }
 
 /// A consistent, immutable view of a store, captured by

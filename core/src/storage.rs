@@ -58,10 +58,10 @@ impl Default for Capabilities {
 /// directory of any other name holding its state files and a `_metadata`
 /// file.
 ///
-/// Six methods carry the contract: [`describe`](Self::describe),
+/// Seven methods carry the contract: [`describe`](Self::describe),
 /// [`write_file`](Self::write_file), [`commit_file`](Self::commit_file),
-/// [`read`](Self::read), [`list_files`](Self::list_files) and
-/// [`delete_dir`](Self::delete_dir). Whole and ranged reads, and every
+/// [`read`](Self::read), [`list_files`](Self::list_files),
+/// [`delete_file`](Self::delete_file) and [`delete_dir`](Self::delete_dir). Whole and ranged reads, and every
 /// checkpoint-level operation (commit and read metadata, list checkpoints,
 /// discard), are built on them in [`CheckpointStorageExt`], implemented
 /// once for every storage.
@@ -95,6 +95,11 @@ pub trait CheckpointStorage: Send + Sync + Debug {
     /// `dir/`, at any depth; every file if `dir` is empty), sorted by path,
     /// with their sizes.
     async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>>;
+
+    /// Deletes one file (a shared state file no retained checkpoint
+    /// references any more, or a checkpoint's `_metadata` before its other
+    /// files). A missing file is not an error.
+    async fn delete_file(&self, path: &str) -> Result<()>;
 
     /// Deletes every file under directory `dir`, `dir/_metadata` first (so a
     /// checkpoint or savepoint stops existing before its state files go). A
@@ -132,7 +137,7 @@ pub fn metadata_path(id: CheckpointId) -> String {
 
 /// Convenience and checkpoint-level operations, provided for every
 /// [`CheckpointStorage`] (as `object_store`'s `ObjectStoreExt`): a storage
-/// implements the six methods of the contract and gets these.
+/// implements the seven methods of the contract and gets these.
 #[async_trait::async_trait]
 pub trait CheckpointStorageExt: CheckpointStorage {
     /// Reads a whole file.

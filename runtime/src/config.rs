@@ -53,6 +53,36 @@ pub struct CheckpointConfig {
     /// the file and the checkpoint. Jobs without transactional sinks always
     /// fall back (their keyed state stays exactly-once).
     pub fallback_to_older_checkpoint: bool,
+    /// Incremental checkpoints: each keyed subtask writes only what changed
+    /// since the newest completed checkpoint (upserts and deletions) and
+    /// references that checkpoint's files; `None`: every checkpoint writes
+    /// the whole state. On by default. Savepoints are always full.
+    pub incremental: Option<IncrementalPolicy>,
+}
+
+/// When an incremental chain (a full base and the changes files since) is
+/// folded into a new base: a subtask whose chain reached `max_chain`
+/// changes files, or whose changes files together outgrew
+/// `max_changes_ratio` times its base, writes a full snapshot at its next
+/// checkpoint instead of its changes (in the asynchronous part: processing
+/// goes on). Restore reads at most the base and `max_chain` changes files.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IncrementalPolicy {
+    /// Changes files on top of a base before the next snapshot is full.
+    pub max_chain: u32,
+    /// Bytes of changes files, relative to the base's, before the next
+    /// snapshot is full.
+    pub max_changes_ratio: f64,
+}
+
+impl Default for IncrementalPolicy {
+    /// 8 changes files, or changes as large as the base.
+    fn default() -> Self {
+        IncrementalPolicy {
+            max_chain: 8,
+            max_changes_ratio: 1.0,
+        }
+    }
 }
 
 impl Default for CheckpointConfig {
@@ -69,6 +99,7 @@ impl Default for CheckpointConfig {
             unaligned: false,
             aligned_checkpoint_timeout: None,
             fallback_to_older_checkpoint: false,
+            incremental: Some(IncrementalPolicy::default()),
         }
     }
 }
@@ -109,6 +140,13 @@ impl CheckpointConfig {
             return Err(RuntimeError::InvalidJob(
                 "an aligned checkpoint timeout switches to unaligned checkpoints: set `unaligned` too".into(),
             ));
+        }
+        if let Some(p) = &self.incremental {
+            if p.max_chain == 0 || p.max_changes_ratio.is_nan() || p.max_changes_ratio <= 0.0 {
+                return Err(RuntimeError::InvalidJob(format!(
+                    "incremental policy {p:?}: max_chain and max_changes_ratio must be positive"
+                )));
+            }
         }
         if self.timeout.is_zero() {
             return Err(RuntimeError::InvalidJob(

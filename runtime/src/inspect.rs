@@ -8,7 +8,6 @@ use crate::error::{Result, RuntimeError};
 use crate::savepoint::RestoreSource;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use sluice_core::CheckpointStorageExt;
 use sluice_core::{OperatorUid, StateDescriptor};
 use std::fmt::Write;
 use std::time::{Duration, UNIX_EPOCH};
@@ -87,6 +86,13 @@ pub fn describe(source: &RestoreSource) -> String {
                     out,
                     "    subtask {}: key groups {}, {} entries, {} bytes, {}",
                     st.subtask, f.key_groups, f.entries, f.size, f.path
+                );
+            }
+            for c in &st.keyed_changes {
+                let _ = writeln!(
+                    out,
+                    "      + changes: {} entries, {} bytes, {}",
+                    c.entries, c.size, c.path
                 );
             }
         }
@@ -194,43 +200,39 @@ pub async fn dump_operator(
     let key_type = op.key_type.clone();
     let states: Vec<StateDescriptor> = op.states.clone();
     let mut n = 0u64;
-    for st in &op.subtasks {
-        let Some(file) = &st.keyed_state else { continue };
-        let file = source.resolve(file);
-        let bytes = source.storage.read_file(&file.path).await?;
-        sluice_core::format::verify_snapshot_file(&file.path, &bytes, file.crc32)?;
-        sluice_core::format::decode_snapshot(&file.path, &bytes, file.key_groups, &mut |name, kg, k, v| {
-            let desc = states.iter().find(|d| d.name == name);
-            let mut entry = json!({ "key_group": kg, "state": name });
-            match desc.filter(|d| d.kind == "map") {
-                Some(d) => {
-                    // Map entries: u32 LE length of the key, the key, the map key.
-                    let split = k
-                        .get(..4)
-                        .map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize + 4)
-                        .filter(|end| *end <= k.len());
-                    match split {
-                        Some(end) => {
-                            entry["key"] = value_or_hex(key_type.as_deref(), &k[4..end]);
-                            entry["map_key"] = value_or_hex(d.map_key_type.as_deref(), &k[end..]);
-                        }
-                        None => entry["key"] = json!({ "hex": hex(k) }),
+    // Chains applied: the state as it is at this checkpoint.
+    let entries = crate::savepoint::read_keyed_entries(source.storage.as_ref(), &source.base, op).await?;
+    for ((name, kg, k), v) in entries {
+        let (k, v) = (k.as_slice(), v.as_slice());
+        let desc = states.iter().find(|d| d.name == name);
+        let mut entry = json!({ "key_group": kg, "state": name });
+        match desc.filter(|d| d.kind == "map") {
+            Some(d) => {
+                // Map entries: u32 LE length of the key, the key, the map key.
+                let split = k
+                    .get(..4)
+                    .map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize + 4)
+                    .filter(|end| *end <= k.len());
+                match split {
+                    Some(end) => {
+                        entry["key"] = value_or_hex(key_type.as_deref(), &k[4..end]);
+                        entry["map_key"] = value_or_hex(d.map_key_type.as_deref(), &k[end..]);
                     }
-                    entry["value"] = value_or_hex(Some(&d.value_type), v);
+                    None => entry["key"] = json!({ "hex": hex(k) }),
                 }
-                None => {
-                    entry["key"] = value_or_hex(key_type.as_deref(), k);
-                    let value_type = desc.map(|d| match d.kind.as_str() {
-                        "list" => format!("alloc::vec::Vec<{}>", d.value_type),
-                        _ => d.value_type.clone(),
-                    });
-                    entry["value"] = value_or_hex(value_type.as_deref(), v);
-                }
+                entry["value"] = value_or_hex(Some(&d.value_type), v);
             }
-            line(entry);
-            n += 1;
-            Ok(())
-        })?;
+            None => {
+                entry["key"] = value_or_hex(key_type.as_deref(), k);
+                let value_type = desc.map(|d| match d.kind.as_str() {
+                    "list" => format!("alloc::vec::Vec<{}>", d.value_type),
+                    _ => d.value_type.clone(),
+                });
+                entry["value"] = value_or_hex(value_type.as_deref(), v);
+            }
+        }
+        line(entry);
+        n += 1;
     }
     Ok(n)
 }

@@ -2,7 +2,7 @@
 //! scopes state to the current key and restores it by key group.
 
 use crate::error::{Result, RuntimeError};
-use crate::operator::{Collector, InitContext, KeyedPart, Operator, Outbox, SnapshotParts};
+use crate::operator::{Collector, InitContext, KeyedPart, KeyedSnapshot, Operator, Outbox, SnapshotParts};
 use crate::state::{KeyedContext, OpenContext};
 use serde::Serialize;
 use sluice_core::{
@@ -10,6 +10,7 @@ use sluice_core::{
     StateDescriptor, StateId, StoreScope,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A function over a keyed stream with keyed state (Flink's
@@ -88,6 +89,56 @@ pub(crate) struct KeyedBackend {
     batch_keys: Vec<u8>,
     /// Per record of the batch: key group and the end of its key in `batch_keys`.
     batch_rows: Vec<(u32, usize)>,
+    /// Incremental checkpoints: when to fold the chain.
+    incremental: Option<crate::config::IncrementalPolicy>,
+    /// The size of this subtask's chain so far (written by the snapshot
+    /// writer): decides when the next snapshot is full.
+    chain: Arc<ChainSizes>,
+}
+
+/// The size of a subtask's incremental chain, as written: changes files
+/// since the last full snapshot, their bytes, and the base's bytes. An
+/// estimate for the folding policy (it counts writes, not completions).
+#[derive(Debug, Default)]
+pub(crate) struct ChainSizes {
+    pub changes_files: AtomicU32,
+    pub changes_bytes: AtomicU64,
+    pub base_bytes: AtomicU64,
+}
+
+impl ChainSizes {
+    /// A snapshot was written: a full one of `bytes` starts a new chain; a
+    /// changes file adds to it.
+    pub fn written(&self, full: bool, bytes: u64) {
+        if full {
+            self.base_bytes.store(bytes, Ordering::Relaxed);
+            self.changes_bytes.store(0, Ordering::Relaxed);
+            self.changes_files.store(0, Ordering::Relaxed);
+        } else {
+            self.changes_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.changes_files.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The chain of a restored checkpoint: base of `base_bytes`, then
+    /// `changes`.
+    fn restored(&self, base_bytes: u64, changes: &[sluice_core::StateFileHandle]) {
+        self.base_bytes.store(base_bytes, Ordering::Relaxed);
+        let bytes = changes.iter().map(|f| f.size).sum();
+        self.changes_bytes.store(bytes, Ordering::Relaxed);
+        self.changes_files.store(
+            u32::try_from(changes.len()).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether the chain is long or heavy enough to fold under `policy`.
+    fn fold(&self, policy: &crate::config::IncrementalPolicy) -> bool {
+        let files = self.changes_files.load(Ordering::Relaxed);
+        let changes = self.changes_bytes.load(Ordering::Relaxed) as f64;
+        let base = self.base_bytes.load(Ordering::Relaxed) as f64;
+        files >= policy.max_chain || changes > base * policy.max_changes_ratio
+    }
 }
 
 impl KeyedBackend {
@@ -105,6 +156,8 @@ impl KeyedBackend {
             key_type,
             batch_keys: Vec::new(),
             batch_rows: Vec::new(),
+            incremental: None,
+            chain: Arc::default(),
         }
     }
 
@@ -113,6 +166,8 @@ impl KeyedBackend {
         self.range = KeyGroupRange::for_subtask(ctx.max_parallelism, ctx.parallelism, ctx.subtask);
         self.max_parallelism = ctx.max_parallelism;
         self.subtask = ctx.subtask;
+        self.incremental = ctx.incremental;
+        self.chain = Arc::default();
         let mut store = ctx.state_backend.open_store(&StoreScope {
             job: ctx.job_name.clone(),
             operator: self.uid.clone(),
@@ -120,6 +175,7 @@ impl KeyedBackend {
             parallelism: ctx.parallelism,
             max_parallelism: ctx.max_parallelism,
             key_groups: self.range,
+            track_changes: ctx.incremental.is_some(),
         })?;
         if let Some(restore) = &ctx.restore {
             let meta = &restore.metadata;
@@ -144,29 +200,48 @@ impl KeyedBackend {
                     }));
                 }
                 let mut ids: HashMap<String, StateId> = HashMap::new();
+                let mut own_chain = false;
                 for st in &op.subtasks {
-                    let Some(file) = &st.keyed_state else { continue };
-                    let Some(range) = file.key_groups.intersect(&self.range) else {
+                    let Some(base) = &st.keyed_state else { continue };
+                    let Some(range) = base.key_groups.intersect(&self.range) else {
                         continue;
                     };
-                    let store_ref = &mut store;
-                    sluice_core::format::read_key_groups(
-                        restore.storage.as_ref(),
-                        &restore.resolve(file),
-                        range,
-                        &mut |name, kg, k, v| {
-                            let id = match ids.get(name) {
-                                Some(id) => *id,
-                                None => {
-                                    let id = store_ref.register_state(name)?;
-                                    ids.insert(name.to_string(), id);
-                                    id
+                    if base.key_groups == self.range && op.parallelism == ctx.parallelism {
+                        // This subtask's own chain: the next changes file
+                        // extends it, so the folding policy counts it.
+                        own_chain = true;
+                        self.chain.restored(base.size, &st.keyed_changes);
+                    }
+                    // The base, then its changes files in order: a later
+                    // write or deletion of a key replaces the earlier one.
+                    for file in std::iter::once(base).chain(&st.keyed_changes) {
+                        let store_ref = &mut store;
+                        sluice_core::format::read_changes(
+                            restore.storage.as_ref(),
+                            &restore.resolve(file),
+                            range,
+                            &mut |name, kg, k, v| {
+                                let id = match ids.get(name) {
+                                    Some(id) => *id,
+                                    None => {
+                                        let id = store_ref.register_state(name)?;
+                                        ids.insert(name.to_string(), id);
+                                        id
+                                    }
+                                };
+                                match v {
+                                    Some(v) => store_ref.put(id, kg, k, v),
+                                    None => store_ref.delete(id, kg, k),
                                 }
-                            };
-                            store_ref.put(id, kg, k, v)
-                        },
-                    )
-                    .await?;
+                            },
+                        )
+                        .await?;
+                    }
+                }
+                if own_chain {
+                    // The store holds exactly this subtask's state of the
+                    // restored checkpoint: changes can be relative to it.
+                    store.restored(meta.checkpoint_id);
                 }
             }
         }
@@ -296,16 +371,40 @@ impl KeyedBackend {
         })
     }
 
+    /// The synchronous part of a snapshot: the changes since the barrier's
+    /// base (an incremental checkpoint), unless the chain is due to be
+    /// folded, the store cannot tell, or there is no base (then the whole
+    /// state).
     pub fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
-        let snapshot = self.store()?.snapshot(barrier.checkpoint_id)?;
+        let id = barrier.checkpoint_id;
+        let fold = match &self.incremental {
+            Some(policy) => self.chain.fold(policy),
+            None => true,
+        };
+        let changes = match barrier.base {
+            Some(base) if !fold => self.store()?.snapshot_changes(id, base)?.map(|c| (base, c)),
+            _ => None,
+        };
+        let snapshot = match changes {
+            Some((base, changes)) => KeyedSnapshot::Changes { base, changes },
+            None => KeyedSnapshot::Full(self.store()?.snapshot(id)?),
+        };
         parts.keyed.push(KeyedPart {
             uid: self.uid.clone(),
             subtask: self.subtask,
             snapshot,
             key_type: self.key_type.to_string(),
             states: self.states.clone(),
+            chain: (barrier.kind == sluice_core::CheckpointKind::Checkpoint).then(|| self.chain.clone()),
         });
         Ok(())
+    }
+
+    /// Checkpoint `id` completed: the store may forget older changes.
+    pub fn checkpoint_complete(&mut self, id: CheckpointId) {
+        if let Some(store) = self.store.as_mut() {
+            store.checkpoint_complete(id);
+        }
     }
 }
 
@@ -360,6 +459,7 @@ where
     }
 
     fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()> {
+        self.backend.checkpoint_complete(id);
         self.out.checkpoint_complete(id)
     }
 
@@ -420,6 +520,7 @@ where
     }
 
     fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()> {
+        self.backend.checkpoint_complete(id);
         self.out.checkpoint_complete(id)
     }
 

@@ -70,7 +70,7 @@ mod two_phase;
 pub mod workload;
 
 pub use channel::BATCH_SIZE;
-pub use config::{CheckpointConfig, CheckpointingMode, RestartStrategy};
+pub use config::{CheckpointConfig, CheckpointingMode, IncrementalPolicy, RestartStrategy};
 pub use error::{Result, RuntimeError};
 pub use file_sink::FileSink;
 pub use graph::{ConnectedKeyedStreams, DataStream, Job, KeyedStream, Record};

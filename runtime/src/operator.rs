@@ -39,6 +39,8 @@ pub struct InitContext {
     pub restore: Option<Arc<RestoreSource>>,
     /// The task's stable id (its channel state is stored under it).
     pub task_uid: Arc<str>,
+    /// Incremental checkpoints' folding policy (`None`: full checkpoints).
+    pub incremental: Option<crate::config::IncrementalPolicy>,
 }
 
 impl InitContext {
@@ -83,12 +85,31 @@ pub struct KeyedPart {
     pub uid: OperatorUid,
     /// The subtask index.
     pub subtask: u32,
-    /// The consistent view the asynchronous part encodes.
-    pub snapshot: Box<dyn StateSnapshot>,
+    /// The consistent view (or the changes since the barrier's base) the
+    /// asynchronous part encodes.
+    pub snapshot: KeyedSnapshot,
     /// The Rust type of the key.
     pub key_type: String,
     /// The states the function registered.
     pub states: Vec<StateDescriptor>,
+    /// Checkpoints (not savepoints): the subtask's chain sizes, which the
+    /// writer updates with what it wrote.
+    pub(crate) chain: Option<Arc<crate::keyed::ChainSizes>>,
+}
+
+/// What a keyed operator's snapshot holds.
+pub enum KeyedSnapshot {
+    /// The whole state (a full checkpoint, a savepoint, or the new base of
+    /// an incremental chain).
+    Full(Box<dyn StateSnapshot>),
+    /// The changes since the completed checkpoint `base` (an incremental
+    /// checkpoint).
+    Changes {
+        /// The checkpoint the changes are relative to.
+        base: CheckpointId,
+        /// The changes.
+        changes: Box<dyn sluice_core::ChangeSnapshot>,
+    },
 }
 
 /// One source's part of a snapshot.

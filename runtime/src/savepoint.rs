@@ -218,6 +218,44 @@ impl RestoreSource {
     }
 }
 
+/// One keyed state entry: `(state name, key group, key)`.
+pub type EntryKey = (String, u32, Vec<u8>);
+
+/// Every keyed state entry of operator `op` of a checkpoint or savepoint
+/// whose file paths are relative to `base` in `storage`, with incremental
+/// chains applied (each subtask's base, then its changes files in order: a
+/// later write or deletion replaces an earlier one). For tools and checks;
+/// the state is read into memory.
+pub async fn read_keyed_entries(
+    storage: &dyn CheckpointStorage,
+    base: &str,
+    op: &sluice_core::metadata::OperatorSnapshot,
+) -> sluice_core::Result<std::collections::BTreeMap<EntryKey, Vec<u8>>> {
+    let mut entries = std::collections::BTreeMap::new();
+    for st in &op.subtasks {
+        for file in st.keyed_state.iter().chain(&st.keyed_changes) {
+            let file = StateFileHandle {
+                path: join(base, &file.path),
+                ..file.clone()
+            };
+            sluice_core::format::read_changes(storage, &file, file.key_groups, &mut |name, kg, k, v| {
+                let key = (name.to_string(), kg, k.to_vec());
+                match v {
+                    Some(v) => {
+                        entries.insert(key, v.to_vec());
+                    }
+                    None => {
+                        entries.remove(&key);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
+    }
+    Ok(entries)
+}
+
 /// Copies the savepoint at `src` to the directory `dst` (of any storage):
 /// every state file named by its metadata, byte for byte, its checksum
 /// verified on the way, then the metadata itself, unchanged, last (durably,
@@ -246,8 +284,11 @@ pub async fn copy_savepoint(src: &SavepointLocation, dst: &SavepointLocation) ->
         .into());
     }
     for op in &source.metadata.operators {
-        for st in &op.subtasks {
-            let Some(file) = &st.keyed_state else { continue };
+        for file in op
+            .subtasks
+            .iter()
+            .flat_map(|st| st.keyed_state.iter().chain(&st.keyed_changes))
+        {
             let bytes = source.storage.read_file(&source.path_of(file)).await?;
             sluice_core::format::verify_snapshot_file(&src.join(&file.path), &bytes, file.crc32)?;
             dst.storage.write_file(&dst.join(&file.path), bytes).await?;

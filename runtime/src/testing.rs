@@ -61,7 +61,7 @@ pub enum Op {
     Commit,
     /// `read` (whole and ranged reads: restores, read-backs).
     Read,
-    /// `delete_dir` (discarding a checkpoint is one).
+    /// `delete_file` and `delete_dir` (discarding a checkpoint is one).
     Delete,
     /// `list_files` (listing checkpoints is one).
     List,
@@ -280,6 +280,14 @@ impl CheckpointStorage for FaultyStorage {
         self.inner.list_files(dir).await
     }
 
+    async fn delete_file(&self, path: &str) -> Result<()> {
+        let fault = self.fault(Op::Delete).await;
+        self.disturbed(fault, format!("deletion of {path}"), || {
+            self.inner.delete_file(path)
+        })
+        .await
+    }
+
     async fn delete_dir(&self, dir: &str) -> Result<()> {
         let fault = self.fault(Op::Delete).await;
         self.disturbed(fault, format!("deletion of {dir}"), || self.inner.delete_dir(dir))
@@ -293,4 +301,49 @@ impl CheckpointStorage for FaultyStorage {
     fn capabilities(&self) -> sluice_core::Capabilities {
         self.inner.capabilities()
     }
+}
+
+/// What [`file_ownership`] found: files no committed checkpoint needs, and
+/// files a committed checkpoint needs that are gone.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FileOwnership {
+    /// Checkpoint files (under `chk-<id>/`) that are neither a committed
+    /// checkpoint's metadata nor referenced by one.
+    pub unreferenced: Vec<String>,
+    /// Files a committed checkpoint references that the storage lacks.
+    pub missing: Vec<String>,
+}
+
+impl FileOwnership {
+    /// Neither unreferenced nor missing files.
+    pub fn is_exact(&self) -> bool {
+        self.unreferenced.is_empty() && self.missing.is_empty()
+    }
+}
+
+/// Lists `storage` and compares its checkpoint files with the references
+/// of its committed checkpoints (state files of incremental chains, channel
+/// state): the check that shared files are deleted exactly when nothing
+/// needs them. Savepoint directories are not looked at.
+pub async fn file_ownership(storage: &dyn CheckpointStorage) -> Result<FileOwnership> {
+    use sluice_core::storage::{checkpoint_of_path, metadata_path};
+    use sluice_core::CheckpointStorageExt;
+    let files: std::collections::BTreeSet<String> = storage
+        .list_files("")
+        .await?
+        .into_iter()
+        .map(|f| f.path)
+        .filter(|p| checkpoint_of_path(p).is_some())
+        .collect();
+    let mut referenced = std::collections::BTreeSet::new();
+    for c in storage.list().await?.into_iter().filter(|c| c.committed) {
+        referenced.insert(metadata_path(c.id));
+        let meta = sluice_core::metadata::read_checkpoint_metadata(storage, c.id).await?;
+        referenced.extend(meta.state_files().map(|f| f.path.clone()));
+        referenced.extend(meta.channel_state.iter().map(|c| c.path.clone()));
+    }
+    Ok(FileOwnership {
+        unreferenced: files.difference(&referenced).cloned().collect(),
+        missing: referenced.difference(&files).cloned().collect(),
+    })
 }

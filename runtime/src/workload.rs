@@ -360,33 +360,24 @@ async fn sums_of(
         RuntimeError::InvalidJob(format!("{} {id} has no state of operator {uid}", meta.kind))
     })?;
     let mut sums = FxHashMap::default();
-    let mut bad: Option<String> = None;
-    for st in &op.subtasks {
-        let Some(file) = &st.keyed_state else { continue };
-        let mut file = file.clone();
-        if !base.is_empty() {
-            file.path = format!("{base}/{}", file.path);
+    let entries = crate::savepoint::read_keyed_entries(storage, base, op).await?;
+    for ((name, _, k), v) in entries {
+        if name != "sum" {
+            continue;
         }
-        sluice_core::format::read_key_groups(storage, &file, file.key_groups, &mut |name, _, k, v| {
-            if name == "sum" {
-                match (postcard::from_bytes::<u64>(k), postcard::from_bytes::<u64>(v)) {
-                    (Ok(k), Ok(v)) => {
-                        sums.insert(k, v);
-                    }
-                    _ => bad = Some(format!("undecodable entry in {}", file.path)),
-                }
+        match (postcard::from_bytes::<u64>(&k), postcard::from_bytes::<u64>(&v)) {
+            (Ok(k), Ok(v)) => {
+                sums.insert(k, v);
             }
-            Ok(())
-        })
-        .await?;
+            _ => {
+                return Err(RuntimeError::Codec {
+                    what: format!("{} {id} {uid}/sum", meta.kind),
+                    reason: "undecodable entry".into(),
+                })
+            }
+        }
     }
-    match bad {
-        Some(reason) => Err(RuntimeError::Codec {
-            what: format!("{} {id} {uid}/sum", meta.kind),
-            reason,
-        }),
-        None => Ok(sums),
-    }
+    Ok(sums)
 }
 
 /// The result of checking final sums against the expected ones.

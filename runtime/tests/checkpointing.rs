@@ -5,7 +5,7 @@ use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_core::CheckpointStorageExt;
 use sluice_core::{CheckpointId, CheckpointStorage};
 use sluice_runtime::prelude::*;
-use sluice_runtime::testing::{FaultPlan, FaultyStorage};
+use sluice_runtime::testing::{file_ownership, FaultPlan, FaultyStorage};
 use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum};
 use sluice_runtime::CheckpointStatus;
 use std::sync::Arc;
@@ -108,11 +108,11 @@ async fn a_failed_state_write_aborts_that_checkpoint_removes_its_files_and_the_j
         stats.iter().any(|s| s.status == CheckpointStatus::Completed),
         "later checkpoints complete"
     );
+    // Partial files removed: every checkpoint file is a committed
+    // checkpoint's or referenced by one (incremental chains share files).
+    let files = file_ownership(inner.as_ref()).await.unwrap();
+    assert!(files.is_exact(), "{files:?}");
     let listing = inner.list().await.unwrap();
-    assert!(
-        listing.iter().all(|c| c.committed),
-        "partial files removed: {listing:?}"
-    );
     assert!(!listing.iter().any(|c| c.id == CheckpointId(1)));
     assert!(workload::verify(&sink.sums(), 20_000, 10).exactly_once());
 }
@@ -160,10 +160,10 @@ async fn a_timed_out_checkpoint_is_aborted_and_the_job_completes() {
         stats.iter().any(|s| s.status == CheckpointStatus::Completed),
         "later checkpoints complete: {stats:?}"
     );
-    let listing = inner.list().await.unwrap();
+    let files = file_ownership(inner.as_ref()).await.unwrap();
     assert!(
-        listing.iter().all(|c| c.committed),
-        "files of timed-out checkpoints removed: {listing:?}"
+        files.is_exact(),
+        "files of timed-out checkpoints removed: {files:?}"
     );
 }
 
@@ -216,10 +216,21 @@ async fn retention_keeps_the_newest_completed_checkpoints_and_ids_continue_in_a_
     .unwrap();
     let first = job.execute().await.unwrap();
     assert!(first.completed_checkpoints >= 3, "{first:?}");
-    let listing = storage.list().await.unwrap();
+    let listing: Vec<_> = storage
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.committed)
+        .collect();
     assert_eq!(listing.len(), 2, "{listing:?}");
     let last = first.last_checkpoint.unwrap();
     assert_eq!(listing.last().unwrap().id, last);
+    let files = file_ownership(storage.as_ref()).await.unwrap();
+    assert!(
+        files.is_exact(),
+        "discarded checkpoints' files are gone unless retained ones share them: {files:?}"
+    );
 
     // No periodic checkpoints: the triggered one is the job's first.
     let job = keyed_sum_job(

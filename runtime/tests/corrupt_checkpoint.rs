@@ -2,7 +2,8 @@
 //! transactional sinks falls back to the previous retained checkpoint and
 //! says so; a job whose two-phase-commit sinks already committed the
 //! corrupt checkpoint's output fails instead (falling back would commit it
-//! again), unless the fallback is explicitly allowed.
+//! again), unless the fallback is explicitly allowed. A corrupt file
+//! shared by an incremental chain rules out every checkpoint of the chain.
 
 use sluice_backend_memory::MemoryStateBackend;
 use sluice_backend_redb::RedbCheckpointStorage;
@@ -11,7 +12,7 @@ use sluice_core::CheckpointStorageExt;
 use sluice_runtime::file_sink::read_committed_lines;
 use sluice_runtime::prelude::*;
 use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum};
-use sluice_runtime::FileSink;
+use sluice_runtime::{FileSink, IncrementalPolicy};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,20 +38,52 @@ async fn damage_latest(path: &Path) -> (sluice_core::CheckpointId, sluice_core::
     let meta = sluice_core::metadata::read_checkpoint_metadata(&storage, latest)
         .await
         .unwrap();
-    let file = meta
+    // A file of its own: its changes file if it is incremental (its base
+    // belongs to an older checkpoint too), else its full snapshot.
+    let subtask = &meta
         .operators
         .iter()
         .find(|o| o.uid.as_str() == "running-sum")
         .unwrap()
-        .subtasks[0]
-        .keyed_state
-        .as_ref()
+        .subtasks[0];
+    let file = subtask
+        .keyed_changes
+        .last()
+        .or(subtask.keyed_state.as_ref())
         .unwrap()
         .path
         .clone();
+    assert!(
+        file.starts_with(&format!("{}/", latest.dir())),
+        "{file} belongs to {latest}"
+    );
     drop(storage);
     flip_a_byte(path, &file);
     (latest, *committed.iter().rev().nth(1).unwrap(), file)
+}
+
+/// A run of the reference workload into `sink`, checkpointing into the
+/// redb store at `path` (with `config`, else `job`'s), killed by a task
+/// failure with no restarts after a few checkpoints.
+async fn killed_run(path: &Path, config: Option<CheckpointConfig>, sink: &FinalSumSink, events: u64) {
+    let storage = Arc::new(RedbCheckpointStorage::open(path).unwrap());
+    let mut job = job(storage, false).with_restart_strategy(RestartStrategy::None);
+    if let Some(config) = config {
+        job = job.with_checkpointing(config);
+    }
+    job.source("events", source(events), 2)
+        .key_by(|(k, _)| *k)
+        .process(
+            "running-sum",
+            RunningSum::with_failures(vec![InjectedFailure::new(0, 6_000, false)]),
+        )
+        .sink(sink.clone())
+        .unwrap();
+    assert!(job.execute().await.is_err());
+}
+
+fn source(events: u64) -> SequenceSource<(u64, u64)> {
+    SequenceSource::new(events, 2, |i| (workload::key_of(i, 50), i)).paced(100, Duration::from_millis(1))
 }
 
 fn job(storage: Arc<RedbCheckpointStorage>, resume: bool) -> Job {
@@ -75,28 +108,13 @@ async fn a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_and_stays_ex
     let path = dir.path().join("chk.redb");
     let events = 30_000;
     let sink = FinalSumSink::new();
-    let source = || {
-        SequenceSource::new(events, 2, |i| (workload::key_of(i, 50), i)).paced(100, Duration::from_millis(1))
-    };
     // Run 1: killed (no restarts) after a few checkpoints.
-    {
-        let storage = Arc::new(RedbCheckpointStorage::open(&path).unwrap());
-        let job = job(storage, false).with_restart_strategy(RestartStrategy::None);
-        job.source("events", source(), 2)
-            .key_by(|(k, _)| *k)
-            .process(
-                "running-sum",
-                RunningSum::with_failures(vec![InjectedFailure::new(0, 6_000, false)]),
-            )
-            .sink(sink.clone())
-            .unwrap();
-        assert!(job.execute().await.is_err());
-    }
+    killed_run(&path, None, &sink, events).await;
     let (bad, previous, _) = damage_latest(&path).await;
     // Run 2: resumes; the latest is corrupt, so it restores the previous one.
     let storage = Arc::new(RedbCheckpointStorage::open(&path).unwrap());
     let job = job(storage, true);
-    job.source("events", source(), 2)
+    job.source("events", source(events), 2)
         .key_by(|(k, _)| *k)
         .process("running-sum", RunningSum::default())
         .sink(sink.clone())
@@ -109,6 +127,81 @@ async fn a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_and_stays_ex
         result.recoveries[0].restored_from,
         Some(previous),
         "fell back to the previous retained checkpoint"
+    );
+    let v = workload::verify(&sink.sums(), events, 50);
+    assert!(v.exactly_once(), "{v:?}");
+}
+
+/// Incremental chains share their base: when a restore finds a shared file
+/// corrupt, recovery skips every checkpoint that references it instead of
+/// failing once per checkpoint of the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_shared_base_skips_every_checkpoint_that_references_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chk.redb");
+    let events = 30_000;
+    let sink = FinalSumSink::new();
+    // Long chains: every retained checkpoint is built on the first one.
+    let chains = CheckpointConfig {
+        retained: 3,
+        incremental: Some(IncrementalPolicy {
+            max_chain: 1_000,
+            max_changes_ratio: 1_000.0,
+        }),
+        ..CheckpointConfig::every(Duration::from_millis(10))
+    };
+    killed_run(&path, Some(chains.clone()), &sink, events).await;
+    // Damage the base of the newest checkpoint's chain.
+    let (latest, base) = {
+        let storage = RedbCheckpointStorage::open(&path).unwrap();
+        let committed: Vec<_> = storage
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.committed)
+            .collect();
+        assert_eq!(committed.len(), 3, "{committed:?}");
+        let mut bases = Vec::new();
+        for c in &committed {
+            let meta = sluice_core::metadata::read_checkpoint_metadata(&storage, c.id)
+                .await
+                .unwrap();
+            let subtask = &meta
+                .operators
+                .iter()
+                .find(|o| o.uid.as_str() == "running-sum")
+                .unwrap()
+                .subtasks[0];
+            assert!(
+                !subtask.keyed_changes.is_empty(),
+                "checkpoint {} is incremental",
+                c.id
+            );
+            bases.push(subtask.keyed_state.as_ref().unwrap().path.clone());
+        }
+        assert!(bases.iter().all(|b| *b == bases[0]), "one shared base: {bases:?}");
+        (committed.last().unwrap().id, bases[0].clone())
+    };
+    flip_a_byte(&path, &base);
+    let storage = Arc::new(RedbCheckpointStorage::open(&path).unwrap());
+    let job = job(storage, true).with_checkpointing(chains);
+    job.source("events", source(events), 2)
+        .key_by(|(k, _)| *k)
+        .process("running-sum", RunningSum::default())
+        .sink(sink.clone())
+        .unwrap();
+    let result = job.execute().await.unwrap();
+    assert_eq!(result.resumed_from, Some(latest));
+    assert_eq!(
+        result.recoveries.len(),
+        1,
+        "one failed restore, then every checkpoint sharing {base} is skipped: {result:?}"
+    );
+    assert!(result.recoveries[0].cause.contains(&base), "{result:?}");
+    assert_eq!(
+        result.recoveries[0].restored_from, None,
+        "no retained checkpoint is restorable: the job starts over"
     );
     let v = workload::verify(&sink.sums(), events, 50);
     assert!(v.exactly_once(), "{v:?}");
@@ -239,6 +332,9 @@ impl CheckpointStorage for RotOnRead {
     }
     async fn list_files(&self, dir: &str) -> sluice_core::Result<Vec<sluice_core::FileListing>> {
         self.inner.list_files(dir).await
+    }
+    async fn delete_file(&self, path: &str) -> sluice_core::Result<()> {
+        self.inner.delete_file(path).await
     }
     async fn delete_dir(&self, dir: &str) -> sluice_core::Result<()> {
         self.inner.delete_dir(dir).await

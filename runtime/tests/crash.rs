@@ -1,8 +1,9 @@
 //! Process crashes: the CLI runs as a child process on the redb state
 //! backend and redb checkpoint storage, is killed with SIGKILL at random
 //! moments, and resumes with `--resume` each time. The final state must be
-//! exactly-once, and no checkpoint reported complete before a kill may be
-//! lost.
+//! exactly-once, no checkpoint reported complete before a kill may be
+//! lost, and no file a committed checkpoint references may be deleted
+//! (checkpoints are incremental, the CLI's default).
 //!
 //! `SLUICE_CRASH_KILLS=N` sets the number of kills (default 20);
 //! `SLUICE_CRASH_SEED=S` the seed of the kill times (printed).
@@ -10,6 +11,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_backend_redb::RedbCheckpointStorage;
+use sluice_runtime::testing::{file_ownership, FileOwnership};
 use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -59,12 +61,15 @@ fn reported_complete(stderr: &str) -> Option<u64> {
         .max()
 }
 
-async fn latest_in_storage(path: &Path) -> Option<u64> {
+/// The newest committed checkpoint in the store, and which files of its
+/// checkpoints are not referenced or missing.
+async fn inspect_storage(path: &Path) -> (Option<u64>, FileOwnership) {
     let storage = RedbCheckpointStorage::open(path).expect("the store opens after a kill");
-    sluice_core::storage::latest_completed(&storage)
+    let latest = sluice_core::storage::latest_completed(&storage)
         .await
         .expect("list")
-        .map(|c| c.0)
+        .map(|c| c.0);
+    (latest, file_ownership(&storage).await.expect("checkpoint files"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,10 +116,17 @@ async fn sigkill_at_random_moments_and_resume_is_exactly_once_and_loses_no_repor
         let stderr = std::fs::read_to_string(&err).unwrap();
         let reported = reported_complete(&stderr);
         highest_reported = highest_reported.max(reported);
-        let latest = latest_in_storage(&store).await;
+        let (latest, files) = inspect_storage(&store).await;
         assert!(
             latest >= highest_reported,
             "seed {seed}, kill {killed}: checkpoint {highest_reported:?} was reported complete, storage has only {latest:?}"
+        );
+        // Incremental checkpoints share files: a kill may leave files
+        // behind (the next run removes them), never delete a needed one.
+        assert!(
+            files.missing.is_empty(),
+            "seed {seed}, kill {killed}: files of committed checkpoints are gone: {:?}",
+            files.missing
         );
     }
     // The last run resumes and completes.
@@ -133,6 +145,11 @@ async fn sigkill_at_random_moments_and_resume_is_exactly_once_and_loses_no_repor
     assert!(
         stdout.contains("exactly-once: ok"),
         "seed {seed}:\n{stdout}\n{stderr}"
+    );
+    let (_, files) = inspect_storage(&store).await;
+    assert!(
+        files.is_exact(),
+        "seed {seed}: after the final run, files left behind or missing: {files:?}"
     );
     println!("{killed} kills; highest checkpoint reported before a kill: {highest_reported:?}");
 }

@@ -7,6 +7,8 @@
 //! Storage faults on state-file writes and metadata commits are drawn from
 //! every kind: failures before any effect, effects whose answer is lost,
 //! effects followed by a retry answered `AlreadyExists`, timeouts, slowness.
+//! Checkpoints are incremental (chains of one to three changes files before
+//! a fold) in three schedules of four, full in the fourth.
 //!
 //! `SLUICE_EO_SEEDS=N` runs N keyed schedules and N/2 two-input schedules
 //! (default 400: 600 in all); `SLUICE_EO_SEED=S` runs only seed S (to
@@ -16,10 +18,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustc_hash::FxHashMap;
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
-use sluice_core::CheckpointStorageExt;
 use sluice_runtime::prelude::*;
-use sluice_runtime::testing::{CrashBeforeCommit, Fault, FaultPlan, FaultyStorage, Op, OpFault};
+use sluice_runtime::testing::{
+    file_ownership, CrashBeforeCommit, Fault, FaultPlan, FaultyStorage, Op, OpFault,
+};
 use sluice_runtime::workload::{self, FinalSumSink, InjectedFailure, RunningSum, TwoInputSum};
+use sluice_runtime::IncrementalPolicy;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +44,8 @@ struct Faults {
     task_failures: Vec<(u32, u64, bool)>,
     plan: FaultPlan,
     crash_before_commit: Vec<u64>,
+    /// Incremental checkpoints (with a chain length drawn too) or full ones.
+    incremental: Option<IncrementalPolicy>,
 }
 
 fn draw_faults(rng: &mut StdRng, parallelism: u32, per_subtask: u64) -> Faults {
@@ -47,6 +53,13 @@ fn draw_faults(rng: &mut StdRng, parallelism: u32, per_subtask: u64) -> Faults {
         task_failures: vec![],
         plan: FaultPlan::default(),
         crash_before_commit: vec![],
+        incremental: match rng.random_range(0..4) {
+            0 => None,
+            chain => Some(IncrementalPolicy {
+                max_chain: chain,
+                max_changes_ratio: 1.0,
+            }),
+        },
     };
     let count = rng.random_range(1..=3);
     for _ in 0..count {
@@ -106,6 +119,7 @@ fn job_for(
             mode,
             tolerable_failures: 20,
             retained: 2,
+            incremental: faults.incremental,
             ..Default::default()
         });
     (job, storage)
@@ -141,11 +155,12 @@ async fn keyed_sum_case(
     .unwrap();
     let result = job.execute().await;
     let result = result.unwrap_or_else(|e| panic!("seed {seed}: job failed: {e} (faults {faults:?})"));
-    // No uncommitted left-overs: failed checkpoints are cleaned up.
-    let listing = storage.list().await.unwrap();
+    // No left-overs and nothing missing: failed checkpoints are cleaned up,
+    // and shared files go exactly when no retained checkpoint needs them.
+    let files = file_ownership(storage.as_ref()).await.unwrap();
     assert!(
-        listing.iter().all(|c| c.committed),
-        "seed {seed}: uncommitted checkpoint files left behind: {listing:?} (faults {faults:?}, result {result:?})"
+        files.is_exact(),
+        "seed {seed}: checkpoint files left behind or missing: {files:?} (faults {faults:?}, result {result:?})"
     );
     (sink.sums(), faults, parallelism, result, storage.injected())
 }
@@ -210,6 +225,7 @@ async fn at_least_once_mode_shows_duplicates_under_the_same_harness() {
             task_failures: vec![(rng.random_range(0..2), rng.random_range(500..EVENTS / 2), false)],
             plan: FaultPlan::default(),
             crash_before_commit: vec![],
+            incremental: Some(IncrementalPolicy::default()),
         };
         let (job, _) = job_for(seed, CheckpointingMode::AtLeastOnce, &faults, parallelism);
         let failures: Vec<_> = faults

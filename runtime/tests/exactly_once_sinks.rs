@@ -11,7 +11,9 @@
 //! Storage faults are drawn from every kind ([`Fault`]) on writes, commits,
 //! reads and deletions: failures before any effect, effects whose answer
 //! is lost (indeterminate), effects followed by a retry that answers
-//! `AlreadyExists`, timeouts, slowness.
+//! `AlreadyExists`, timeouts, slowness. No file a retained checkpoint
+//! references may be missing afterwards. Checkpoints are incremental
+//! (chains of one to three changes files) in three cases of four.
 //!
 //! `SLUICE_EO_SEEDS=N` scales the number of seeds (default 400: 200 keyed
 //! schedules and 100 two-input schedules per mode, 600 in all);
@@ -21,11 +23,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustc_hash::FxHashMap;
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_core::CheckpointStorage;
 use sluice_runtime::file_sink::{read_committed_lines, FileSinkHook, FileSinkPoint};
 use sluice_runtime::prelude::*;
-use sluice_runtime::testing::{CrashBeforeCommit, Fault, FaultPlan, FaultyStorage, Op, OpFault};
+use sluice_runtime::testing::{
+    file_ownership, CrashBeforeCommit, Fault, FaultPlan, FaultyStorage, Op, OpFault,
+};
 use sluice_runtime::workload::{self, InjectedFailure, RunningSum, TwoInputSum};
-use sluice_runtime::FileSink;
+use sluice_runtime::{FileSink, IncrementalPolicy};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -67,10 +72,21 @@ struct Faults {
     plan: FaultPlan,
     crash_before_commit: Vec<u64>,
     sink: Vec<SinkFault>,
+    /// Incremental checkpoints (with a chain length drawn too) or full ones.
+    incremental: Option<IncrementalPolicy>,
 }
 
 fn draw(rng: &mut StdRng, parallelism: u32, per_subtask: u64) -> Faults {
-    let mut f = Faults::default();
+    let mut f = Faults {
+        incremental: match rng.random_range(0..4) {
+            0 => None,
+            chain => Some(IncrementalPolicy {
+                max_chain: chain,
+                max_changes_ratio: 1.0,
+            }),
+        },
+        ..Faults::default()
+    };
     // At least one sink fault in every case: the sink path is what this tests.
     let point = match rng.random_range(0..4) {
         0 => FileSinkPoint::BeforePreCommit,
@@ -149,13 +165,19 @@ fn storage_faults_injected() -> u64 {
     CASES.lock().unwrap().iter().map(|s| s.injected()).sum()
 }
 
-fn job(seed: u64, faults: &Faults, parallelism: u32, mode: Mode, at_least_once: bool) -> Job {
-    let storage = Arc::new(FaultyStorage::new(
-        Arc::new(MemoryCheckpointStorage::new()),
-        faults.plan.clone(),
-    ));
+/// The job of a case, and its checkpoint storage without the faults (to
+/// check its files afterwards).
+fn job(
+    seed: u64,
+    faults: &Faults,
+    parallelism: u32,
+    mode: Mode,
+    at_least_once: bool,
+) -> (Job, Arc<dyn CheckpointStorage>) {
+    let inner: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let storage = Arc::new(FaultyStorage::new(inner.clone(), faults.plan.clone()));
     CASES.lock().unwrap().push(storage.clone());
-    Job::new(format!("eo-sink-{seed}"))
+    let job = Job::new(format!("eo-sink-{seed}"))
         .with_parallelism(parallelism)
         .with_state_backend(Arc::new(MemoryStateBackend::new()))
         .with_checkpoint_storage(storage)
@@ -176,8 +198,21 @@ fn job(seed: u64, faults: &Faults, parallelism: u32, mode: Mode, at_least_once: 
             unaligned: mode == Mode::Unaligned,
             tolerable_failures: 20,
             retained: 2,
+            incremental: faults.incremental,
             ..Default::default()
-        })
+        });
+    (job, inner)
+}
+
+/// Every file a retained checkpoint references is there (deletions fail
+/// at random here, so files may be left behind, but none may go early).
+async fn no_file_missing(seed: u64, storage: &dyn CheckpointStorage, faults: &Faults) {
+    let files = file_ownership(storage).await.unwrap();
+    assert!(
+        files.missing.is_empty(),
+        "seed {seed}: files of retained checkpoints deleted: {:?} (faults {faults:?}); replay with SLUICE_EO_SEED={seed}",
+        files.missing
+    );
 }
 
 fn sink(dir: &Path, faults: &Faults) -> FileSink<(u64, u64)> {
@@ -238,7 +273,7 @@ async fn keyed_case(seed: u64, mode: Mode) -> Case {
     let parallelism = rng.random_range(1..=3);
     let faults = draw(&mut rng, parallelism, EVENTS / u64::from(parallelism));
     let dir = tempfile::tempdir().unwrap();
-    let j = job(seed, &faults, parallelism, mode, false);
+    let (j, storage) = job(seed, &faults, parallelism, mode, false);
     j.source(
         "events",
         SequenceSource::new(EVENTS, parallelism, move |i| (workload::key_of(i, KEYS), i))
@@ -257,6 +292,7 @@ async fn keyed_case(seed: u64, mode: Mode) -> Case {
         .wait()
         .await
         .unwrap_or_else(|e| panic!("seed {seed} ({mode:?}): job failed: {e} (faults {faults:?})"));
+    no_file_missing(seed, storage.as_ref(), &faults).await;
     let with_channel_state = monitor
         .checkpoint_stats()
         .iter()
@@ -336,7 +372,7 @@ async fn at_least_once_file_sink_shows_duplicates_under_the_same_harness() {
             ..Default::default()
         };
         let dir = tempfile::tempdir().unwrap();
-        let j = job(seed, &faults, 2, Mode::Aligned, true);
+        let (j, _) = job(seed, &faults, 2, Mode::Aligned, true);
         workload::keyed_sum(
             &j,
             EVENTS,
@@ -386,7 +422,7 @@ async fn two_input_harness(mode: Mode) {
         let parallelism = rng.random_range(1..=3);
         let faults = draw(&mut rng, parallelism, EVENTS / u64::from(parallelism));
         let dir = tempfile::tempdir().unwrap();
-        let j = job(seed, &faults, parallelism, mode, false);
+        let (j, storage) = job(seed, &faults, parallelism, mode, false);
         let a = j
             .source(
                 "a",
@@ -412,6 +448,7 @@ async fn two_input_harness(mode: Mode) {
         j.execute().await.unwrap_or_else(|e| {
             panic!("seed {seed} ({mode:?}): two-input job failed: {e} (faults {faults:?})")
         });
+        no_file_missing(seed, storage.as_ref(), &faults).await;
         let lines = read_committed_lines(dir.path()).unwrap();
         if let Err(e) = workload::check_sum_lines(&lines, &values) {
             panic!(

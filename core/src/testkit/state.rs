@@ -18,6 +18,7 @@ pub fn scope(range: KeyGroupRange, subtask: u32, parallelism: u32) -> StoreScope
         parallelism,
         max_parallelism: MAX_PARALLELISM,
         key_groups: range,
+        track_changes: true,
     }
 }
 
@@ -297,4 +298,167 @@ pub async fn run_state_backend_suite(backend: &dyn StateBackend, storage: &dyn C
     state_snapshot_isolation(backend).await;
     state_restore_by_key_group_range(backend, storage).await;
     state_large_values(backend).await;
+    state_changes_since_a_base(backend).await;
+}
+
+type Changes = BTreeMap<(String, u32, Vec<u8>), Option<Vec<u8>>>;
+
+fn change_entries(c: &dyn crate::ChangeSnapshot) -> Changes {
+    let names = c.state_names();
+    let mut m = BTreeMap::new();
+    for kg in c.key_groups().iter() {
+        c.visit_key_group(kg, &mut |s, k, v| {
+            let fresh = m
+                .insert((names[s as usize].clone(), kg, k.to_vec()), v.map(<[u8]>::to_vec))
+                .is_none();
+            assert!(fresh, "a key changed twice in one changes snapshot");
+            Ok(())
+        })
+        .expect("visit_key_group");
+    }
+    m
+}
+
+/// `full` with `changes` applied (a write replaces, `None` deletes).
+fn apply(
+    mut full: BTreeMap<(String, u32, Vec<u8>), Vec<u8>>,
+    changes: &Changes,
+) -> BTreeMap<(String, u32, Vec<u8>), Vec<u8>> {
+    for (k, v) in changes {
+        match v {
+            Some(v) => full.insert(k.clone(), v.clone()),
+            None => full.remove(k),
+        };
+    }
+    full
+}
+
+/// Incremental snapshots: the changes since a base are exactly the keys
+/// written or deleted since, with their values at the new snapshot, and the
+/// base plus the changes is the new snapshot — relative to the previous
+/// snapshot or an older one not yet completed, also with a state registered
+/// after the base and keys deleted then written again. A completed
+/// checkpoint makes older bases unknown (`None`); a restored store's
+/// changes start at the restore; a store that does not track changes
+/// answers `None`.
+pub async fn state_changes_since_a_base(backend: &dyn StateBackend) {
+    let range = KeyGroupRange::new(0, 3).unwrap();
+    let mut store = open(backend, range);
+    let a = store.register_state("a").unwrap();
+    let key = |i: u32| format!("key-{i}").into_bytes();
+    for i in 0..40u32 {
+        store.put(a, i % 4, &key(i), &i.to_le_bytes()).unwrap();
+    }
+    let base = snapshot_entries(store.snapshot(CheckpointId(1)).unwrap().as_ref());
+    // Epoch 2: an overwrite, a deletion, a new key, a delete-then-write, a
+    // write of the same value, and a new state with a long key.
+    store.put(a, 1, &key(1), b"one").unwrap();
+    store.delete(a, 2, &key(2)).unwrap();
+    store.put(a, 3, &key(43), b"new").unwrap();
+    store.delete(a, 3, &key(3)).unwrap();
+    store.put(a, 3, &key(3), b"back").unwrap();
+    store.put(a, 0, &key(4), &4u32.to_le_bytes()).unwrap();
+    let b = store.register_state("b").unwrap();
+    store.put(b, 0, &[7u8; 40], b"long key").unwrap();
+    let changes = change_entries(
+        store
+            .snapshot_changes(CheckpointId(2), CheckpointId(1))
+            .unwrap()
+            .expect("a tracking store knows its last snapshot")
+            .as_ref(),
+    );
+    let at2 = snapshot_entries(store.snapshot(CheckpointId(102)).unwrap().as_ref());
+    assert_eq!(
+        apply(base.clone(), &changes),
+        at2,
+        "base + changes = the state at 2"
+    );
+    assert_eq!(
+        changes.get(&("a".into(), 2, key(2))),
+        Some(&None),
+        "a deletion is a tombstone"
+    );
+    assert!(
+        !changes.contains_key(&("a".into(), 1, key(5))),
+        "an untouched key is not a change"
+    );
+    assert_eq!(
+        changes.len(),
+        6,
+        "exactly the keys written or deleted: {changes:?}"
+    );
+    // Epoch 3 (2 not completed): changes since 1 include epoch 2's.
+    store.delete(a, 1, &key(1)).unwrap();
+    store.put(a, 2, &key(6), b"six").unwrap();
+    let since1 = change_entries(
+        store
+            .snapshot_changes(CheckpointId(3), CheckpointId(1))
+            .unwrap()
+            .expect("an older base not yet forgotten")
+            .as_ref(),
+    );
+    let at3 = snapshot_entries(store.snapshot(CheckpointId(103)).unwrap().as_ref());
+    assert_eq!(
+        apply(base, &since1),
+        at3,
+        "base 1 + changes since 1 = the state at 3"
+    );
+    assert_eq!(since1.get(&("a".into(), 1, key(1))), Some(&None));
+    // 3 completes: changes are relative to 3 or newer from now on.
+    store.checkpoint_complete(CheckpointId(3));
+    store.put(a, 0, &key(8), b"eight").unwrap();
+    assert!(
+        store
+            .snapshot_changes(CheckpointId(4), CheckpointId(1))
+            .unwrap()
+            .is_none(),
+        "a base older than a completed checkpoint is forgotten"
+    );
+    let at4 = snapshot_entries(store.snapshot(CheckpointId(4)).unwrap().as_ref());
+    store.put(a, 0, &key(9), b"nine").unwrap();
+    let since4 = change_entries(
+        store
+            .snapshot_changes(CheckpointId(5), CheckpointId(4))
+            .unwrap()
+            .expect("a full snapshot is a base")
+            .as_ref(),
+    );
+    assert_eq!(since4.len(), 1, "{since4:?}");
+    let at5 = snapshot_entries(store.snapshot(CheckpointId(105)).unwrap().as_ref());
+    assert_eq!(apply(at4, &since4), at5);
+    // A restored store: the restore's writes are the base.
+    let mut restored = open(backend, range);
+    let a = restored.register_state("a").unwrap();
+    for i in 0..10u32 {
+        restored.put(a, i % 4, &key(i), b"restored").unwrap();
+    }
+    restored.restored(CheckpointId(10));
+    restored.put(a, 1, &key(1), b"after").unwrap();
+    let after = change_entries(
+        restored
+            .snapshot_changes(CheckpointId(11), CheckpointId(10))
+            .unwrap()
+            .expect("changes since the restore")
+            .as_ref(),
+    );
+    assert_eq!(
+        after.len(),
+        1,
+        "only what was written after the restore: {after:?}"
+    );
+    // Without tracking there are no changes to give.
+    let mut plain = backend
+        .open_store(&StoreScope {
+            track_changes: false,
+            ..scope(range, 0, 1)
+        })
+        .expect("open_store");
+    let p = plain.register_state("a").unwrap();
+    plain.put(p, 0, b"k", b"v").unwrap();
+    let _ = plain.snapshot(CheckpointId(1)).unwrap();
+    plain.put(p, 0, b"k", b"w").unwrap();
+    assert!(plain
+        .snapshot_changes(CheckpointId(2), CheckpointId(1))
+        .unwrap()
+        .is_none());
 }

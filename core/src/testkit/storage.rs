@@ -235,6 +235,40 @@ pub async fn storage_discard(storage: &dyn CheckpointStorage) {
         storage.read_file(&format!("{}/op-2.kst", b.dir())).await.unwrap(),
         Bytes::from_static(b"data")
     );
+    // One file at a time: the metadata, then a state file; a missing file
+    // is fine; a path outside the storage is refused.
+    storage
+        .delete_file(&format!("{}/_metadata", b.dir()))
+        .await
+        .expect("delete_file of the metadata");
+    assert_eq!(
+        listing(storage, 1020..1030).await,
+        vec![(1021, false)],
+        "no metadata: not committed"
+    );
+    storage
+        .delete_file(&format!("{}/op-1.kst", b.dir()))
+        .await
+        .expect("delete_file");
+    storage
+        .delete_file(&format!("{}/op-1.kst", b.dir()))
+        .await
+        .expect("deleting a missing file is fine");
+    let left: Vec<String> = storage
+        .list_files(&b.dir())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(
+        left,
+        vec![format!("{}/op-0.kst", b.dir()), format!("{}/op-2.kst", b.dir())]
+    );
+    assert!(
+        storage.delete_file("../x").await.is_err(),
+        "paths must stay inside the storage"
+    );
     storage.discard(b).await.unwrap();
 }
 

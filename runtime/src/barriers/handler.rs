@@ -313,6 +313,7 @@ mod tests {
             timestamp_ms: 0,
             kind: CheckpointKind::Checkpoint,
             alignment,
+            base: None,
         }
     }
 

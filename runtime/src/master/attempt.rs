@@ -138,6 +138,7 @@ impl Attempt<'_> {
                     storage: self.ctx.storage.clone(),
                     restore: restore.clone(),
                     task_uid: Arc::from(vertex.uid.as_str()),
+                    incremental: self.ctx.config.incremental,
                 };
                 let rt = TaskRuntime {
                     index,

@@ -21,7 +21,7 @@
 
 use crate::task::AckPart;
 use bytes::Bytes;
-use sluice_core::metadata::{OperatorSnapshot, METADATA_FORMAT_VERSION};
+use sluice_core::metadata::{OperatorSnapshot, SubtaskSnapshot, METADATA_FORMAT_VERSION};
 use sluice_core::{
     ChannelStateHandle, CheckpointBarrier, CheckpointId, CheckpointMetadata, CheckpointStorage,
     CheckpointStorageExt, Error, OperatorUid,
@@ -162,7 +162,10 @@ pub(crate) async fn resolve(target: &CommitTarget, json: &Bytes) -> CommitOutcom
 
 /// Assembles a checkpoint's (or savepoint's) metadata from the tasks'
 /// acknowledgements: one entry per operator uid with its subtasks in order,
-/// its key type, states and source splits, and the channel state.
+/// its key type, states and source splits, and the channel state. A keyed
+/// subtask that wrote the changes since `base` (an incremental checkpoint)
+/// gets `base`'s chain for that subtask with its changes file at the end.
+/// An error (the checkpoint fails) when a chain cannot be extended.
 pub(crate) fn assemble_metadata(
     job: &str,
     max_parallelism: u32,
@@ -170,7 +173,8 @@ pub(crate) fn assemble_metadata(
     duration: Duration,
     parts: impl IntoIterator<Item = AckPart>,
     channel_state: Vec<ChannelStateHandle>,
-) -> CheckpointMetadata {
+    base: Option<&CheckpointMetadata>,
+) -> std::result::Result<CheckpointMetadata, String> {
     let mut ops: BTreeMap<OperatorUid, OperatorSnapshot> = BTreeMap::new();
     for part in parts {
         let op = ops.entry(part.uid.clone()).or_insert_with(|| OperatorSnapshot {
@@ -186,15 +190,26 @@ pub(crate) fn assemble_metadata(
         if op.states.is_empty() {
             op.states = part.states;
         }
-        op.subtasks.push(part.snapshot);
+        let mut snapshot = part.snapshot;
+        if let Some(b) = part.changes_base {
+            snapshot = extend_chain(base, b, &part.uid, part.parallelism, snapshot)?;
+        }
+        op.subtasks.push(snapshot);
     }
     for op in ops.values_mut() {
         op.subtasks.sort_by_key(|s| s.subtask);
     }
-    CheckpointMetadata {
+    let incremental = ops
+        .values()
+        .flat_map(|o| &o.subtasks)
+        .any(|s| !s.keyed_changes.is_empty());
+    Ok(CheckpointMetadata {
         format_version: METADATA_FORMAT_VERSION,
         sluice_version: sluice_core::SLUICE_VERSION.to_string(),
-        snapshot_format_version: sluice_core::format::SNAPSHOT_FORMAT_VERSION,
+        snapshot_format_version: match incremental {
+            true => sluice_core::format::CHANGES_FORMAT_VERSION,
+            false => sluice_core::format::SNAPSHOT_FORMAT_VERSION,
+        },
         job_name: job.to_string(),
         checkpoint_id: barrier.checkpoint_id,
         kind: barrier.kind,
@@ -203,5 +218,45 @@ pub(crate) fn assemble_metadata(
         max_parallelism,
         operators: ops.into_values().collect(),
         channel_state,
+    })
+}
+
+/// `snapshot`'s keyed state file holds the changes since checkpoint
+/// `base_id`: the subtask's chain becomes `base_id`'s chain plus that file.
+fn extend_chain(
+    base: Option<&CheckpointMetadata>,
+    base_id: CheckpointId,
+    uid: &OperatorUid,
+    parallelism: u32,
+    mut snapshot: SubtaskSnapshot,
+) -> std::result::Result<SubtaskSnapshot, String> {
+    let subtask = snapshot.subtask;
+    let fail = |why: String| {
+        format!("operator {uid} subtask {subtask} wrote the changes since checkpoint {base_id}, but {why}")
+    };
+    let base = base
+        .filter(|m| m.checkpoint_id == base_id)
+        .ok_or_else(|| fail("that checkpoint's metadata is not known".into()))?;
+    let op = base
+        .operator(uid)
+        .filter(|o| o.parallelism == parallelism)
+        .ok_or_else(|| fail("it has no such operator at this parallelism".into()))?;
+    let prev = op
+        .subtasks
+        .iter()
+        .find(|s| s.subtask == subtask)
+        .ok_or_else(|| fail("it has no such subtask".into()))?;
+    let (Some(prev_base), Some(changes)) = (&prev.keyed_state, snapshot.keyed_state.take()) else {
+        return Err(fail("one of them has no keyed state".into()));
+    };
+    if prev_base.key_groups != changes.key_groups {
+        return Err(fail(format!(
+            "its key groups {} differ from the chain's {}",
+            changes.key_groups, prev_base.key_groups
+        )));
     }
+    snapshot.keyed_state = Some(prev_base.clone());
+    snapshot.keyed_changes = prev.keyed_changes.clone();
+    snapshot.keyed_changes.push(changes);
+    Ok(snapshot)
 }

@@ -235,7 +235,7 @@ impl Coordinator {
                 Err(reason) => self.stats.failed(id, &reason, d.stats.duration),
             }
         }
-        self.completed.retain().await;
+        self.completed.retain(&self.pinned()).await;
     }
 
     /// Triggers the final checkpoint (every source reached its end): the
@@ -289,16 +289,32 @@ impl Coordinator {
             TriggerKind::Requested(tx) => Some(tx),
             TriggerKind::Periodic | TriggerKind::Final => None,
         };
-        self.start(infos, id, CheckpointKind::Checkpoint, alignment, responder, None)
-            .await
+        // Incremental: relative to the newest completed checkpoint, whose
+        // files stay while this one is in flight.
+        let base = match self.config.incremental {
+            Some(_) => self.completed.newest_base(),
+            None => None,
+        };
+        self.start(
+            infos,
+            id,
+            CheckpointKind::Checkpoint,
+            alignment,
+            base,
+            responder,
+            None,
+        )
+        .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn start(
         &mut self,
         infos: &[TaskInfo],
         id: CheckpointId,
         kind: CheckpointKind,
         alignment: Alignment,
+        base: Option<CheckpointId>,
         responder: Option<CheckpointResponder>,
         savepoint: Option<PendingSavepoint>,
     ) -> Result<Option<CheckpointId>> {
@@ -307,6 +323,7 @@ impl Coordinator {
             timestamp_ms: now_ms(),
             kind,
             alignment,
+            base,
         };
         let stop = savepoint.as_ref().is_some_and(|s| s.stop);
         let started = Instant::now();
@@ -402,14 +419,24 @@ impl Coordinator {
             return Ok(());
         };
         let duration = p.started.elapsed();
-        let meta = commit::assemble_metadata(
+        let base = p.barrier.base.and_then(|b| self.completed.metadata(b).cloned());
+        let assembled = commit::assemble_metadata(
             &self.name,
             self.max_parallelism,
             &p.barrier,
             duration,
             std::mem::take(&mut p.acks).into_values().flatten(),
             std::mem::take(&mut p.channel_state),
+            base.as_deref(),
         );
+        let meta = match assembled {
+            Ok(m) => m,
+            Err(reason) => {
+                self.pending.insert(id, p);
+                let counts = true;
+                return self.fail_checkpoint(id, reason, infos, counts).await;
+            }
+        };
         let json = Bytes::from(meta.to_json()?);
         let stats = CompletedStats {
             duration,
@@ -452,7 +479,10 @@ impl Coordinator {
                     self.savepoint_committed(id, sp, meta, &stats, infos);
                     Ok(())
                 }
-                None => self.checkpoint_committed(id, p, &stats, infos).await,
+                None => {
+                    self.checkpoint_committed(id, p, Arc::new(meta), &stats, infos)
+                        .await
+                }
             },
             CommitOutcome::Failed { reason, discard } => {
                 let counts = p.savepoint.is_none();
@@ -468,7 +498,15 @@ impl Coordinator {
                     .await
             }
             CommitOutcome::Unknown { reason } => {
-                self.commit_unknown(id, p, target, json, stats, reason, infos)
+                let undecided = Undecided {
+                    target,
+                    json,
+                    meta: Arc::new(meta),
+                    savepoint: None,
+                    stats,
+                    reason: reason.clone(),
+                };
+                self.commit_unknown(id, p, undecided, infos)
             }
         }
     }
@@ -480,6 +518,7 @@ impl Coordinator {
         &mut self,
         id: CheckpointId,
         p: Pending,
+        meta: Arc<sluice_core::CheckpointMetadata>,
         stats: &CompletedStats,
         infos: &[TaskInfo],
     ) -> Result<()> {
@@ -501,7 +540,7 @@ impl Coordinator {
             stats.async_max.as_millis()
         );
         self.stats.record(id, stats, CheckpointStatus::Completed);
-        self.completed.add(id);
+        self.completed.add(id, meta);
         if self.completed.has_undecided() {
             // A newer checkpoint committed: a good moment to decide the
             // older commits whose outcome is unknown.
@@ -523,8 +562,13 @@ impl Coordinator {
             self.fail_checkpoint(o, format!("subsumed by checkpoint {id}"), infos, false)
                 .await?;
         }
-        self.completed.retain().await;
+        self.completed.retain(&self.pinned()).await;
         Ok(())
+    }
+
+    /// The bases of the checkpoints in flight: not discarded until these end.
+    fn pinned(&self) -> BTreeSet<CheckpointId> {
+        self.pending.values().filter_map(|p| p.barrier.base).collect()
     }
 
     /// The commit of checkpoint or savepoint `id` has an unknown outcome:
@@ -532,17 +576,15 @@ impl Coordinator {
     /// ([`Self::resolve_undecided`]); nobody is told it completed. It
     /// counts against the tolerable failures; a final checkpoint is taken
     /// again; a stop-with-savepoint does not stop the job.
-    #[allow(clippy::too_many_arguments)]
     fn commit_unknown(
         &mut self,
         id: CheckpointId,
         p: Pending,
-        target: CommitTarget,
-        json: Bytes,
-        stats: CompletedStats,
-        reason: String,
+        mut undecided: Undecided,
         infos: &[TaskInfo],
     ) -> Result<()> {
+        let reason = undecided.reason.clone();
+        let target = undecided.target.clone();
         warn!(
             checkpoint = id.0,
             "the outcome of the commit of {} {id} is unknown ({reason}); it is not used, notified or deleted until \
@@ -551,7 +593,7 @@ impl Coordinator {
             target.describe()
         );
         self.stats
-            .record(id, &stats, CheckpointStatus::Unresolved(reason.clone()));
+            .record(id, &undecided.stats, CheckpointStatus::Unresolved(reason.clone()));
         for r in p.responders {
             let _ = r.send(Err(format!("checkpoint {id}: commit outcome unknown ({reason})")));
         }
@@ -569,16 +611,8 @@ impl Coordinator {
             sp.location
         });
         let is_savepoint = savepoint.is_some();
-        self.completed.add_undecided(
-            id,
-            Undecided {
-                target,
-                json,
-                savepoint,
-                stats,
-                reason: reason.clone(),
-            },
-        );
+        undecided.savepoint = savepoint;
+        self.completed.add_undecided(id, undecided);
         if self.final_id == Some(id) {
             self.final_failure = Some((id, reason.clone()));
         }

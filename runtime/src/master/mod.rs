@@ -27,7 +27,12 @@ use crate::task::Metrics;
 use attempt::{run_attempt, JobContext, Requests};
 use coordinator::Coordinator;
 use recovery::{AfterFailure, Recovery, RecoverySettings};
-use sluice_core::{check_parallelism, CheckpointId, CheckpointStorage, CheckpointStorageExt, StateBackend};
+use sluice_core::metadata::read_checkpoint_metadata;
+use sluice_core::{
+    check_parallelism, CheckpointId, CheckpointMetadata, CheckpointStorage, CheckpointStorageExt,
+    StateBackend,
+};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -179,25 +184,59 @@ impl JobMaster {
     }
 
     /// Before the first attempt: ids continue after the highest in storage,
-    /// left-overs of attempts that never committed are removed, and the
-    /// savepoint to start from is read and checked (a bad one is an error
-    /// and the job does not start).
-    async fn prepare(&mut self) -> Result<(Vec<CheckpointId>, Option<Arc<RestoreSource>>)> {
+    /// left-overs of attempts that never committed are removed (but not
+    /// files a committed checkpoint references: incremental checkpoints
+    /// share files), and the savepoint to start from is read and checked (a
+    /// bad one is an error and the job does not start). Returns the
+    /// committed checkpoints, ascending, with their metadata where readable.
+    #[allow(clippy::type_complexity)]
+    async fn prepare(
+        &mut self,
+    ) -> Result<(
+        Vec<(CheckpointId, Option<Arc<CheckpointMetadata>>)>,
+        Option<Arc<RestoreSource>>,
+    )> {
         let storage = &self.ctx.storage;
         let listing = storage.list().await?;
         if let Some(max) = listing.iter().map(|c| c.id).max() {
             self.coordinator.next_id = max.next();
         }
+        let mut committed = Vec::new();
+        let mut unreadable = false;
+        for c in listing.iter().filter(|c| c.committed) {
+            match read_checkpoint_metadata(storage.as_ref(), c.id).await {
+                Ok(m) => committed.push((c.id, Some(Arc::new(m)))),
+                Err(e) => {
+                    warn!(
+                        checkpoint = c.id.0,
+                        "cannot read the metadata of checkpoint {}: {e}", c.id
+                    );
+                    unreadable = true;
+                    committed.push((c.id, None));
+                }
+            }
+        }
+        let referenced: BTreeSet<String> = committed
+            .iter()
+            .filter_map(|(_, m)| m.as_ref())
+            .flat_map(|m| m.state_files().map(|f| f.path.clone()))
+            .collect();
         for c in listing.iter().filter(|c| !c.committed) {
-            info!(
-                checkpoint = c.id.0,
-                "discarding the files of checkpoint {} that was never committed", c.id
-            );
-            if let Err(e) = storage.discard(c.id).await {
+            if unreadable {
+                // Its files may be referenced by the checkpoint whose
+                // metadata could not be read: keep everything.
+                warn!(
+                    checkpoint = c.id.0,
+                    "keeping the files of uncommitted checkpoint {} (a committed checkpoint's references are \
+                     unknown)",
+                    c.id
+                );
+                continue;
+            }
+            if let Err(e) = discard_unreferenced(storage.as_ref(), c.id, &referenced).await {
                 warn!("could not discard uncommitted checkpoint {}: {e}", c.id);
             }
         }
-        let committed = listing.iter().filter(|c| c.committed).map(|c| c.id).collect();
         let initial = match &self.from_savepoint {
             Some(loc) => {
                 let r = RestoreSource::open(loc).await.map_err(|e| {
@@ -354,6 +393,29 @@ impl JobMaster {
             });
         }
     }
+}
+
+/// Removes the left-overs of uncommitted checkpoint `id`: every file of its
+/// directory that no committed checkpoint references (the directory of a
+/// discarded checkpoint keeps the files newer ones share), then the
+/// directory once nothing in it is referenced.
+async fn discard_unreferenced(
+    storage: &dyn CheckpointStorage,
+    id: CheckpointId,
+    referenced: &BTreeSet<String>,
+) -> sluice_core::Result<()> {
+    let files = storage.list_files(&id.dir()).await?;
+    if files.iter().all(|f| !referenced.contains(&f.path)) {
+        info!(
+            checkpoint = id.0,
+            "discarding the files of checkpoint {id} that was never committed"
+        );
+        return storage.discard(id).await;
+    }
+    for f in files.iter().filter(|f| !referenced.contains(&f.path)) {
+        storage.delete_file(&f.path).await?;
+    }
+    Ok(())
 }
 
 /// Whether `r` is the restore source the job started from (a savepoint).

@@ -36,6 +36,9 @@ pub(crate) struct Recovery {
     restart_name: String,
     /// Checkpoints found corrupt: never restored from again.
     bad: BTreeSet<CheckpointId>,
+    /// State files found corrupt: no checkpoint that references one (an
+    /// incremental chain shares its base) is restored from again.
+    bad_files: BTreeSet<String>,
     /// Whether the job has two-phase-commit sinks.
     transactional: bool,
     /// `CheckpointConfig::fallback_to_older_checkpoint`.
@@ -65,6 +68,7 @@ impl Recovery {
             restart_name: s.restart.to_string(),
             restart: RestartTracker::new(s.restart),
             bad: BTreeSet::new(),
+            bad_files: BTreeSet::new(),
             transactional: s.transactional,
             fallback_allowed: s.fallback_allowed,
             allow_non_restored_state: s.allow_non_restored_state,
@@ -112,6 +116,11 @@ impl Recovery {
                 "checkpoint {id} is corrupt ({failure}); it will not be restored from again"
             );
             self.bad.insert(id);
+            if let RuntimeError::Storage(sluice_core::Error::Corrupt { path, .. }) = &failure {
+                if r.metadata.state_files().any(|f| f.path == *path) {
+                    self.bad_files.insert(path.clone());
+                }
+            }
             let e = match failure {
                 RuntimeError::Storage(e) => e,
                 other => sluice_core::Error::corrupt(format!("checkpoint {id}"), other.to_string()),
@@ -168,6 +177,24 @@ impl Recovery {
             .filter(|id| !self.bad.contains(id))
             .collect();
         for id in ids {
+            // A checkpoint sharing a file found corrupt fails the same way.
+            let shared = completed.metadata(id).and_then(|m| {
+                m.state_files()
+                    .find(|f| self.bad_files.contains(&f.path))
+                    .map(|f| f.path.clone())
+            });
+            if let Some(path) = shared {
+                warn!(
+                    checkpoint = id.0,
+                    "checkpoint {id} references {path}, found corrupt: skipped"
+                );
+                self.bad.insert(id);
+                bad.get_or_insert((
+                    id,
+                    sluice_core::Error::corrupt(path, "found corrupt in a newer checkpoint's restore"),
+                ));
+                continue;
+            }
             self.check_fallback(completed, &mut bad, Some(id))?;
             match RestoreSource::checkpoint(storage.clone(), id).await {
                 Ok(r) => return Ok(Some(Arc::new(r))),

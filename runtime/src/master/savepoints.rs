@@ -46,6 +46,8 @@ impl Coordinator {
             id,
             CheckpointKind::Savepoint,
             Alignment::Aligned,
+            // Savepoints are always full and self-contained.
+            None,
             None,
             Some(savepoint),
         )

@@ -48,6 +48,10 @@ pub(crate) struct AckPart {
     pub key_type: Option<String>,
     pub states: Vec<StateDescriptor>,
     pub source_splits: Option<u32>,
+    /// The keyed state file is the changes since this completed checkpoint
+    /// (an incremental checkpoint): the coordinator puts it at the end of
+    /// that checkpoint's chain for the subtask.
+    pub changes_base: Option<CheckpointId>,
 }
 
 /// Where the state files of the savepoints in progress go, by id.

@@ -8,7 +8,7 @@
 use super::{AckPart, TaskEvent, TaskRuntime};
 use crate::barriers::handler::AlignedCheckpoint;
 use crate::error::Result;
-use crate::operator::{Operator, SnapshotParts, SourcePart};
+use crate::operator::{KeyedSnapshot, Operator, SnapshotParts, SourcePart};
 use serde::Serialize;
 use sluice_core::metadata::SubtaskSnapshot;
 use sluice_core::{ChannelStateHandle, CheckpointKind, StateFileHandle};
@@ -71,12 +71,14 @@ impl TaskRuntime {
                         snapshot: SubtaskSnapshot {
                             subtask: p.subtask,
                             keyed_state: None,
+                            keyed_changes: Vec::new(),
                             splits: p.positions,
                             operator_state: None,
                         },
                         key_type: None,
                         states: Vec::new(),
                         source_splits: Some(p.num_splits),
+                        changes_base: None,
                     });
                 }
                 for o in parts.operator_state {
@@ -86,18 +88,27 @@ impl TaskRuntime {
                         snapshot: SubtaskSnapshot {
                             subtask: o.subtask,
                             keyed_state: None,
+                            keyed_changes: Vec::new(),
                             splits: Vec::new(),
                             operator_state: Some(o.state),
                         },
                         key_type: None,
                         states: Vec::new(),
                         source_splits: None,
+                        changes_base: None,
                     });
                 }
                 for k in parts.keyed {
+                    let (full, changes_base) = match &k.snapshot {
+                        KeyedSnapshot::Full(_) => (true, None),
+                        KeyedSnapshot::Changes { base, .. } => (false, Some(*base)),
+                    };
                     let snap = k.snapshot;
-                    let encoded = tokio::task::spawn_blocking(move || {
-                        sluice_core::format::encode_snapshot(snap.as_ref())
+                    let encoded = tokio::task::spawn_blocking(move || match snap {
+                        KeyedSnapshot::Full(s) => sluice_core::format::encode_snapshot(s.as_ref()),
+                        KeyedSnapshot::Changes { changes, .. } => {
+                            sluice_core::format::encode_changes(changes.as_ref())
+                        }
                     })
                     .await
                     .map_err(|e| sluice_core::Error::storage("snapshot encoder", e.to_string()))??;
@@ -111,6 +122,9 @@ impl TaskRuntime {
                     };
                     let size = encoded.bytes.len() as u64;
                     storage.write_file(&write_path, encoded.bytes).await?;
+                    if let Some(chain) = &k.chain {
+                        chain.written(full, size);
+                    }
                     acks.push(AckPart {
                         uid: k.uid,
                         parallelism,
@@ -123,12 +137,14 @@ impl TaskRuntime {
                                 key_groups: encoded.key_groups,
                                 entries: encoded.entries,
                             }),
+                            keyed_changes: Vec::new(),
                             splits: Vec::new(),
                             operator_state: None,
                         },
                         key_type: Some(k.key_type),
                         states: k.states,
                         source_splits: None,
+                        changes_base,
                     });
                 }
                 // An unaligned checkpoint: the records its barrier overtook,

@@ -162,6 +162,15 @@ pub(crate) struct KeyedSumArgs {
     /// Completed checkpoints to retain.
     #[arg(long, default_value_t = 3)]
     pub(crate) retained: usize,
+    /// Incremental checkpoints: each writes only the keys changed since the
+    /// previous one and references its files (`--incremental false`: every
+    /// checkpoint writes the whole state).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) incremental: bool,
+    /// Incremental: changes files on top of a full snapshot before the next
+    /// one is full again (restore reads at most this many).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_chain: u32,
     /// Max parallelism (number of key groups).
     #[arg(long, default_value_t = 128)]
     pub(crate) max_parallelism: u32,

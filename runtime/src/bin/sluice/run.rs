@@ -6,7 +6,9 @@ use crate::common::{checkpoint_storage, open_location, parse_interval, runtime, 
 use sluice_runtime::file_sink::read_committed_lines;
 use sluice_runtime::location::{self, OpenMode};
 use sluice_runtime::workload::{self, InjectedFailure, RunningSum};
-use sluice_runtime::{CheckpointConfig, CheckpointingMode, DiscardSink, FileSink, Job, RestartStrategy};
+use sluice_runtime::{
+    CheckpointConfig, CheckpointingMode, DiscardSink, FileSink, IncrementalPolicy, Job, RestartStrategy,
+};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,6 +101,10 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
                 mode,
                 retained: a.retained,
                 fallback_to_older_checkpoint: a.allow_checkpoint_fallback,
+                incremental: a.incremental.then_some(IncrementalPolicy {
+                    max_chain: a.max_chain,
+                    ..IncrementalPolicy::default()
+                }),
                 ..Default::default()
             });
         let job = match from_savepoint {
