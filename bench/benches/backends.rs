@@ -24,7 +24,7 @@ use sluice_core::format::{encode_snapshot, read_key_groups};
 use sluice_core::CheckpointStorageExt;
 use sluice_core::{
     Bytes, CheckpointId, CheckpointStorage, KeyGroupRange, KeyedStateStore, OperatorUid, StateBackend,
-    StateFileHandle, StoreScope,
+    StoreScope,
 };
 use std::hint::black_box;
 use std::sync::Arc;
@@ -200,13 +200,7 @@ fn snapshot_restore(c: &mut Criterion) {
                     let enc =
                         encode_snapshot(store.snapshot(id).expect("snapshot").as_ref()).expect("encode");
                     let path = format!("{}/restore-0.kst", id.dir());
-                    let handle = StateFileHandle {
-                        path: path.clone(),
-                        size: enc.bytes.len() as u64,
-                        crc32: enc.crc32,
-                        key_groups: enc.key_groups,
-                        entries: enc.entries,
-                    };
+                    let handle = enc.handle(path.clone());
                     rt.block_on(storage.discard(id)).expect("discard");
                     rt.block_on(storage.write_file(&path, enc.bytes)).expect("write");
                     handle

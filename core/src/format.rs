@@ -32,6 +32,7 @@ use crate::state::{ChangeSnapshot, StateId, StateSnapshot};
 use crate::storage::{CheckpointStorage, CheckpointStorageExt};
 use crate::{Error, KeyGroupRange, Result};
 use bytes::Bytes;
+use futures::StreamExt;
 
 /// Visits restored entries: `(state name, key group, key, value)`.
 pub type EntryVisitor<'a> = dyn FnMut(&str, u32, &[u8], &[u8]) -> Result<()> + Send + 'a;
@@ -67,6 +68,19 @@ pub struct EncodedSnapshot {
     pub entries: u64,
     /// Key groups covered.
     pub key_groups: KeyGroupRange,
+}
+
+impl EncodedSnapshot {
+    /// The metadata's handle of this file, stored at `path`.
+    pub fn handle(&self, path: impl Into<String>) -> StateFileHandle {
+        StateFileHandle {
+            path: path.into(),
+            size: self.bytes.len() as u64,
+            crc32: self.crc32,
+            key_groups: self.key_groups,
+            entries: self.entries,
+        }
+    }
 }
 
 /// Encodes a snapshot in the canonical format (version 1: every entry).
@@ -491,20 +505,19 @@ pub async fn read_changes(
     let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
         return Ok(0);
     };
-    // The header and the wanted sections (which are contiguous): one read
-    // when the sections follow the header, as when a subtask restores its
-    // own file, else two.
-    let (head, body, body_start) = if first.offset == footer.header_len {
-        let all = storage.read_range(path, 0..last.offset + last.len).await?;
-        (all.slice(..footer.header_len as usize), all.clone(), 0)
+    // The header, then the wanted sections (which are contiguous) in
+    // chunks of about READ_CHUNK bytes, READS_IN_FLIGHT at a time: memory
+    // stays bounded for large files, and the reads overlap the decoding.
+    // A small file whose sections follow the header (a subtask restoring
+    // its own file) comes in one read with its header.
+    let sections_end = last.offset + last.len;
+    let (header, first_chunk) = if first.offset == footer.header_len && sections_end <= READ_CHUNK {
+        let all = storage.read_range(path, 0..sections_end).await?;
+        (parse_header(path, &all[..footer.header_len as usize])?, Some(all))
     } else {
         let head = storage.read_range(path, 0..footer.header_len).await?;
-        let body = storage
-            .read_range(path, first.offset..last.offset + last.len)
-            .await?;
-        (head, body, first.offset)
+        (parse_header(path, &head)?, None)
     };
-    let header = parse_header(path, &head)?;
     if header.range != file.key_groups {
         return Err(Error::corrupt(
             path,
@@ -512,17 +525,66 @@ pub async fn read_changes(
         ));
     }
     let mut n = 0;
-    for row in &wanted {
-        let from = (row.offset - body_start) as usize;
-        let section = body.get(from..from + row.len as usize).ok_or_else(|| {
-            Error::corrupt(
-                path,
-                format!("section of key group {} is past the bytes read", row.kg),
-            )
-        })?;
-        n += decode_section(path, row, &header, section, visit)?;
+    if let Some(all) = first_chunk {
+        for row in &wanted {
+            n += decode_section(path, row, &header, section(path, row, &all, 0)?, visit)?;
+        }
+        return Ok(n);
+    }
+    let reads = chunk_rows(&wanted, READ_CHUNK).into_iter().map(|rows| {
+        let start = wanted[rows.start].offset;
+        let end = wanted[rows.end - 1].offset + wanted[rows.end - 1].len;
+        async move {
+            storage
+                .read_range(path, start..end)
+                .await
+                .map(|b| (rows, start, b))
+        }
+    });
+    let mut reads = futures::stream::iter(reads).buffered(READS_IN_FLIGHT);
+    while let Some(read) = reads.next().await {
+        let (rows, start, bytes) = read?;
+        for row in &wanted[rows] {
+            n += decode_section(path, row, &header, section(path, row, &bytes, start)?, visit)?;
+        }
     }
     Ok(n)
+}
+
+/// Bytes per range read of a state file's sections (a key group larger
+/// than this is read alone).
+const READ_CHUNK: u64 = 8 << 20;
+
+/// Range reads of one state file in flight at a time.
+const READS_IN_FLIGHT: usize = 4;
+
+/// Consecutive rows grouped into chunks of about `max` bytes (ranges of
+/// row indices).
+fn chunk_rows(rows: &[Row], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut from, mut bytes) = (0, 0u64);
+    for (i, row) in rows.iter().enumerate() {
+        if i > from && bytes + row.len > max {
+            chunks.push(from..i);
+            (from, bytes) = (i, 0);
+        }
+        bytes += row.len;
+    }
+    if from < rows.len() {
+        chunks.push(from..rows.len());
+    }
+    chunks
+}
+
+/// The section of `row` in `bytes`, which start at file offset `start`.
+fn section<'b>(path: &str, row: &Row, bytes: &'b [u8], start: u64) -> Result<&'b [u8]> {
+    let from = (row.offset - start) as usize;
+    bytes.get(from..from + row.len as usize).ok_or_else(|| {
+        Error::corrupt(
+            path,
+            format!("section of key group {} is past the bytes read", row.kg),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -608,13 +670,7 @@ mod tests {
     }
 
     fn handle(enc: &EncodedSnapshot) -> StateFileHandle {
-        StateFileHandle {
-            path: "chk-1/t.kst".into(),
-            size: enc.bytes.len() as u64,
-            crc32: enc.crc32,
-            key_groups: enc.key_groups,
-            entries: enc.entries,
-        }
+        enc.handle("chk-1/t.kst")
     }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -670,6 +726,60 @@ mod tests {
             &mut |_, _, _, _| Ok(()),
         ));
         assert_eq!(n.unwrap(), 0);
+    }
+
+    #[test]
+    fn a_large_file_is_read_in_bounded_chunks_and_decoded_whole() {
+        // Three key groups of ~6 MiB each: the tail, the header, then one
+        // read per chunk of at most READ_CHUNK bytes (one section each, as
+        // two would not fit), never the whole file at once.
+        let mut snap = crate::MapSnapshot::new(KeyGroupRange::new(0, 2).unwrap(), vec!["s".into()]);
+        for i in 0..300u32 {
+            snap.insert(i % 3, 0, i.to_be_bytes().to_vec(), vec![i as u8; 64 << 10]);
+        }
+        let enc = encode_snapshot(&snap).unwrap();
+        assert!(enc.bytes.len() as u64 > 2 * READ_CHUNK);
+        let storage = Counting::default();
+        block_on(storage.write_file("chk-1/t.kst", enc.bytes.clone())).unwrap();
+        let mut got = BTreeMap::new();
+        let n = block_on(read_key_groups(
+            &storage,
+            &handle(&enc),
+            KeyGroupRange::all(3),
+            &mut |_, kg, k, v| {
+                got.insert((kg, k.to_vec()), v.to_vec());
+                Ok(())
+            },
+        ))
+        .unwrap();
+        assert_eq!(n, 300);
+        let want: BTreeMap<_, _> = snap
+            .iter()
+            .map(|(g, _, k, v)| ((g, k.to_vec()), v.to_vec()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(storage.requests.load(Ordering::Relaxed), 2 + 3);
+    }
+
+    #[test]
+    fn rows_are_chunked_in_order_up_to_the_limit() {
+        let rows: Vec<Row> = [3u64, 3, 3, 10, 0, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, len)| Row {
+                kg: i as u32,
+                offset: 0,
+                len: *len,
+                entries: 0,
+                crc: 0,
+            })
+            .collect();
+        let chunks: Vec<Vec<u32>> = chunk_rows(&rows, 6)
+            .into_iter()
+            .map(|c| rows[c].iter().map(|r| r.kg).collect())
+            .collect();
+        assert_eq!(chunks, vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]);
+        assert!(chunk_rows(&[], 6).is_empty());
     }
 
     #[test]

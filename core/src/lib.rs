@@ -28,6 +28,7 @@ pub mod error;
 pub mod format;
 pub mod ids;
 pub mod keygroup;
+pub mod load;
 pub mod metadata;
 pub mod state;
 pub mod storage;
@@ -42,6 +43,7 @@ pub use keygroup::{
     check_parallelism, key_group_for_key, operator_index_for_key_group, stable_key_hash, KeyGroupRange,
     DEFAULT_MAX_PARALLELISM,
 };
+pub use load::{LoadBatch, LoadEntry};
 pub use metadata::{ChannelStateHandle, CheckpointMetadata, SplitPosition, StateDescriptor, StateFileHandle};
 pub use state::{
     ChangeSnapshot, KeyedStateStore, MapSnapshot, StateBackend, StateId, StateSnapshot, StoreScope,

@@ -116,6 +116,23 @@ pub trait KeyedStateStore: Send {
         let _ = checkpoint;
     }
 
+    /// Writes restored entries in bulk (a restore, before any processing):
+    /// each a put, or a deletion when its value is `None`; for one key, the
+    /// later entry of the batch wins, and a later batch wins over an earlier
+    /// one. Like any write before [`restored`](Self::restored), it is the
+    /// restored base, not a change. The default writes the entries one at a
+    /// time; a store with a sorted on-disk structure writes them in key
+    /// order in one transaction.
+    fn load(&mut self, batch: &crate::LoadBatch) -> Result<()> {
+        for e in batch.iter() {
+            match e.value {
+                Some(v) => self.put(e.state, e.key_group, e.key, v)?,
+                None => self.delete(e.state, e.key_group, e.key)?,
+            }
+        }
+        Ok(())
+    }
+
     /// The store now holds exactly the state of `checkpoint`, restored from
     /// it: changes are tracked from here ([`snapshot_changes`](Self::snapshot_changes)
     /// relative to `checkpoint`).

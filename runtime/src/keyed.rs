@@ -214,29 +214,18 @@ impl KeyedBackend {
                     }
                     // The base, then its changes files in order: a later
                     // write or deletion of a key replaces the earlier one.
-                    for file in std::iter::once(base).chain(&st.keyed_changes) {
-                        let store_ref = &mut store;
-                        sluice_core::format::read_changes(
-                            restore.storage.as_ref(),
-                            &restore.resolve(file),
-                            range,
-                            &mut |name, kg, k, v| {
-                                let id = match ids.get(name) {
-                                    Some(id) => *id,
-                                    None => {
-                                        let id = store_ref.register_state(name)?;
-                                        ids.insert(name.to_string(), id);
-                                        id
-                                    }
-                                };
-                                match v {
-                                    Some(v) => store_ref.put(id, kg, k, v),
-                                    None => store_ref.delete(id, kg, k),
-                                }
-                            },
-                        )
-                        .await?;
-                    }
+                    let chain: Vec<_> = std::iter::once(base)
+                        .chain(&st.keyed_changes)
+                        .map(|f| restore.resolve(f))
+                        .collect();
+                    sluice_core::load::load_chain(
+                        restore.storage.as_ref(),
+                        &chain,
+                        range,
+                        store.as_mut(),
+                        &mut ids,
+                    )
+                    .await?;
                 }
                 if own_chain {
                     // The store holds exactly this subtask's state of the

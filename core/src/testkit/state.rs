@@ -2,7 +2,6 @@
 
 use super::MAX_PARALLELISM;
 use crate::format::{decode_snapshot, encode_snapshot, read_key_groups, verify_snapshot_file};
-use crate::metadata::StateFileHandle;
 use crate::{
     key_group_for_key, CheckpointId, CheckpointStorage, CheckpointStorageExt, KeyGroupRange, KeyedStateStore,
     OperatorUid, StateBackend, StoreScope,
@@ -219,13 +218,7 @@ pub async fn state_restore_by_key_group_range(backend: &dyn StateBackend, storag
         .write_file(&path, enc.bytes.clone())
         .await
         .expect("write state file");
-    let file = StateFileHandle {
-        path: path.clone(),
-        size: enc.bytes.len() as u64,
-        crc32: enc.crc32,
-        key_groups: enc.key_groups,
-        entries: enc.entries,
-    };
+    let file = enc.handle(path.clone());
     verify_snapshot_file(&path, &storage.read_file(&path).await.unwrap(), file.crc32)
         .expect("whole-file crc");
     for parallelism in [1u32, 3, 4] {
@@ -299,6 +292,74 @@ pub async fn run_state_backend_suite(backend: &dyn StateBackend, storage: &dyn C
     state_restore_by_key_group_range(backend, storage).await;
     state_large_values(backend).await;
     state_changes_since_a_base(backend).await;
+    state_bulk_load(backend).await;
+}
+
+/// [`KeyedStateStore::load`]: a batch's later entry of a key wins (a put
+/// or a deletion), a later batch wins over an earlier one and over earlier
+/// puts, deletions of missing keys are fine, and an entry outside the
+/// store's key groups is refused.
+pub async fn state_bulk_load(backend: &dyn StateBackend) {
+    let range = KeyGroupRange::new(0, 63).unwrap();
+    let mut store = open(backend, range);
+    let a = store.register_state("a").unwrap();
+    let b = store.register_state("b").unwrap();
+    let mut model: BTreeMap<(String, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
+    let name = |s: u16| if s == a { "a" } else { "b" }.to_string();
+    let mut batch = crate::LoadBatch::new();
+    // Rounds: into the empty store (key groups 0..32), then into key
+    // groups 32..64 of one state only (after everything stored), then over everything
+    // after puts that are still buffered.
+    for (round, groups) in [(0u32, 0..32u32), (1, 32..64), (2, 0..64)] {
+        if round == 2 {
+            for i in 0..50u32 {
+                store.put(a, i % 64, &i.to_be_bytes(), b"early").unwrap();
+                model.insert((name(a), i % 64, i.to_be_bytes().to_vec()), b"early".to_vec());
+            }
+        }
+        batch.clear();
+        // Reverse order, so that the store must sort.
+        for i in (0..3000u32).rev() {
+            // Round 1 writes state `b` alone: nothing stored lies between its keys.
+            let state = if round == 1 || i % 3 == 0 { b } else { a };
+            let (kg, key) = (i % 64, i.to_be_bytes());
+            if !groups.contains(&kg) {
+                continue;
+            }
+            let value = format!("v{i}-{round}").into_bytes();
+            batch.push(state, kg, &key, Some(&value));
+            if i % 7 == 0 {
+                // A later deletion of the same key wins.
+                batch.push(state, kg, &key, None);
+                model.remove(&(name(state), kg, key.to_vec()));
+            } else if i % 11 == 0 {
+                // A later put wins over the earlier one.
+                batch.push(state, kg, &key, Some(b"later"));
+                model.insert((name(state), kg, key.to_vec()), b"later".to_vec());
+            } else {
+                model.insert((name(state), kg, key.to_vec()), value);
+            }
+        }
+        batch.push(b, groups.start, b"never-written", None);
+        store.load(&batch).expect("load");
+        for ((n, kg, key), value) in &model {
+            let s = if n == "a" { a } else { b };
+            assert_eq!(
+                get(store.as_mut(), s, *kg, key).as_ref(),
+                Some(value),
+                "round {round}: {n} {kg} {key:?}"
+            );
+        }
+        let snap = store.snapshot(CheckpointId(u64::from(round) + 1)).unwrap();
+        assert_eq!(
+            snapshot_entries(snap.as_ref()),
+            model,
+            "the snapshot after round {round}"
+        );
+    }
+    let mut outside = crate::LoadBatch::new();
+    outside.push(a, 64, b"k", Some(b"v"));
+    assert!(store.load(&outside).is_err(), "key group 64 is outside {range}");
 }
 
 type Changes = BTreeMap<(String, u32, Vec<u8>), Option<Vec<u8>>>;

@@ -37,13 +37,7 @@ pub async fn storage_restore_by_key_group_range(storage: &dyn CheckpointStorage)
         .write_file(&path, enc.bytes.clone())
         .await
         .expect("write state file");
-    let file = StateFileHandle {
-        path: path.clone(),
-        size: enc.bytes.len() as u64,
-        crc32: enc.crc32,
-        key_groups: enc.key_groups,
-        entries: enc.entries,
-    };
+    let file = enc.handle(path.clone());
     for parallelism in [1u32, 3, 4] {
         let mut restored: BTreeMap<(String, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
         for subtask in 0..parallelism {
