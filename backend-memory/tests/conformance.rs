@@ -57,3 +57,8 @@ fn out_of_range_key_groups_and_unknown_states_are_errors_not_panics() {
     assert!(store.put(s + 1, 5, b"k", b"v").is_err());
     assert!(store.get(s, 3, b"k", &mut Vec::new()).is_err());
 }
+
+#[test]
+fn with_a_quarter_of_the_keys_changed_the_store_asks_for_a_full_snapshot() {
+    testkit::state_full_snapshot_when_most_keys_changed(&MemoryStateBackend::new());
+}

@@ -17,7 +17,10 @@
 //! buffer size, or when there are [`MAX_LAYERS`] layers.
 
 use crate::corrupt_or_storage;
-use redb::{Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 use rustc_hash::FxHashMap;
 use sluice_core::state::{ChangeSetVisitor, KeyValueVisitor, SnapshotVisitor};
 use sluice_core::{
@@ -536,8 +539,21 @@ impl KeyedStateStore for RedbStore {
         checkpoint: CheckpointId,
         base: CheckpointId,
     ) -> Result<Option<Box<dyn ChangeSnapshot>>> {
-        if !self.tracking.as_ref().is_some_and(|t| t.bases.contains(&base)) {
+        let Some(t) = self.tracking.as_ref().filter(|t| t.bases.contains(&base)) else {
             // The caller takes a full snapshot, which ends the epoch.
+            return Ok(None);
+        };
+        // A quarter of the entries or more changed: a full snapshot is not
+        // much larger and cheaper to write (a merge-join with redb's rows
+        // instead of merging every write buffer since the base).
+        let parts = t
+            .open
+            .iter()
+            .chain(t.closed.range(base.next()..).flat_map(|(_, p)| p));
+        let changed = self.buffer.len() + parts.map(|p| p.len()).sum::<usize>();
+        let buffered = self.buffer.len() + self.frozen.iter().map(|l| l.len()).sum::<usize>();
+        let stored = self.reader()?.len().map_err(|e| Error::storage(&self.name, e))?;
+        if (changed as u64).saturating_mul(4) > stored + buffered as u64 {
             return Ok(None);
         }
         self.end_epoch(checkpoint)?;
@@ -548,24 +564,16 @@ impl KeyedStateStore for RedbStore {
             // Tracking gave up while ending the epoch (too much kept).
             return Ok(None);
         }
-        // The epochs after `base`, oldest first: newer parts win.
-        let mut newest: FxHashMap<&[u8], Option<&[u8]>> = FxHashMap::default();
-        for part in t
+        // The epochs after `base`, oldest first (newer parts win), merged
+        // in the asynchronous part.
+        let parts: Vec<Arc<Dirty>> = t
             .closed
             .range(base.next()..=checkpoint)
-            .flat_map(|(_, parts)| parts)
-        {
-            for (k, v) in part.iter() {
-                newest.insert(k.as_slice(), v.as_deref());
-            }
-        }
-        let mut merged: SortedDirty = newest
-            .into_iter()
-            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+            .flat_map(|(_, parts)| parts.iter().cloned())
             .collect();
-        merged.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(Some(Box::new(RedbChanges {
-            merged,
+            parts,
+            merged: std::sync::OnceLock::new(),
             names: self.names.clone(),
             range: self.range,
         })))
@@ -700,10 +708,30 @@ impl RedbStore {
     }
 }
 
+/// Write buffers, oldest first, merged (the newest entry of a key wins)
+/// and sorted by key.
+fn merge_layers(layers: &[Arc<Dirty>]) -> SortedDirty {
+    let mut newest: FxHashMap<&[u8], Option<&[u8]>> = FxHashMap::default();
+    for layer in layers.iter().rev() {
+        for (k, v) in layer.iter() {
+            newest.entry(k.as_slice()).or_insert(v.as_deref());
+        }
+    }
+    let mut m: SortedDirty = newest
+        .into_iter()
+        .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+        .collect();
+    m.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    m
+}
+
 /// The changes of a [`RedbStore`] since a base: its epochs' write buffers
 /// merged (newest wins), sorted by key.
 struct RedbChanges {
-    merged: SortedDirty,
+    /// The write buffers since the base, oldest first.
+    parts: Vec<Arc<Dirty>>,
+    /// They merged (newest wins) and sorted, built at the first visit.
+    merged: std::sync::OnceLock<SortedDirty>,
     names: Vec<String>,
     range: KeyGroupRange,
 }
@@ -718,17 +746,14 @@ impl ChangeSnapshot for RedbChanges {
     }
 
     fn visit_key_group(&self, key_group: u32, visit: &mut ChangeSetVisitor<'_>) -> Result<()> {
+        let merged = self.merged.get_or_init(|| merge_layers(&self.parts));
         for s in 0..self.names.len() as StateId {
             let (mut start, mut end) = (Vec::new(), Vec::new());
             compose(&mut start, s, key_group, &[]);
             compose(&mut end, s, key_group + 1, &[]);
-            let from = self
-                .merged
-                .partition_point(|(k, _)| k.as_slice() < start.as_slice());
-            let to = self
-                .merged
-                .partition_point(|(k, _)| k.as_slice() < end.as_slice());
-            for (k, v) in &self.merged[from..to] {
+            let from = merged.partition_point(|(k, _)| k.as_slice() < start.as_slice());
+            let to = merged.partition_point(|(k, _)| k.as_slice() < end.as_slice());
+            for (k, v) in &merged[from..to] {
                 visit(s, &k[HEADER..], v.as_deref())?;
             }
         }
@@ -765,20 +790,7 @@ impl StateSnapshot for RedbSnapshot {
                 reason: format!("outside the snapshot's range {}", self.range),
             });
         }
-        let merged = self.merged.get_or_init(|| {
-            let mut newest: FxHashMap<&[u8], Option<&[u8]>> = FxHashMap::default();
-            for layer in self.layers.iter().rev() {
-                for (k, v) in layer.iter() {
-                    newest.entry(k.as_slice()).or_insert(v.as_deref());
-                }
-            }
-            let mut m: SortedDirty = newest
-                .into_iter()
-                .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
-                .collect();
-            m.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            m
-        });
+        let merged = self.merged.get_or_init(|| merge_layers(&self.layers));
         for s in 0..self.names.len() as StateId {
             let (mut start, mut end) = (Vec::new(), Vec::new());
             compose(&mut start, s, key_group, &[]);

@@ -345,3 +345,9 @@ fn layered_snapshots_hold_exactly_the_state_at_their_moment() {
         }
     }
 }
+
+#[test]
+fn with_a_quarter_of_the_keys_changed_the_store_asks_for_a_full_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    testkit::state_full_snapshot_when_most_keys_changed(&RedbStateBackend::new(dir.path()).unwrap());
+}

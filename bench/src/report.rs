@@ -141,7 +141,8 @@ pub fn sweep_table(results: &[RunResult]) -> String {
     out
 }
 
-type ChartResult = Result<(), Box<dyn std::error::Error>>;
+/// What drawing a chart returns.
+pub type ChartResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Horizontal bars: events/s per configuration.
 pub fn throughput_chart(results: &[RunResult], path: &Path) -> ChartResult {

@@ -39,8 +39,11 @@ pub struct CheckpointStats {
     pub status: CheckpointStatus,
     /// Trigger to commit (or to abort).
     pub duration: Duration,
-    /// Bytes of state files.
+    /// Bytes of the state files the checkpoint references (its full size).
     pub state_size: u64,
+    /// Bytes of the state files it wrote itself: less than `state_size`
+    /// when it is incremental (Flink's "checkpointed data size").
+    pub written_size: u64,
     /// Per task: time from its first to its last barrier.
     pub alignment: Vec<Duration>,
     /// Longest synchronous snapshot part of any task.
@@ -303,6 +306,7 @@ impl JobHandle {
 pub(crate) struct CompletedStats {
     pub duration: Duration,
     pub state_size: u64,
+    pub written_size: u64,
     pub channel: u64,
     pub alignment: Vec<Duration>,
     pub sync_max: Duration,
@@ -347,6 +351,7 @@ impl StatsLog {
             s.status = status;
             s.duration = st.duration;
             s.state_size = st.state_size;
+            s.written_size = st.written_size;
             s.alignment = st.alignment.clone();
             s.sync_max = st.sync_max;
             s.async_max = st.async_max;

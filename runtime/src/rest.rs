@@ -99,6 +99,7 @@ fn stats_json(s: &CheckpointStats) -> Value {
         "trigger_time_ms": s.trigger_time_ms,
         "duration_ms": s.duration.as_millis() as u64,
         "state_size": s.state_size,
+        "written_size": s.written_size,
         "alignment_max_ms": s.alignment_max().as_millis() as u64,
         "sync_max_ms": s.sync_max.as_millis() as u64,
         "async_max_ms": s.async_max.as_millis() as u64,

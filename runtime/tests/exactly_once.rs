@@ -18,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustc_hash::FxHashMap;
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_core::CheckpointStorageExt;
 use sluice_runtime::prelude::*;
 use sluice_runtime::testing::{
     file_ownership, CrashBeforeCommit, Fault, FaultPlan, FaultyStorage, Op, OpFault,
@@ -126,12 +127,21 @@ fn job_for(
 }
 
 const EVENTS: u64 = 6_000;
-const KEYS: u64 = 37;
+/// Many keys, so that a checkpoint interval changes few of them: the
+/// later checkpoints of a run are changes files (incremental chains).
+const KEYS: u64 = 100_000;
 
 async fn keyed_sum_case(
     seed: u64,
     mode: CheckpointingMode,
-) -> (FxHashMap<u64, u64>, Faults, u32, sluice_runtime::JobResult, u64) {
+) -> (
+    FxHashMap<u64, u64>,
+    Faults,
+    u32,
+    sluice_runtime::JobResult,
+    u64,
+    bool,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     let parallelism = rng.random_range(1..=3);
     let faults = draw_faults(&mut rng, parallelism, EVENTS / u64::from(parallelism));
@@ -162,7 +172,22 @@ async fn keyed_sum_case(
         files.is_exact(),
         "seed {seed}: checkpoint files left behind or missing: {files:?} (faults {faults:?}, result {result:?})"
     );
-    (sink.sums(), faults, parallelism, result, storage.injected())
+    // Whether a retained checkpoint is a chain (references another's files).
+    let mut chained = false;
+    for c in storage.list().await.unwrap().into_iter().filter(|c| c.committed) {
+        let meta = sluice_core::metadata::read_checkpoint_metadata(storage.as_ref(), c.id)
+            .await
+            .unwrap();
+        chained |= meta.state_size() > meta.own_state_size();
+    }
+    (
+        sink.sums(),
+        faults,
+        parallelism,
+        result,
+        storage.injected(),
+        chained,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,13 +202,18 @@ async fn keyed_sum_is_exactly_once_under_random_failures() {
         sink.sums()
     };
     for (k, e) in expected.iter().enumerate() {
-        assert_eq!(clean.get(&(k as u64)), Some(e), "failure-free run, key {k}");
+        assert_eq!(
+            clean.get(&(k as u64)).copied().unwrap_or(0),
+            *e,
+            "failure-free run, key {k}"
+        );
     }
-    let (mut restarted, mut restored, mut checkpoints, mut injected) = (0, 0, 0, 0);
+    let (mut restarted, mut restored, mut checkpoints, mut injected, mut chains) = (0, 0, 0, 0, 0);
     let seeds = seeds();
     for &seed in &seeds {
-        let (sums, faults, p, result, faults_injected) =
+        let (sums, faults, p, result, faults_injected, chained) =
             keyed_sum_case(seed, CheckpointingMode::ExactlyOnce).await;
+        chains += u64::from(chained);
         injected += faults_injected;
         assert_eq!(sums, clean, "seed {seed} (parallelism {p}, faults {faults:?}): final state differs from the failure-free run; replay with SLUICE_EO_SEED={seed}");
         restarted += u64::from(result.restarts > 0);
@@ -192,7 +222,8 @@ async fn keyed_sum_is_exactly_once_under_random_failures() {
     }
     println!(
         "{} keyed schedules, 0 divergences: {restarted} restarted, {restored} restored from a checkpoint, \
-         {checkpoints} checkpoints completed, {injected} storage faults injected",
+         {checkpoints} checkpoints completed, {chains} ended with an incremental chain retained, \
+         {injected} storage faults injected",
         seeds.len()
     );
     // The harness must exercise recovery from checkpoints, not only restarts
@@ -206,6 +237,11 @@ async fn keyed_sum_is_exactly_once_under_random_failures() {
         assert!(
             restored * 4 >= seeds.len() as u64,
             "only {restored} of {} seeds restored from a checkpoint",
+            seeds.len()
+        );
+        assert!(
+            chains * 4 >= seeds.len() as u64,
+            "only {chains} of {} seeds kept an incremental chain",
             seeds.len()
         );
     }

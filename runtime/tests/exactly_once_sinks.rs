@@ -37,7 +37,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const EVENTS: u64 = 6_000;
-const KEYS: u64 = 37;
+/// Many keys, so that a checkpoint interval changes few of them: the
+/// later checkpoints of a run are changes files (incremental chains).
+const KEYS: u64 = 100_000;
 
 fn seeds() -> Vec<u64> {
     if let Ok(s) = std::env::var("SLUICE_EO_SEED") {

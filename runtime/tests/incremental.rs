@@ -136,6 +136,13 @@ async fn few_changes_are_written_as_changes_and_restore_exactly_once(backend: Ar
         inc_meta.own_state_size(),
         full_meta.own_state_size()
     );
+    // The statistics report both sizes, as Flink's full and checkpointed sizes.
+    let stats = handle.monitor().checkpoint_stats();
+    let s = stats.iter().find(|s| s.id == incremental).expect("statistics");
+    assert_eq!(
+        (s.state_size, s.written_size),
+        (inc_meta.state_size(), inc_meta.own_state_size())
+    );
     // A savepoint of an incremental job is full and self-contained.
     let targets: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
     let sp = handle
@@ -190,6 +197,31 @@ async fn few_changes_are_written_as_changes_and_restore_exactly_once(backend: Ar
         .await
         .unwrap();
     assert_eq!(sums, expected, "the savepoint's state plus the rest of the input");
+    // The final checkpoint is a chain; restored as a retained checkpoint
+    // (`…#chk-<id>`) at another parallelism into redb, it rescales by key
+    // group like a full one.
+    assert!(chain_len(&*metadata(&storage, final_id).await) >= 1);
+    let dir = tempfile::tempdir().unwrap();
+    let rescaled: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let job = Job::new("from-a-chain")
+        .with_parallelism(3)
+        .with_state_backend(Arc::new(RedbStateBackend::new(dir.path()).unwrap()))
+        .with_checkpoint_storage(rescaled.clone())
+        .from_savepoint(SavepointLocation::new(storage.clone(), final_id.dir()).unwrap());
+    job.source(
+        "events",
+        SequenceSource::new(events, 2, move |i| (key(events, i), i)),
+        3,
+    )
+    .key_by(|(k, _)| *k)
+    .process("running-sum", RunningSum::default())
+    .sink(DiscardSink::new())
+    .unwrap();
+    let r = job.execute().await.expect("restores from the chain");
+    let sums = workload::final_sums(rescaled.as_ref(), r.final_checkpoint.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(sums, expected, "the chain's state, rescaled to three subtasks");
     // Every file of the job's storage is needed, and none is missing.
     let files = file_ownership(storage.as_ref()).await.unwrap();
     assert!(files.is_exact(), "{files:?}");

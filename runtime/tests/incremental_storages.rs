@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const EVENTS: u64 = 60_000;
-const KEYS: u64 = 2_000;
+/// Many keys, so that a checkpoint interval changes few of them (else the
+/// stores take full snapshots).
+const KEYS: u64 = 100_000;
 
 type Open = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn CheckpointStorage>>>>>;
 

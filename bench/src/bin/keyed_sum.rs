@@ -4,7 +4,7 @@
 //! in one run so the figures can be compared as ratios.
 //!
 //! ```text
-//! cargo run --release -p sluice-bench --bin keyed_sum -- [--events N] [--keys K] [--parallelism P] [--runs R]
+//! cargo run --release -p sluice-bench --bin keyed_sum -- [--events N] [--keys K] [--parallelism P] [--runs R] [--incremental false]
 //! ```
 
 use clap::Parser;
@@ -30,6 +30,9 @@ struct Args {
     /// Runs per configuration (the best is reported, and all are printed).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Incremental checkpoints (the default) or full ones.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    incremental: bool,
 }
 
 struct Outcome {
@@ -64,6 +67,7 @@ async fn run(a: &Args, backend: Backend, interval: Option<Duration>) -> Outcome 
         .with_checkpointing(CheckpointConfig {
             interval,
             retained: 1,
+            incremental: a.incremental.then(sluice_runtime::IncrementalPolicy::default),
             ..Default::default()
         });
     workload::keyed_sum(
@@ -102,8 +106,12 @@ fn main() {
         .build()
         .expect("tokio runtime");
     println!(
-        "keyed running sum: {} events, {} keys, parallelism {}, best of {} runs",
-        a.events, a.keys, a.parallelism, a.runs
+        "keyed running sum: {} events, {} keys, parallelism {}, best of {} runs, {} checkpoints",
+        a.events,
+        a.keys,
+        a.parallelism,
+        a.runs,
+        if a.incremental { "incremental" } else { "full" }
     );
     println!(
         "| state + storage, checkpoints | events/s (best) | all runs (M/s) | checkpoints | checkpoint p50 | vs memory, none |"

@@ -350,6 +350,7 @@ impl Coordinator {
             status: CheckpointStatus::InProgress,
             duration: Duration::ZERO,
             state_size: 0,
+            written_size: 0,
             alignment: Vec::new(),
             sync_max: Duration::ZERO,
             async_max: Duration::ZERO,
@@ -441,6 +442,7 @@ impl Coordinator {
         let stats = CompletedStats {
             duration,
             state_size: meta.state_size(),
+            written_size: meta.own_state_size(),
             channel: meta.channel_state_size(),
             alignment: p.alignment.clone(),
             sync_max: p.sync_max,
@@ -526,9 +528,10 @@ impl Coordinator {
         self.last_completion = Some(Instant::now());
         info!(
             checkpoint = id.0,
-            "checkpoint {id} completed in {} ms: {} bytes, max alignment {} ms, sync {} ms, async {} ms",
+            "checkpoint {id} completed in {} ms: {} bytes ({} written), max alignment {} ms, sync {} ms, async {} ms",
             stats.duration.as_millis(),
             stats.state_size,
+            stats.written_size,
             stats
                 .alignment
                 .iter()
@@ -553,17 +556,24 @@ impl Coordinator {
         if self.final_id == Some(id) {
             end_sources(infos);
         }
+        // Older pending checkpoints are subsumed.
+        let older: Vec<CheckpointId> = self.pending.range(..id).map(|(k, _)| *k).collect();
+        let mut result = Ok(());
+        for o in older {
+            result = self
+                .fail_checkpoint(o, format!("subsumed by checkpoint {id}"), infos, false)
+                .await;
+            if result.is_err() {
+                break;
+            }
+        }
+        self.completed.retain(&self.pinned()).await;
+        // Answered last: when a trigger returns, retention has been applied
+        // to storage.
         for r in p.responders {
             let _ = r.send(Ok(id));
         }
-        // Older pending checkpoints are subsumed.
-        let older: Vec<CheckpointId> = self.pending.range(..id).map(|(k, _)| *k).collect();
-        for o in older {
-            self.fail_checkpoint(o, format!("subsumed by checkpoint {id}"), infos, false)
-                .await?;
-        }
-        self.completed.retain(&self.pinned()).await;
-        Ok(())
+        result
     }
 
     /// The bases of the checkpoints in flight: not discarded until these end.

@@ -78,16 +78,17 @@ pub(crate) fn client_status(job: &str, json: bool) -> Result<ExitCode, String> {
     );
     let history = checkpoints["history"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:>8}  {:<10}  {:<11}  {:>12}  {:>9}",
-        "id", "kind", "status", "size", "duration"
+        "{:>8}  {:<10}  {:<11}  {:>12}  {:>12}  {:>9}",
+        "id", "kind", "status", "size", "written", "duration"
     );
     for h in history.iter().rev().take(10).rev() {
         println!(
-            "{:>8}  {:<10}  {:<11}  {:>12}  {:>7}ms",
+            "{:>8}  {:<10}  {:<11}  {:>12}  {:>12}  {:>7}ms",
             h["id"].to_string(),
             h["kind"].as_str().unwrap_or("?"),
             h["status"].as_str().unwrap_or("?"),
             h["state_size"].to_string(),
+            h["written_size"].to_string(),
             h["duration_ms"].to_string()
         );
     }
