@@ -83,7 +83,9 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use sluice_core::storage::{dir_prefix, validate_dir, validate_path, Capabilities, METADATA_FILE};
-use sluice_core::{CheckpointStorage, Error, FileListing, Result};
+use sluice_core::{CheckpointStorage, Error, FileListing, FileUpload, Result};
+
+mod upload;
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -116,6 +118,14 @@ struct Inner {
     read_only: bool,
     /// Directories with entries that are not synced yet.
     unsynced: Mutex<BTreeSet<PathBuf>>,
+}
+
+/// A write in progress: its temporary file in the target's directory.
+struct Staged {
+    tmp: PathBuf,
+    file: File,
+    dir: PathBuf,
+    target: PathBuf,
 }
 
 impl std::fmt::Debug for FsCheckpointStorage {
@@ -220,6 +230,14 @@ impl CheckpointStorage for FsCheckpointStorage {
         self.blocking(move |s| s.read(&path, range)).await
     }
 
+    /// Appends each part to a temporary file beside the target; `complete`
+    /// publishes it as `write_file` does. Memory holds one part at a time.
+    async fn upload<'a>(&'a self, path: &str) -> Result<Box<dyn FileUpload + 'a>> {
+        let path = path.to_string();
+        let staged = self.blocking(move |s| s.stage(&path)).await?;
+        Ok(Box::new(upload::FsUpload::new(self.inner.clone(), staged)))
+    }
+
     async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
         let dir = dir.to_string();
         self.blocking(move |s| s.list_files(&dir)).await
@@ -307,6 +325,24 @@ impl Inner {
 
     /// Writes `data` to `path` create-if-absent; `commit`: durably.
     fn write(&self, path: &str, data: &[u8], commit: bool) -> Result<()> {
+        let mut staged = self.stage(path)?;
+        let written = staged
+            .file
+            .write_all(data)
+            .map_err(|e| storage_error("writing", &staged.tmp, e));
+        match written {
+            Ok(()) => self.finish(staged, commit),
+            Err(e) => {
+                drop(staged.file);
+                let _ = fs::remove_file(&staged.tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the temporary file a write of `path` fills (and the missing
+    /// directories on the way).
+    fn stage(&self, path: &str) -> Result<Staged> {
         self.writable()?;
         let target = self.resolve(path)?;
         let dir = target
@@ -323,10 +359,25 @@ impl Inner {
         self.check_inside(&existing)?;
         let created = create_missing(missing)?;
         self.lock().extend(created);
-        let (tmp, mut file) = create_temp(&dir)?;
-        let written = file
-            .write_all(data)
-            .and_then(|()| if commit { file.sync_all() } else { file.sync_data() })
+        let (tmp, file) = create_temp(&dir)?;
+        Ok(Staged {
+            tmp,
+            file,
+            dir,
+            target,
+        })
+    }
+
+    /// Syncs a filled temporary file and publishes it create-if-absent;
+    /// the temporary file goes either way.
+    fn finish(&self, staged: Staged, commit: bool) -> Result<()> {
+        let Staged {
+            tmp,
+            file,
+            dir,
+            target,
+        } = staged;
+        let written = if commit { file.sync_all() } else { file.sync_data() }
             .map_err(|e| storage_error("writing", &tmp, e));
         drop(file);
         let published = written

@@ -41,6 +41,11 @@ const DURABLE_EVERY: u64 = 8;
 /// Frozen layers kept before they are flushed into redb (each one costs
 /// reads of keys not in the newer ones a lookup).
 pub const MAX_LAYERS: usize = 8;
+/// Heap bytes an entry of a write buffer or the read cache costs beyond its
+/// key and value bytes (the hash table's slot, and an allocation each for
+/// key and value): counted so that the configured bounds are the memory
+/// really used.
+const ENTRY_OVERHEAD: usize = 96;
 
 /// Dirty entries (`None`: a tombstone) by full key.
 type Dirty = FxHashMap<Vec<u8>, Option<Vec<u8>>>;
@@ -217,7 +222,7 @@ impl Tracking {
 /// Approximate heap bytes of a layer.
 fn dirty_bytes(d: &Dirty) -> usize {
     d.iter()
-        .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + 32)
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + ENTRY_OVERHEAD)
         .sum()
 }
 
@@ -276,7 +281,7 @@ impl RedbStore {
     }
 
     fn cache_insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        let size = key.len() + value.len() + 32;
+        let size = key.len() + value.len() + ENTRY_OVERHEAD;
         if self.cache_bytes + size > self.config.read_cache_bytes {
             self.cache.clear();
             self.cache_bytes = 0;
@@ -366,7 +371,9 @@ impl RedbStore {
                 Some(v) => self.cache_insert(k, v),
                 None => {
                     if let Some(old) = self.cache.remove(&k) {
-                        self.cache_bytes = self.cache_bytes.saturating_sub(k.len() + old.len() + 32);
+                        self.cache_bytes = self
+                            .cache_bytes
+                            .saturating_sub(k.len() + old.len() + ENTRY_OVERHEAD);
                     }
                 }
             }
@@ -375,7 +382,7 @@ impl RedbStore {
     }
 
     fn buffer_write(&mut self, value: Option<&[u8]>) -> Result<()> {
-        let added = self.full.len() + value.map_or(0, |v| v.len()) + 32;
+        let added = self.full.len() + value.map_or(0, |v| v.len()) + ENTRY_OVERHEAD;
         match self.buffer.get_mut(self.full.as_slice()) {
             Some(slot) => match (slot, value) {
                 (Some(old), Some(v)) => {

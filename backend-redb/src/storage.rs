@@ -37,6 +37,8 @@ const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoin
 /// The marker of a Sluice checkpoint store, with its format version.
 pub const STORE_FORMAT: &str = "sluice-checkpoints/1";
 const CHUNK: u64 = 1 << 20;
+/// redb's page cache for a checkpoint store, bytes.
+const STORE_CACHE_BYTES: usize = 32 << 20;
 
 /// Checkpoint storage in a local redb file.
 #[derive(Clone)]
@@ -112,13 +114,18 @@ impl RedbCheckpointStorage {
                 }
             }
         }
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => already_open(&name),
-            other => Error::Incompatible {
-                what: format!("checkpoint store {name}"),
-                reason: format!("not a usable redb database ({other}); choose another path"),
-            },
-        })?;
+        // Files are read and written in 1 MiB chunks, once each: a large page
+        // cache would only hold memory (redb's default is 1 GiB).
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => already_open(&name),
+                other => Error::Incompatible {
+                    what: format!("checkpoint store {name}"),
+                    reason: format!("not a usable redb database ({other}); choose another path"),
+                },
+            })?;
         match read_marker(&name, &db)? {
             Some(marker) => check_marker(&name, Some(marker))?,
             None if existed && has_tables(&db) => check_marker(&name, None)?,

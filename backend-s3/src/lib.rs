@@ -40,6 +40,7 @@
 
 mod errors;
 mod objects;
+mod upload;
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
@@ -50,7 +51,7 @@ use bytes::Bytes;
 use errors::{classify, determinate, Request, Target};
 use sluice_core::metadata::SAVEPOINT_METADATA_FILE;
 use sluice_core::storage::{dir_prefix, validate_dir, validate_path, Capabilities};
-use sluice_core::{CheckpointStorage, Error, FileListing, Result};
+use sluice_core::{CheckpointStorage, Error, FileListing, FileUpload, Result};
 
 use std::ops::Range;
 use std::time::Duration;
@@ -343,6 +344,18 @@ impl CheckpointStorage for S3CheckpointStorage {
         } else {
             self.put_new(&key, data, path).await
         }
+    }
+
+    /// Buffers one part (`S3Config::part_size`), then uploads part by part
+    /// in a multipart upload; memory holds about one part per file.
+    async fn upload<'a>(&'a self, path: &str) -> Result<Box<dyn FileUpload + 'a>> {
+        validate_path(path)?;
+        self.check_writable(path)?;
+        Ok(Box::new(upload::S3Upload::new(
+            self,
+            self.key(path),
+            path.to_string(),
+        )))
     }
 
     async fn read(&self, path: &str, range: Option<Range<u64>>) -> Result<Bytes> {

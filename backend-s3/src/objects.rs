@@ -37,27 +37,10 @@ impl S3CheckpointStorage {
             .map_err(|e| map_sdk(self, Request::Write, what, e))
     }
 
+    /// A create-if-absent upload of `data` in parts of `part_size`, several
+    /// in flight.
     pub(crate) async fn multipart(&self, key: &str, data: Bytes, what: &str) -> Result<()> {
-        if self.exists(key, what).await? {
-            return Err(Error::AlreadyExists {
-                what: format!("{what} in s3://{}", self.config.bucket),
-            });
-        }
-        let bucket = &self.config.bucket;
-        let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-            // An upload that is not completed is invisible (and aborted
-            // below or by `discard`): determinate.
-            .map_err(|e| determinate(map_sdk(self, Request::Write, what, e)))?;
-        let upload_id = created
-            .upload_id()
-            .ok_or_else(|| Error::storage(what, "the store returned no multipart upload id"))?
-            .to_string();
+        let upload_id = self.create_upload(key, what).await?;
         let part_size = self.config.part_size.max(5 << 20);
         let ranges: Vec<(i32, Range<usize>)> = (0..data.len())
             .step_by(part_size)
@@ -65,73 +48,115 @@ impl S3CheckpointStorage {
             .map(|(i, start)| (i as i32 + 1, start..(start + part_size).min(data.len())))
             .collect();
         let uploads = futures::stream::iter(ranges)
-            .map(|(number, range)| {
-                let body = ByteStream::from(data.slice(range));
-                let upload_id = upload_id.clone();
-                async move {
-                    let out = self
-                        .client
-                        .upload_part()
-                        .bucket(bucket)
-                        .key(key)
-                        .upload_id(upload_id)
-                        .part_number(number)
-                        .body(body)
-                        .send()
-                        .await
-                        // A part has no visible effect; only the completion does.
-                        .map_err(|e| {
-                            determinate(map_sdk(self, Request::Write, &format!("{what} part {number}"), e))
-                        })?;
-                    Ok::<_, Error>(
-                        CompletedPart::builder()
-                            .part_number(number)
-                            .set_e_tag(out.e_tag)
-                            .build(),
-                    )
-                }
-            })
+            .map(|(number, range)| self.upload_part(key, &upload_id, number, data.slice(range), what))
             .buffer_unordered(self.config.upload_concurrency.max(1))
             .try_collect::<Vec<_>>()
             .await;
         let result = match uploads {
-            Ok(mut parts) => {
-                parts.sort_by_key(|p| p.part_number());
-                let mut complete = self
-                    .client
-                    .complete_multipart_upload()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build());
-                if self.conditional_writes {
-                    complete = complete.if_none_match("*");
-                }
-                complete
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| map_sdk(self, Request::Write, what, e))
-            }
+            Ok(parts) => self.complete_upload(key, &upload_id, parts, what).await,
             Err(e) => Err(e),
         };
         if result.is_err() {
-            if let Err(e) = self
-                .client
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .send()
-                .await
-            {
-                warn!(
-                    "could not abort the multipart upload of {what}: {}",
-                    map_sdk(self, Request::Write, what, e)
-                );
-            }
+            self.abort_upload(key, &upload_id, what).await;
         }
         result
+    }
+
+    /// Starts a multipart upload of `key`, after checking it does not exist
+    /// (the completion is conditional too where the store honours it).
+    pub(crate) async fn create_upload(&self, key: &str, what: &str) -> Result<String> {
+        if self.exists(key, what).await? {
+            return Err(Error::AlreadyExists {
+                what: format!("{what} in s3://{}", self.config.bucket),
+            });
+        }
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+            // An upload that is not completed is invisible (and aborted
+            // below or by `discard`): determinate.
+            .map_err(|e| determinate(map_sdk(self, Request::Write, what, e)))?;
+        Ok(created
+            .upload_id()
+            .ok_or_else(|| Error::storage(what, "the store returned no multipart upload id"))?
+            .to_string())
+    }
+
+    /// Uploads part `number` of upload `upload_id`.
+    pub(crate) async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+        what: &str,
+    ) -> Result<CompletedPart> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            // A part has no visible effect; only the completion does.
+            .map_err(|e| determinate(map_sdk(self, Request::Write, &format!("{what} part {number}"), e)))?;
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(out.e_tag)
+            .build())
+    }
+
+    /// Completes upload `upload_id` from its parts (create-if-absent where
+    /// the store honours `If-None-Match`).
+    pub(crate) async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        mut parts: Vec<CompletedPart>,
+        what: &str,
+    ) -> Result<()> {
+        parts.sort_by_key(|p| p.part_number());
+        let mut complete = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build());
+        if self.conditional_writes {
+            complete = complete.if_none_match("*");
+        }
+        complete
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| map_sdk(self, Request::Write, what, e))
+    }
+
+    /// Aborts upload `upload_id` (a failure is logged: the clean-up of
+    /// unfinished uploads at the next start takes it).
+    pub(crate) async fn abort_upload(&self, key: &str, upload_id: &str, what: &str) {
+        if let Err(e) = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            warn!(
+                "could not abort the multipart upload of {what}: {}",
+                map_sdk(self, Request::Write, what, e)
+            );
+        }
     }
 
     /// A ranged GET (a HEAD for an empty range, to check the length).

@@ -114,20 +114,90 @@ async fn a_large_state_file_goes_up_in_parallel_parts_and_round_trips() {
         .await
         .unwrap();
     s.discard(CheckpointId(1)).await.unwrap();
-    let left = s
-        .client()
+    assert_eq!(open_uploads(&s, "chk-1/").await, 0, "orphan parts left");
+    assert!(s.list().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_in_parts_goes_up_part_by_part_and_an_abandoned_one_leaves_nothing() {
+    let Some(bucket) = bucket() else { return };
+    let mut config = S3Config::new(bucket, unique("upload"));
+    config.part_size = 5 << 20;
+    let s = S3CheckpointStorage::open(config).await.unwrap();
+    // 3 MiB parts: the first multipart part goes up with the second put.
+    let parts: Vec<Bytes> = (0..6u32)
+        .map(|p| {
+            Bytes::from(
+                (0..3u32 << 20)
+                    .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 ^ p as u8)
+                    .collect::<Vec<u8>>(),
+            )
+        })
+        .collect();
+    let whole = Bytes::from(parts.concat());
+    let mut up = s.upload("chk-2/parts-0.kst").await.unwrap();
+    for p in &parts {
+        up.put(p.clone()).await.unwrap();
+    }
+    assert_eq!(
+        open_uploads(&s, "chk-2/").await,
+        1,
+        "a multipart upload, not one buffered PUT"
+    );
+    assert!(matches!(
+        s.read_file("chk-2/parts-0.kst").await,
+        Err(Error::NotFound { .. })
+    ));
+    up.complete().await.unwrap();
+    assert!(
+        s.read_file("chk-2/parts-0.kst").await.unwrap() == whole,
+        "round trip"
+    );
+    // Create-if-absent, and an abandoned upload is aborted.
+    let mut again = s.upload("chk-2/parts-0.kst").await.unwrap();
+    for p in &parts[..2] {
+        again
+            .put(p.clone())
+            .await
+            .unwrap_or_else(|e| assert!(matches!(e, Error::AlreadyExists { .. }), "{e}"));
+    }
+    assert!(matches!(again.complete().await, Err(Error::AlreadyExists { .. })));
+    let mut dropped = s.upload("chk-2/dropped-0.kst").await.unwrap();
+    for p in &parts[..3] {
+        dropped.put(p.clone()).await.unwrap();
+    }
+    drop(dropped);
+    let mut left = usize::MAX;
+    for _ in 0..50 {
+        left = open_uploads(&s, "chk-2/").await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "the abandoned upload was aborted");
+    let files: Vec<String> = s
+        .list_files("chk-2")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(files, vec!["chk-2/parts-0.kst".to_string()]);
+    s.discard(CheckpointId(2)).await.unwrap();
+}
+
+/// Multipart uploads in progress under `dir` of the storage.
+async fn open_uploads(s: &S3CheckpointStorage, dir: &str) -> usize {
+    s.client()
         .list_multipart_uploads()
         .bucket(s_bucket())
-        .prefix(s.key("chk-1/"))
+        .prefix(s.key(dir))
         .send()
         .await
-        .unwrap();
-    assert!(
-        left.uploads().is_empty(),
-        "orphan parts left: {:?}",
-        left.uploads()
-    );
-    assert!(s.list().await.unwrap().is_empty());
+        .unwrap()
+        .uploads()
+        .len()
 }
 
 fn s_bucket() -> String {

@@ -5,11 +5,13 @@
 //!   step (encode + write to each checkpoint storage) and the restore
 //!   (read + put into a fresh store) versus state size (10^4 … 10^6 keys,
 //!   10^7 with `SLUICE_BENCH_HUGE=1`);
-//! - `storage_throughput`: write and read MB/s of each checkpoint storage.
+//! - `storage_throughput`: write and read MB/s of each checkpoint storage;
+//! - `incremental_vs_full`: one checkpoint of 10^5 keys (10^6 with
+//!   `SLUICE_BENCH_HUGE=1`) after 1 % or 10 % of them changed, full against
+//!   incremental, on each state backend into each storage.
 //!
 //! The S3 storage joins when `AWS_ENDPOINT_URL` and `SLUICE_S3_BUCKET` are
-//! set (`eval "$(scripts/s3-server.sh env)"`). No backend has incremental
-//! checkpoints yet, so there is no incremental-vs-full group.
+//! set (`eval "$(scripts/s3-server.sh env)"`).
 //!
 //! ```text
 //! cargo bench -p sluice-bench --bench backends
@@ -280,5 +282,80 @@ fn storage_throughput(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, state_get_put, snapshot_restore, storage_throughput);
+/// One checkpoint after `fraction` of `n` keys changed: `full` (snapshot,
+/// encode, write the whole state) against `incremental` (the changes since
+/// the previous checkpoint, encoded and written), on each state backend
+/// into each storage. The updates themselves are not timed.
+fn incremental_vs_full(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let storages = storages(dir.path(), &rt);
+    let mut group = c.benchmark_group("incremental_vs_full");
+    group.sample_size(10).measurement_time(Duration::from_secs(5));
+    let n = if std::env::var_os("SLUICE_BENCH_HUGE").is_some() {
+        1_000_000
+    } else {
+        100_000u64
+    };
+    for (bname, backend) in backends(dir.path()) {
+        let mut store = backend.open_store(&scope()).expect("open");
+        let s = fill(store.as_mut(), n);
+        let next = std::cell::Cell::new(1u64);
+        let base = store.snapshot(CheckpointId(0)).expect("snapshot");
+        drop(base);
+        store.checkpoint_complete(CheckpointId(0));
+        for (sname, storage) in &storages {
+            for fraction in [0.01, 0.1] {
+                let stride = (1.0 / fraction) as u64;
+                for incremental in [false, true] {
+                    let kind = if incremental { "incremental" } else { "full" };
+                    group.bench_function(
+                        BenchmarkId::new(format!("{kind}/{bname}->{sname}/{}%", fraction * 100.0), n),
+                        |b| {
+                            b.iter_custom(|iters| {
+                                let mut total = Duration::ZERO;
+                                for _ in 0..iters {
+                                    let id = CheckpointId(next.get());
+                                    next.set(id.0 + 1);
+                                    for i in (id.0 % stride..n).step_by(stride as usize) {
+                                        let (k, g) = key(i);
+                                        store.put(s, g, &k, &id.0.to_le_bytes()).expect("put");
+                                    }
+                                    let t = Instant::now();
+                                    let prev = CheckpointId(id.0 - 1);
+                                    let changes = match incremental {
+                                        true => store.snapshot_changes(id, prev).expect("changes"),
+                                        false => None,
+                                    };
+                                    let enc = match changes {
+                                        Some(ch) => sluice_core::format::encode_changes(ch.as_ref()),
+                                        None => {
+                                            encode_snapshot(store.snapshot(id).expect("snapshot").as_ref())
+                                        }
+                                    }
+                                    .expect("encode");
+                                    let path = format!("{}/bench-0.kst", id.dir());
+                                    rt.block_on(storage.write_file(&path, enc.bytes)).expect("write");
+                                    total += t.elapsed();
+                                    store.checkpoint_complete(id);
+                                    rt.block_on(storage.discard(id)).expect("discard");
+                                }
+                                total
+                            })
+                        },
+                    );
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    state_get_put,
+    snapshot_restore,
+    storage_throughput,
+    incremental_vs_full
+);
 criterion_main!(benches);

@@ -99,20 +99,36 @@ pub struct RunResult {
 /// Shared between the subtasks of every attempt: where to fail, when it
 /// failed, when the first record after the restore was processed.
 #[derive(Debug, Default)]
-struct RecoveryClock {
-    fail_after: u64,
-    processed: AtomicU64,
-    failed_at: Mutex<Option<Instant>>,
-    resumed_at: Mutex<Option<Instant>>,
+pub(crate) struct RecoveryClock {
+    pub(crate) fail_after: u64,
+    pub(crate) processed: AtomicU64,
+    pub(crate) failed_at: Mutex<Option<Instant>>,
+    pub(crate) resumed_at: Mutex<Option<Instant>>,
+    /// When the first record of the first attempt was processed.
+    pub(crate) first_at: Mutex<Option<Instant>>,
 }
 
 /// The running sum, timing the recovery of one injected failure.
 #[derive(Clone)]
-struct TimedSum {
+pub(crate) struct TimedSum {
     sum: Option<ValueState<u64>>,
     clock: Option<Arc<RecoveryClock>>,
     subtask: u32,
     restored: bool,
+    started: bool,
+}
+
+impl TimedSum {
+    /// The running sum, timed by `clock`.
+    pub(crate) fn new(clock: Option<Arc<RecoveryClock>>) -> Self {
+        TimedSum {
+            sum: None,
+            clock,
+            subtask: 0,
+            restored: false,
+            started: false,
+        }
+    }
 }
 
 impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for TimedSum {
@@ -135,6 +151,11 @@ impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for TimedSum {
         out: &mut Collector<'_, (u64, u64)>,
     ) -> Result<()> {
         if let Some(c) = &self.clock {
+            if !self.started {
+                self.started = true;
+                let mut f = c.first_at.lock().unwrap_or_else(|p| p.into_inner());
+                f.get_or_insert_with(Instant::now);
+            }
             if self.restored {
                 let mut r = c.resumed_at.lock().unwrap_or_else(|p| p.into_inner());
                 if r.is_none() {
@@ -159,7 +180,7 @@ impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for TimedSum {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -247,15 +268,7 @@ pub async fn run(c: &Config) -> Result<Measured> {
         c.parallelism,
     )
     .key_by(|(k, _)| *k)
-    .process(
-        "running-sum",
-        TimedSum {
-            sum: None,
-            clock: clock.clone(),
-            subtask: 0,
-            restored: false,
-        },
-    )
+    .process("running-sum", TimedSum::new(clock.clone()))
     .sink(DiscardSink::new())?;
     let started = Instant::now();
     let handle = job.start()?;

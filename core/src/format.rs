@@ -85,37 +85,152 @@ impl EncodedSnapshot {
 
 /// Encodes a snapshot in the canonical format (version 1: every entry).
 pub fn encode_snapshot(snapshot: &dyn StateSnapshot) -> Result<EncodedSnapshot> {
-    encode(
-        snapshot.key_groups(),
-        &snapshot.state_names(),
-        SNAPSHOT_FORMAT_VERSION,
-        &mut |kg, put| snapshot.visit_key_group(kg, &mut |state, key, value| put(state, key, Some(value))),
-    )
+    collect(|emit| encode_snapshot_in_parts(snapshot, usize::MAX, emit))
 }
 
 /// Encodes the changes since an earlier snapshot (version 2: upserts and
 /// deletions) for an incremental checkpoint.
 pub fn encode_changes(changes: &dyn ChangeSnapshot) -> Result<EncodedSnapshot> {
+    collect(|emit| encode_changes_in_parts(changes, usize::MAX, emit))
+}
+
+/// What an encoding in parts wrote: everything of [`EncodedSnapshot`] but
+/// the bytes, which went to the `emit` callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodedParts {
+    /// Bytes of the whole file.
+    pub size: u64,
+    /// CRC-32 of the whole file.
+    pub crc32: u32,
+    /// Number of entries.
+    pub entries: u64,
+    /// Key groups covered.
+    pub key_groups: KeyGroupRange,
+}
+
+impl EncodedParts {
+    /// The metadata's handle of this file, stored at `path`.
+    pub fn handle(&self, path: impl Into<String>) -> StateFileHandle {
+        StateFileHandle {
+            path: path.into(),
+            size: self.size,
+            crc32: self.crc32,
+            key_groups: self.key_groups,
+            entries: self.entries,
+        }
+    }
+}
+
+/// Encodes a full snapshot like [`encode_snapshot`], handing the file to
+/// `emit` in parts of about `part_bytes` (cut between key groups; a part
+/// holds at least one key group's section), in order: a state larger than
+/// memory is written without being held whole.
+pub fn encode_snapshot_in_parts(
+    snapshot: &dyn StateSnapshot,
+    part_bytes: usize,
+    emit: &mut dyn FnMut(Bytes) -> Result<()>,
+) -> Result<EncodedParts> {
+    encode(
+        snapshot.key_groups(),
+        &snapshot.state_names(),
+        SNAPSHOT_FORMAT_VERSION,
+        &mut |kg, put| snapshot.visit_key_group(kg, &mut |state, key, value| put(state, key, Some(value))),
+        part_bytes,
+        emit,
+    )
+}
+
+/// Encodes changes like [`encode_changes`], in parts as
+/// [`encode_snapshot_in_parts`].
+pub fn encode_changes_in_parts(
+    changes: &dyn ChangeSnapshot,
+    part_bytes: usize,
+    emit: &mut dyn FnMut(Bytes) -> Result<()>,
+) -> Result<EncodedParts> {
     encode(
         changes.key_groups(),
         &changes.state_names(),
         CHANGES_FORMAT_VERSION,
         &mut |kg, put| changes.visit_key_group(kg, &mut |state, key, value| put(state, key, value)),
+        part_bytes,
+        emit,
     )
+}
+
+/// Runs an encoding in parts and keeps the file whole.
+fn collect(
+    run: impl FnOnce(&mut dyn FnMut(Bytes) -> Result<()>) -> Result<EncodedParts>,
+) -> Result<EncodedSnapshot> {
+    let mut parts: Vec<Bytes> = Vec::new();
+    let done = run(&mut |b| {
+        parts.push(b);
+        Ok(())
+    })?;
+    let bytes = match parts.len() {
+        1 => parts.pop().unwrap_or_default(),
+        _ => Bytes::from(parts.concat()),
+    };
+    Ok(EncodedSnapshot {
+        bytes,
+        crc32: done.crc32,
+        entries: done.entries,
+        key_groups: done.key_groups,
+    })
 }
 
 /// Emits one entry of a key group: `(state, key, value or deleted)`.
 type Emit<'a> = dyn FnMut(StateId, &[u8], Option<&[u8]>) -> Result<()> + 'a;
 
+/// The file being written: the part not emitted yet, what was emitted, and
+/// the whole file's CRC so far.
+struct PartWriter<'e> {
+    out: Vec<u8>,
+    emitted: u64,
+    crc: crc32fast::Hasher,
+    part_bytes: usize,
+    emit: &'e mut dyn FnMut(Bytes) -> Result<()>,
+}
+
+impl PartWriter<'_> {
+    /// The file offset of the next byte.
+    fn offset(&self) -> u64 {
+        self.emitted + self.out.len() as u64
+    }
+
+    /// Hands the buffered bytes on, if there are `part_bytes` of them (or
+    /// any, when `last`).
+    fn maybe_emit(&mut self, last: bool) -> Result<()> {
+        if self.out.len() >= self.part_bytes || (last && !self.out.is_empty()) {
+            let part = std::mem::take(&mut self.out);
+            self.crc.update(&part);
+            self.emitted += part.len() as u64;
+            if !last {
+                self.out = Vec::with_capacity(self.part_bytes.min(part.len()));
+            }
+            (self.emit)(Bytes::from(part))?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes a file of `version` whose key group `kg`'s entries
-/// `visit_kg(kg, emit)` emits.
+/// `visit_kg(kg, emit)` emits, handing it to `emit` in parts.
 fn encode(
     range: KeyGroupRange,
     names: &[String],
     version: u16,
     visit_kg: &mut dyn FnMut(u32, &mut Emit<'_>) -> Result<()>,
-) -> Result<EncodedSnapshot> {
-    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    part_bytes: usize,
+    emit: &mut dyn FnMut(Bytes) -> Result<()>,
+) -> Result<EncodedParts> {
+    let mut w = PartWriter {
+        out: Vec::with_capacity(4096),
+        emitted: 0,
+        crc: crc32fast::Hasher::new(),
+        part_bytes: part_bytes.max(1),
+        emit,
+    };
+    let out = &mut w.out;
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
@@ -130,7 +245,7 @@ fn encode(
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(n.as_bytes());
     }
-    let crc = crc32fast::hash(&out);
+    let crc = crc32fast::hash(out);
     out.extend_from_slice(&crc.to_le_bytes());
     let header_len = out.len() as u32;
 
@@ -138,11 +253,12 @@ fn encode(
     index.extend_from_slice(&(range.len() as u32).to_le_bytes());
     let mut total = 0u64;
     for kg in range.iter() {
-        let start = out.len();
+        let start = w.out.len();
+        let offset = w.offset();
         let mut entries = 0u64;
         visit_kg(kg, &mut |state, key, value| {
             entries += 1;
-            let buf = std::mem::take(&mut out);
+            let buf = std::mem::take(&mut w.out);
             let encoded = match (version, value) {
                 (SNAPSHOT_FORMAT_VERSION, Some(v)) => postcard::to_extend(&(state, key, v), buf),
                 (SNAPSHOT_FORMAT_VERSION, None) => {
@@ -153,32 +269,33 @@ fn encode(
                 }
                 (_, value) => postcard::to_extend(&(state, key, value), buf),
             };
-            out = encoded.map_err(|e| Error::Serialization {
+            w.out = encoded.map_err(|e| Error::Serialization {
                 what: format!("snapshot entry of key group {kg}"),
                 reason: e.to_string(),
             })?;
             Ok(())
         })?;
         total += entries;
-        let section = &out[start..];
+        let section = &w.out[start..];
         index.extend_from_slice(&kg.to_le_bytes());
-        index.extend_from_slice(&(start as u64).to_le_bytes());
+        index.extend_from_slice(&offset.to_le_bytes());
         index.extend_from_slice(&(section.len() as u64).to_le_bytes());
         index.extend_from_slice(&entries.to_le_bytes());
         index.extend_from_slice(&crc32fast::hash(section).to_le_bytes());
+        w.maybe_emit(false)?;
     }
     let icrc = crc32fast::hash(&index);
     index.extend_from_slice(&icrc.to_le_bytes());
-    let index_offset = out.len() as u64;
-    out.extend_from_slice(&index);
-    out.extend_from_slice(&header_len.to_le_bytes());
-    out.extend_from_slice(&index_offset.to_le_bytes());
-    out.extend_from_slice(&(index.len() as u64).to_le_bytes());
-    out.extend_from_slice(END_MAGIC);
-    let crc32 = crc32fast::hash(&out);
-    Ok(EncodedSnapshot {
-        bytes: Bytes::from(out),
-        crc32,
+    let index_offset = w.offset();
+    w.out.extend_from_slice(&index);
+    w.out.extend_from_slice(&header_len.to_le_bytes());
+    w.out.extend_from_slice(&index_offset.to_le_bytes());
+    w.out.extend_from_slice(&(index.len() as u64).to_le_bytes());
+    w.out.extend_from_slice(END_MAGIC);
+    w.maybe_emit(true)?;
+    Ok(EncodedParts {
+        size: w.emitted,
+        crc32: w.crc.finalize(),
         entries: total,
         key_groups: range,
     })
@@ -690,6 +807,37 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         verify_snapshot_file("t", &enc.bytes, enc.crc32).unwrap();
+    }
+
+    #[test]
+    fn a_file_encoded_in_parts_is_the_file_encoded_whole() {
+        let snap = fixed();
+        let whole = encode_snapshot(&snap).unwrap();
+        for part_bytes in [1, 7, 64, 1 << 20] {
+            let mut parts: Vec<Bytes> = Vec::new();
+            let done = encode_snapshot_in_parts(&snap, part_bytes, &mut |b| {
+                parts.push(b);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(parts.concat(), whole.bytes.to_vec(), "parts of {part_bytes}");
+            assert!(parts.iter().all(|p| !p.is_empty()));
+            if part_bytes == 1 {
+                // Cut between key groups: at most one part per key group
+                // (the first with the header; none for an empty one emitted
+                // with the previous), plus the index and footer.
+                assert!(
+                    parts.len() > 2 && parts.len() <= snap.key_groups().len() + 1,
+                    "{}",
+                    parts.len()
+                );
+            }
+            assert_eq!(done.handle("p"), whole.handle("p"));
+        }
+        // A failing consumer stops the encoding with its error.
+        let err =
+            encode_snapshot_in_parts(&snap, 1, &mut |_| Err(Error::not_found("the upload"))).unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
     }
 
     #[test]

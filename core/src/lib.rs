@@ -48,7 +48,9 @@ pub use metadata::{ChannelStateHandle, CheckpointMetadata, SplitPosition, StateD
 pub use state::{
     ChangeSnapshot, KeyedStateStore, MapSnapshot, StateBackend, StateId, StateSnapshot, StoreScope,
 };
-pub use storage::{Capabilities, CheckpointListing, CheckpointStorage, CheckpointStorageExt, FileListing};
+pub use storage::{
+    Capabilities, CheckpointListing, CheckpointStorage, CheckpointStorageExt, FileListing, FileUpload,
+};
 
 /// The version of Sluice that wrote a checkpoint or savepoint (recorded in
 /// its metadata).

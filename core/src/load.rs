@@ -119,7 +119,10 @@ impl LoadBatch {
     }
 }
 
-/// Bytes of keys and values, or entries, a restore hands a store at once.
+/// Bytes of keys and values, or entries, a restore hands a store at once:
+/// large enough for long sorted runs (redb appends a batch through a
+/// cursor: with 256 K entries 1 M keys took 0.55 s instead of 0.33 s),
+/// small enough to stay a bounded part of a subtask's memory.
 const BATCH_BYTES: usize = 32 << 20;
 const BATCH_ENTRIES: usize = 1 << 20;
 
@@ -136,7 +139,14 @@ pub async fn load_chain(
     store: &mut dyn KeyedStateStore,
     ids: &mut HashMap<String, StateId>,
 ) -> Result<u64> {
-    let mut batch = LoadBatch::new();
+    // Sized once for what the files hold (a batch's vectors doubling as
+    // they grow would take twice the memory at the peak).
+    let entries: u64 = files.iter().map(|f| f.entries).sum();
+    let bytes: u64 = files.iter().map(|f| f.size).sum();
+    let mut batch = LoadBatch {
+        data: Vec::with_capacity(bytes.min(BATCH_BYTES as u64) as usize + 4096),
+        rows: Vec::with_capacity(entries.min(BATCH_ENTRIES as u64) as usize),
+    };
     let mut n = 0;
     for file in files {
         n += read_changes(storage, file, range, &mut |name, kg, k, v| {

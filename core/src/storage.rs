@@ -119,10 +119,63 @@ pub trait CheckpointStorage: Send + Sync + Debug {
         }
     }
 
+    /// Starts writing state file `path` in parts, for files too large to
+    /// hold in memory whole (a full snapshot of a large state): the file
+    /// exists as [`write_file`](Self::write_file) would have written it once
+    /// [`FileUpload::complete`] returns `Ok`, and not before. The default
+    /// collects the parts in memory and calls `write_file` at the end; a
+    /// storage that can append or upload in parts (a directory, S3
+    /// multipart) overrides it so that memory stays bounded.
+    async fn upload<'a>(&'a self, path: &str) -> Result<Box<dyn FileUpload + 'a>> {
+        Ok(Box::new(BufferedUpload {
+            storage: self,
+            path: path.to_string(),
+            parts: Vec::new(),
+        }))
+    }
+
     /// What the storage guarantees beyond the contract ([`Capabilities`]).
     /// The default claims atomic create-if-absent and durability.
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+    }
+}
+
+/// A state file being written in parts ([`CheckpointStorage::upload`]).
+/// Dropped without [`complete`](Self::complete), the file does not appear
+/// (what was staged is removed where the storage can do so at once, else at
+/// its next clean-up of uncommitted files).
+#[async_trait::async_trait]
+pub trait FileUpload: Send {
+    /// Appends `data` to the file.
+    async fn put(&mut self, data: Bytes) -> Result<()>;
+
+    /// Ends the file: after `Ok` it exists (create-if-absent, as
+    /// [`CheckpointStorage::write_file`]: [`crate::Error::AlreadyExists`] if
+    /// the path exists).
+    async fn complete(self: Box<Self>) -> Result<()>;
+}
+
+/// The default [`FileUpload`]: the parts in memory, one `write_file` at the end.
+struct BufferedUpload<'a, S: ?Sized> {
+    storage: &'a S,
+    path: String,
+    parts: Vec<Bytes>,
+}
+
+#[async_trait::async_trait]
+impl<S: CheckpointStorage + ?Sized> FileUpload for BufferedUpload<'_, S> {
+    async fn put(&mut self, data: Bytes) -> Result<()> {
+        self.parts.push(data);
+        Ok(())
+    }
+
+    async fn complete(mut self: Box<Self>) -> Result<()> {
+        let data = match self.parts.len() {
+            1 => self.parts.pop().unwrap_or_default(),
+            _ => Bytes::from(self.parts.concat()),
+        };
+        self.storage.write_file(&self.path, data).await
     }
 }
 

@@ -43,6 +43,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod allocator;
 mod barriers;
 mod channel;
 mod config;
@@ -69,6 +70,7 @@ mod two_phase;
 #[cfg(feature = "workload")]
 pub mod workload;
 
+pub use allocator::limit_allocator_retention;
 pub use channel::BATCH_SIZE;
 pub use config::{CheckpointConfig, CheckpointingMode, IncrementalPolicy, RestartStrategy};
 pub use error::{Result, RuntimeError};

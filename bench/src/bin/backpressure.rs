@@ -126,6 +126,7 @@ async fn run(a: &Args, unaligned: bool, timeout: Option<Duration>) -> Outcome {
 }
 
 fn main() {
+    sluice_runtime::limit_allocator_retention();
     let a = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -190,6 +190,7 @@ fn child(json: &str) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    sluice_runtime::limit_allocator_retention();
     let a = Args::parse();
     if let Some(json) = &a.child {
         return child(json);

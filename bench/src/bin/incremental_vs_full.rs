@@ -130,6 +130,7 @@ async fn job_run(name: &str, redb: bool, incremental: bool, keys: u64, hot_event
 }
 
 fn main() {
+    sluice_runtime::limit_allocator_retention();
     let a = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -100,6 +100,7 @@ async fn run(a: &Args, backend: Backend, interval: Option<Duration>) -> Outcome 
 }
 
 fn main() {
+    sluice_runtime::limit_allocator_retention();
     let a = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -131,6 +131,7 @@ fn best(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
 }
 
 fn main() {
+    sluice_runtime::limit_allocator_retention();
     let a = Args::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -151,6 +151,7 @@ async fn checkpoint_durations(bucket: &str, keys: u64) -> (usize, f64, f64, u64)
 }
 
 fn main() {
+    sluice_runtime::limit_allocator_retention();
     let a = Args::parse();
     let Some(bucket) = a
         .bucket

@@ -343,6 +343,62 @@ pub async fn storage_large_file(storage: &dyn CheckpointStorage) {
     storage.discard(id).await.unwrap();
 }
 
+/// A file written in parts ([`CheckpointStorage::upload`]) reads back as
+/// their concatenation, with range reads across part boundaries; nothing
+/// is visible before `complete`; an upload dropped unfinished leaves no
+/// file; completing over an existing file is
+/// [`Error::AlreadyExists`] and leaves it as it was.
+pub async fn storage_upload_in_parts(storage: &dyn CheckpointStorage) {
+    let id = CheckpointId(1050);
+    let path = format!("{}/parts-0.kst", id.dir());
+    let parts: Vec<Bytes> = (0..5u32)
+        .map(|p| {
+            let len = (p as usize + 1) * 300_000 + 7;
+            Bytes::from(
+                (0..len)
+                    .map(|i| (i as u32 ^ p.wrapping_mul(2_654_435_761)) as u8)
+                    .collect::<Vec<u8>>(),
+            )
+        })
+        .collect();
+    let whole: Bytes = Bytes::from(parts.concat());
+    let mut up = storage.upload(&path).await.unwrap();
+    for p in &parts {
+        up.put(p.clone()).await.unwrap();
+        assert!(
+            matches!(storage.read_file(&path).await, Err(Error::NotFound { .. })),
+            "no file before complete"
+        );
+    }
+    up.complete().await.unwrap();
+    assert_eq!(storage.read_file(&path).await.unwrap(), whole);
+    let (a, b) = (299_000u64, 1_500_100u64);
+    assert_eq!(
+        storage.read_range(&path, a..b).await.unwrap(),
+        whole.slice(a as usize..b as usize)
+    );
+    let mut again = storage.upload(&path).await.unwrap();
+    again.put(Bytes::from_static(b"other")).await.unwrap();
+    assert!(
+        matches!(again.complete().await, Err(Error::AlreadyExists { .. })),
+        "create-if-absent"
+    );
+    assert_eq!(storage.read_file(&path).await.unwrap(), whole, "untouched");
+    let dropped = format!("{}/dropped-0.kst", id.dir());
+    let mut up = storage.upload(&dropped).await.unwrap();
+    up.put(parts[0].clone()).await.unwrap();
+    drop(up);
+    let files: Vec<String> = storage
+        .list_files(&id.dir())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(files, vec![path.clone()], "only the completed file");
+    storage.discard(id).await.unwrap();
+}
+
 /// Savepoint directories: files at any depth outside `chk-<id>/`, listing
 /// by directory (a sibling with a longer name is not inside), a durable
 /// create-if-absent `commit_file`, `delete_dir` of one directory only, and
@@ -529,6 +585,7 @@ pub async fn run_checkpoint_storage_suite(storage: &dyn CheckpointStorage) {
     storage_discard(storage).await;
     storage_corrupt_file_detected(storage).await;
     storage_large_file(storage).await;
+    storage_upload_in_parts(storage).await;
     storage_directories(storage).await;
     storage_restore_by_key_group_range(storage).await;
     storage_concurrent_commits_one_wins(storage).await;

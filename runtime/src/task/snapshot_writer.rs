@@ -10,8 +10,9 @@ use crate::barriers::handler::AlignedCheckpoint;
 use crate::error::Result;
 use crate::operator::{KeyedSnapshot, Operator, SnapshotParts, SourcePart};
 use serde::Serialize;
+use sluice_core::format::EncodedParts;
 use sluice_core::metadata::SubtaskSnapshot;
-use sluice_core::{ChannelStateHandle, CheckpointKind, StateFileHandle};
+use sluice_core::{ChannelStateHandle, CheckpointKind, CheckpointStorage};
 use std::time::Instant;
 use tokio::sync::oneshot;
 
@@ -103,15 +104,6 @@ impl TaskRuntime {
                         KeyedSnapshot::Full(_) => (true, None),
                         KeyedSnapshot::Changes { base, .. } => (false, Some(*base)),
                     };
-                    let snap = k.snapshot;
-                    let encoded = tokio::task::spawn_blocking(move || match snap {
-                        KeyedSnapshot::Full(s) => sluice_core::format::encode_snapshot(s.as_ref()),
-                        KeyedSnapshot::Changes { changes, .. } => {
-                            sluice_core::format::encode_changes(changes.as_ref())
-                        }
-                    })
-                    .await
-                    .map_err(|e| sluice_core::Error::storage("snapshot encoder", e.to_string()))??;
                     let name = format!("{}-{}.kst", k.uid, k.subtask);
                     let (path, write_path) = match &dir {
                         None => {
@@ -120,8 +112,8 @@ impl TaskRuntime {
                         }
                         Some(loc) => (name.clone(), loc.join(&name)),
                     };
-                    let size = encoded.bytes.len() as u64;
-                    storage.write_file(&write_path, encoded.bytes).await?;
+                    let encoded = write_in_parts(storage.as_ref(), &write_path, k.snapshot).await?;
+                    let size = encoded.size;
                     if let Some(chain) = &k.chain {
                         chain.written(full, size);
                     }
@@ -130,13 +122,7 @@ impl TaskRuntime {
                         parallelism,
                         snapshot: SubtaskSnapshot {
                             subtask: k.subtask,
-                            keyed_state: Some(StateFileHandle {
-                                path,
-                                size,
-                                crc32: encoded.crc32,
-                                key_groups: encoded.key_groups,
-                                entries: encoded.entries,
-                            }),
+                            keyed_state: Some(encoded.handle(path)),
                             keyed_changes: Vec::new(),
                             splits: Vec::new(),
                             operator_state: None,
@@ -212,4 +198,51 @@ impl TaskRuntime {
         writers.push(handle);
         Ok(())
     }
+}
+
+/// Bytes of the parts a state file is encoded and written in: memory holds
+/// about three of them per snapshot being written, however large the state.
+const PART_BYTES: usize = 8 << 20;
+
+/// Encodes `snapshot` on the blocking pool and writes it to `path` part by
+/// part as the encoder produces them (a storage that cannot write in parts
+/// collects them): a large state is never held whole in memory.
+async fn write_in_parts(
+    storage: &dyn CheckpointStorage,
+    path: &str,
+    snapshot: KeyedSnapshot,
+) -> sluice_core::Result<EncodedParts> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let encoder = tokio::task::spawn_blocking(move || {
+        let mut emit = |part: bytes::Bytes| {
+            tx.blocking_send(part).map_err(|_| {
+                sluice_core::Error::storage("snapshot encoder", "the writer of the state file stopped")
+            })
+        };
+        match snapshot {
+            KeyedSnapshot::Full(s) => {
+                sluice_core::format::encode_snapshot_in_parts(s.as_ref(), PART_BYTES, &mut emit)
+            }
+            KeyedSnapshot::Changes { changes, .. } => {
+                sluice_core::format::encode_changes_in_parts(changes.as_ref(), PART_BYTES, &mut emit)
+            }
+        }
+    });
+    let mut upload = storage.upload(path).await?;
+    let mut written = Ok(());
+    while let Some(part) = rx.recv().await {
+        written = upload.put(part).await;
+        if written.is_err() {
+            // The encoder stops at its next part; the upload is dropped.
+            break;
+        }
+    }
+    drop(rx);
+    let encoded = encoder
+        .await
+        .map_err(|e| sluice_core::Error::storage("snapshot encoder", e.to_string()))?;
+    written?;
+    let encoded = encoded?;
+    upload.complete().await?;
+    Ok(encoded)
 }

@@ -25,6 +25,7 @@ const DEFAULT_LOG_FILTER: &str =
     "info,aws_config=off,aws_smithy=off,aws_runtime=off,aws_sdk=off,aws_credential_types=off,aws_sigv4=off";
 
 fn main() -> ExitCode {
+    sluice_runtime::limit_allocator_retention();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
