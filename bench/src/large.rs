@@ -83,6 +83,15 @@ pub struct Config {
     pub load_dir: String,
     /// Working directory of the run (redb state, checkpoints).
     pub work: PathBuf,
+    /// Checkpoint storage of the run: `fs` (a directory under `work`) or
+    /// `memory` (to tell the storage's cost from the rest; peak RSS then
+    /// includes the checkpoints).
+    #[serde(default = "fs")]
+    pub storage: String,
+}
+
+fn fs() -> String {
+    "fs".into()
 }
 
 /// What a run measured.
@@ -138,7 +147,10 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// Runs `c` in this process.
 pub async fn run(c: &Config) -> Result<Measured> {
     let load = Arc::new(FsCheckpointStorage::open(&c.load_root)?);
-    let storage = Arc::new(FsCheckpointStorage::open(c.work.join("checkpoints"))?);
+    let storage: Arc<dyn CheckpointStorage> = match c.storage.as_str() {
+        "memory" => Arc::new(sluice_backend_memory::MemoryCheckpointStorage::new()),
+        _ => Arc::new(FsCheckpointStorage::open(c.work.join("checkpoints"))?),
+    };
     let state_dir = c.work.join("state");
     let clock = Arc::new(RecoveryClock {
         fail_after: c.hot_events * 4 / 5 / 2,

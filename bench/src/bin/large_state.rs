@@ -39,6 +39,11 @@ struct Args {
     /// with the same `--dir` and `--keys` reuses it instead of loading).
     #[arg(long)]
     keep: bool,
+    /// Checkpoint storage of the measured runs: `fs` (a directory) or
+    /// `memory` (tells the storage's cost from the rest; peak RSS then
+    /// includes the checkpoints).
+    #[arg(long, default_value = "fs")]
+    storage: String,
     /// Internal: run one configuration (JSON) and print its result.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
             load_root: load_root.clone(),
             load_dir: load_dir.clone(),
             work: work.clone(),
+            storage: a.storage.clone(),
         };
         eprintln!(
             "running with {} checkpoints …",
@@ -138,12 +144,13 @@ fn main() -> ExitCode {
         md,
         "{} keys in the redb state backend (parallelism 2, default memory budget), restored from a full \
          checkpoint of {} loaded in {load_s:.1} s; then {} events over a hot set of 1 % of the keys, a checkpoint \
-         every {} ms into a directory storage (each interval changes about 1 % of the keys), one injected \
+         every {} ms into {} storage (each interval changes about 1 % of the keys), one injected \
          failure at 80 % and recovery from the latest checkpoint.\n",
         a.keys,
         mb(load_bytes),
         a.hot_events,
-        a.interval_ms
+        a.interval_ms,
+        if a.storage == "memory" { "the memory" } else { "a directory" }
     );
     md.push_str(
         "| checkpoints | restore of the whole state | hot-set throughput | checkpoints taken | duration p50 | max | \
