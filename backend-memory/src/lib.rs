@@ -3,10 +3,15 @@
 //! The heap state backend ([`MemoryStateBackend`]) and an in-memory
 //! checkpoint storage ([`MemoryCheckpointStorage`]) for Sluice.
 //!
-//! Keyed state lives in one hash map per (state, key group). The
-//! synchronous snapshot step is copy-on-write: it clones the `Arc` of every
-//! key group's map (cheap); the first write into a key group while a
-//! snapshot still holds it copies just that key group.
+//! Keyed state lives in one hash map per (state, key group). A state the
+//! runtime registers as typed ([`KeyedStateStore::register_typed`]: value
+//! and list states) keeps its values as their Rust type in a
+//! [`sluice_core::heap::HeapTable`] — an update is one hash probe, and
+//! values are encoded only when a snapshot is written; other states (map
+//! states, byte-level users) keep bytes. The synchronous snapshot step is
+//! copy-on-write: it clones the `Arc` of every key group's map (cheap); the
+//! first write into a key group while a snapshot still holds it copies just
+//! that key group.
 //!
 //! ```
 //! use sluice_backend_memory::MemoryStateBackend;
@@ -34,91 +39,23 @@
 //! ```
 #![warn(missing_docs)]
 
-use async_trait::async_trait;
-use bytes::Bytes;
+mod storage;
+
+pub use storage::MemoryCheckpointStorage;
+
 use rustc_hash::FxHashMap;
+use sluice_core::heap::{ChangeLog, KeyRef, ShortKey, TableView, Tracking, TypedAccess, TypedTable};
 use sluice_core::state::{ChangeSetVisitor, KeyValueVisitor, SnapshotVisitor};
-use sluice_core::storage::{dir_prefix, validate_dir, validate_path, Capabilities};
 use sluice_core::{
-    ChangeSnapshot, CheckpointId, CheckpointStorage, Error, FileListing, KeyGroupRange, KeyedStateStore,
-    LoadBatch, Result, StateBackend, StateId, StateSnapshot, StoreScope,
+    ChangeSnapshot, CheckpointId, Error, KeyGroupRange, KeyedStateStore, LoadBatch, Result, StateBackend,
+    StateId, StateSnapshot, StoreScope,
 };
 use std::collections::BTreeMap;
-use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// Values up to 16 bytes are stored inline in the table (no pointer to
 /// chase on a lookup): the common case of sums and counters.
 type Bytes16 = smallvec::SmallVec<[u8; 16]>;
-
-/// A key of up to 23 bytes, inline: its length in the last byte. Hashing
-/// and comparing it are three word operations (no `memcmp` call).
-#[derive(Clone, Copy)]
-#[repr(C, align(8))]
-struct ShortKey([u8; 24]);
-
-impl ShortKey {
-    const MAX: usize = 23;
-
-    #[inline]
-    fn new(key: &[u8]) -> Self {
-        let mut b = [0u8; 24];
-        b[..key.len()].copy_from_slice(key);
-        b[23] = key.len() as u8;
-        ShortKey(b)
-    }
-
-    #[inline]
-    fn words(&self) -> [u64; 3] {
-        let w = |i: usize| {
-            u64::from_ne_bytes([
-                self.0[i],
-                self.0[i + 1],
-                self.0[i + 2],
-                self.0[i + 3],
-                self.0[i + 4],
-                self.0[i + 5],
-                self.0[i + 6],
-                self.0[i + 7],
-            ])
-        };
-        [w(0), w(8), w(16)]
-    }
-
-    #[inline]
-    fn as_slice(&self) -> &[u8] {
-        &self.0[..usize::from(self.0[23])]
-    }
-}
-
-impl PartialEq for ShortKey {
-    #[inline]
-    fn eq(&self, other: &Self) -> bool {
-        self.words() == other.words()
-    }
-}
-
-impl Eq for ShortKey {}
-
-impl std::hash::Hash for ShortKey {
-    /// A folded multiply per word, chained, so that every key bit
-    /// reaches the low bits a hash table indexes by. (Fx's multiply only
-    /// carries upwards: keys differing in their high bytes alone, such as
-    /// big-endian integers, collided, and a million of them took a second
-    /// to insert.)
-    #[inline]
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        #[inline]
-        fn fold(x: u64, y: u64) -> u64 {
-            let p = u128::from(x) * u128::from(y);
-            (p as u64) ^ ((p >> 64) as u64)
-        }
-        let [a, b, c] = self.words();
-        let h = fold(a ^ 0x243F_6A88_85A3_08D3, 0x1319_8A2E_0370_7344);
-        let h = fold(h ^ b, 0xA409_3822_299F_31D0);
-        state.write_u64(fold(h ^ c, 0x082E_FA98_EC4E_6C89));
-    }
-}
 
 /// The entries of one (state, key group): short keys inline, longer ones
 /// boxed.
@@ -178,11 +115,11 @@ impl Map {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&[u8], &Bytes16)> {
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &Slot)> {
         self.short
             .iter()
-            .map(|(k, v)| (k.as_slice(), &v.value))
-            .chain(self.long.iter().map(|(k, v)| (&k[..], &v.value)))
+            .map(|(k, v)| (k.as_slice(), v))
+            .chain(self.long.iter().map(|(k, v)| (&k[..], v)))
     }
 }
 
@@ -212,38 +149,45 @@ impl StateBackend for MemoryStateBackend {
     }
 }
 
+/// One state's table: bytes, or typed values (a state registered with
+/// [`KeyedStateStore::register_typed`]).
+enum Table {
+    /// `[key_group - range.start]`.
+    Bytes(Vec<Arc<Map>>),
+    Typed(Box<dyn TypedTable>),
+}
+
+impl Table {
+    fn len(&self) -> usize {
+        match self {
+            Table::Bytes(groups) => groups.iter().map(|m| m.short.len() + m.long.len()).sum(),
+            Table::Typed(t) => t.len(),
+        }
+    }
+
+    fn view(&self) -> View {
+        match self {
+            Table::Bytes(groups) => View::Bytes(groups.clone()),
+            Table::Typed(t) => View::Typed(t.view()),
+        }
+    }
+}
+
+/// A copy-on-write view of one state's table.
+#[derive(Clone)]
+enum View {
+    Bytes(Vec<Arc<Map>>),
+    Typed(Arc<dyn TableView>),
+}
+
 /// One subtask's keyed state on the heap.
 struct MemoryStore {
     range: KeyGroupRange,
     names: Vec<String>,
-    /// `states[state][key_group - range.start]`.
-    states: Vec<Vec<Arc<Map>>>,
+    /// By state id.
+    states: Vec<Table>,
     /// The keys written since each snapshot, when tracking changes.
     changes: Option<Changes>,
-}
-
-/// The keys written or deleted in one epoch (between two snapshots), by
-/// (key group, state): a key once per first write of the epoch (and again
-/// after a deletion; duplicates are removed when the changes are read).
-#[derive(Default)]
-struct Dirty {
-    short: Vec<(u32, StateId, ShortKey)>,
-    long: Vec<(u32, StateId, Box<[u8]>)>,
-}
-
-impl Dirty {
-    #[inline]
-    fn mark(&mut self, key_group: u32, state: StateId, key: &[u8]) {
-        if key.len() <= ShortKey::MAX {
-            self.short.push((key_group, state, ShortKey::new(key)));
-        } else {
-            self.long.push((key_group, state, key.into()));
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.short.len() + self.long.len()
-    }
 }
 
 /// Change tracking: the open epoch's keys and the closed epochs', by the
@@ -252,9 +196,9 @@ struct Changes {
     /// The open epoch's number (values written in it carry it; never 0,
     /// the stamp of values written without tracking).
     epoch: u64,
-    open: Dirty,
+    open: ChangeLog,
     /// Epochs by the checkpoint whose snapshot ended them.
-    closed: BTreeMap<CheckpointId, Arc<Dirty>>,
+    closed: BTreeMap<CheckpointId, Arc<ChangeLog>>,
     /// Snapshots (or the restore) incremental snapshots may be relative to.
     bases: std::collections::BTreeSet<CheckpointId>,
 }
@@ -263,7 +207,7 @@ impl Default for Changes {
     fn default() -> Self {
         Changes {
             epoch: 1,
-            open: Dirty::default(),
+            open: ChangeLog::default(),
             closed: BTreeMap::new(),
             bases: Default::default(),
         }
@@ -275,10 +219,14 @@ impl Changes {
     /// overdue): the next snapshot is then full.
     const MAX_KEYS: usize = 1 << 26;
 
-    /// Ends the open epoch at snapshot `id`.
-    fn close(&mut self, id: CheckpointId) {
+    /// Ends the open epoch at snapshot `id`; the next records up to a
+    /// quarter of the `stored` keys (beyond, the snapshot after it is full
+    /// anyway: see `snapshot_changes`).
+    fn close(&mut self, id: CheckpointId, stored: usize) {
         self.epoch += 1;
-        self.closed.insert(id, Arc::new(std::mem::take(&mut self.open)));
+        let next = ChangeLog::with_limit(stored / 4 + 1024);
+        self.closed
+            .insert(id, Arc::new(std::mem::replace(&mut self.open, next)));
         self.bases.insert(id);
         let kept: usize = self.closed.values().map(|d| d.len()).sum();
         if kept > Self::MAX_KEYS {
@@ -291,8 +239,7 @@ impl Changes {
 }
 
 impl MemoryStore {
-    #[inline]
-    fn slot(&self, state: StateId, key_group: u32) -> Result<(usize, usize)> {
+    fn state(&self, state: StateId) -> Result<usize> {
         let s = state as usize;
         if s >= self.states.len() {
             return Err(Error::InvalidArgument {
@@ -300,21 +247,21 @@ impl MemoryStore {
                 reason: "not registered in this store".into(),
             });
         }
+        Ok(s)
+    }
+
+    #[inline]
+    fn group(&self, key_group: u32) -> Result<usize> {
         if !self.range.contains(key_group) {
             return Err(Error::InvalidArgument {
                 what: format!("key group {key_group}"),
                 reason: format!("outside this store's range {}", self.range),
             });
         }
-        Ok((s, (key_group - self.range.start) as usize))
+        Ok((key_group - self.range.start) as usize)
     }
-}
 
-impl KeyedStateStore for MemoryStore {
-    fn register_state(&mut self, name: &str) -> Result<StateId> {
-        if let Some(i) = self.names.iter().position(|n| n == name) {
-            return Ok(i as StateId);
-        }
+    fn new_state(&mut self, name: &str) -> Result<StateId> {
         if self.names.len() >= StateId::MAX as usize {
             return Err(Error::InvalidArgument {
                 what: format!("state {name:?}"),
@@ -322,45 +269,149 @@ impl KeyedStateStore for MemoryStore {
             });
         }
         self.names.push(name.to_string());
-        self.states
-            .push((0..self.range.len()).map(|_| Arc::new(Map::default())).collect());
+        self.states.push(Table::Bytes(
+            (0..self.range.len()).map(|_| Arc::new(Map::default())).collect(),
+        ));
         Ok((self.names.len() - 1) as StateId)
+    }
+
+    /// Entries stored, in every state.
+    fn stored(&self) -> usize {
+        self.states.iter().map(Table::len).sum()
+    }
+
+    fn view(&self) -> MemorySnapshot {
+        MemorySnapshot {
+            range: self.range,
+            names: self.names.clone(),
+            states: self.states.iter().map(Table::view).collect(),
+        }
+    }
+
+    /// Writes without change tracking (a restore).
+    fn load_one(&mut self, state: StateId, key_group: u32, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        let s = self.state(state)?;
+        let g = self.group(key_group)?;
+        match (&mut self.states[s], value) {
+            (Table::Bytes(groups), Some(v)) => {
+                Arc::make_mut(&mut groups[g]).put(key, v, 0);
+            }
+            (Table::Bytes(groups), None) => Arc::make_mut(&mut groups[g]).remove(key),
+            (Table::Typed(t), Some(v)) => {
+                t.put_encoded(key_group, key, v, 0)?;
+            }
+            (Table::Typed(t), None) => {
+                t.remove(key_group, key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KeyedStateStore for MemoryStore {
+    fn register_state(&mut self, name: &str) -> Result<StateId> {
+        match self.names.iter().position(|n| n == name) {
+            Some(i) => Ok(i as StateId),
+            None => self.new_state(name),
+        }
+    }
+
+    fn register_typed(
+        &mut self,
+        name: &str,
+        make: &dyn Fn(KeyGroupRange) -> Box<dyn TypedTable>,
+    ) -> Result<Option<StateId>> {
+        let id = self.register_state(name)?;
+        let s = id as usize;
+        let mut table = make(self.range);
+        match &self.states[s] {
+            Table::Typed(t) if t.value_type() == table.value_type() => return Ok(Some(id)),
+            Table::Typed(t) => {
+                return Err(Error::InvalidArgument {
+                    what: format!("state {name:?}"),
+                    reason: format!(
+                        "registered with values of type {}, now of type {}",
+                        t.value_type(),
+                        table.value_type()
+                    ),
+                })
+            }
+            Table::Bytes(groups) => {
+                // Entries restored as bytes become values of the type now.
+                for (g, map) in groups.iter().enumerate() {
+                    let key_group = self.range.start + g as u32;
+                    for (k, slot) in map.iter() {
+                        table.put_encoded(key_group, k, &slot.value, slot.epoch)?;
+                    }
+                }
+            }
+        }
+        self.states[s] = Table::Typed(table);
+        Ok(Some(id))
+    }
+
+    #[inline]
+    fn typed(&mut self, state: StateId) -> Option<TypedAccess<'_>> {
+        match self.states.get_mut(state as usize)? {
+            Table::Typed(table) => Some(TypedAccess {
+                table: table.as_mut(),
+                tracking: self.changes.as_mut().map(|c| Tracking {
+                    epoch: c.epoch,
+                    state,
+                    log: &mut c.open,
+                }),
+            }),
+            Table::Bytes(_) => None,
+        }
     }
 
     #[inline]
     fn get(&mut self, state: StateId, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
-        let (s, g) = self.slot(state, key_group)?;
+        let s = self.state(state)?;
+        let g = self.group(key_group)?;
         out.clear();
-        match self.states[s][g].get(key) {
-            Some(v) => {
-                out.extend_from_slice(v);
-                Ok(true)
-            }
-            None => Ok(false),
+        match &self.states[s] {
+            Table::Bytes(groups) => match groups[g].get(key) {
+                Some(v) => {
+                    out.extend_from_slice(v);
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+            Table::Typed(t) => t.get_encoded(key_group, key, out),
         }
     }
 
     #[inline]
     fn put(&mut self, state: StateId, key_group: u32, key: &[u8], value: &[u8]) -> Result<()> {
-        let (s, g) = self.slot(state, key_group)?;
-        let map = Arc::make_mut(&mut self.states[s][g]);
-        if let Some(c) = self.changes.as_mut() {
-            if map.put(key, value, c.epoch) {
-                c.open.mark(key_group, state, key);
-            }
-        } else {
-            map.put(key, value, 0);
+        let s = self.state(state)?;
+        let g = self.group(key_group)?;
+        let epoch = self.changes.as_ref().map_or(0, |c| c.epoch);
+        let fresh = match &mut self.states[s] {
+            Table::Bytes(groups) => Arc::make_mut(&mut groups[g]).put(key, value, epoch),
+            Table::Typed(t) => t.put_encoded(key_group, key, value, epoch)?,
+        };
+        if let Some(c) = self.changes.as_mut().filter(|_| fresh) {
+            c.open.mark(key_group, state, key);
         }
         Ok(())
     }
 
     fn delete(&mut self, state: StateId, key_group: u32, key: &[u8]) -> Result<()> {
-        let (s, g) = self.slot(state, key_group)?;
-        if self.states[s][g].contains_key(key) {
-            Arc::make_mut(&mut self.states[s][g]).remove(key);
-            if let Some(c) = self.changes.as_mut() {
-                c.open.mark(key_group, state, key);
+        let s = self.state(state)?;
+        let g = self.group(key_group)?;
+        let existed = match &mut self.states[s] {
+            Table::Bytes(groups) => {
+                let existed = groups[g].contains_key(key);
+                if existed {
+                    Arc::make_mut(&mut groups[g]).remove(key);
+                }
+                existed
             }
+            Table::Typed(t) => t.remove(key_group, key)?,
+        };
+        if let Some(c) = self.changes.as_mut().filter(|_| existed) {
+            c.open.mark(key_group, state, key);
         }
         Ok(())
     }
@@ -369,14 +420,7 @@ impl KeyedStateStore for MemoryStore {
     /// base, not a change).
     fn load(&mut self, batch: &LoadBatch) -> Result<()> {
         for e in batch.iter() {
-            let (s, g) = self.slot(e.state, e.key_group)?;
-            let map = Arc::make_mut(&mut self.states[s][g]);
-            match e.value {
-                Some(v) => {
-                    map.put(e.key, v, 0);
-                }
-                None => map.remove(e.key),
-            }
+            self.load_one(e.state, e.key_group, e.key, e.value)?;
         }
         Ok(())
     }
@@ -388,38 +432,48 @@ impl KeyedStateStore for MemoryStore {
         prefix: &[u8],
         visit: &mut KeyValueVisitor<'_>,
     ) -> Result<()> {
-        let (s, g) = self.slot(state, key_group)?;
-        for (k, v) in self.states[s][g].iter() {
-            if k.starts_with(prefix) {
-                visit(k, v)?;
+        let s = self.state(state)?;
+        let g = self.group(key_group)?;
+        match &self.states[s] {
+            Table::Bytes(groups) => {
+                for (k, slot) in groups[g].iter() {
+                    if k.starts_with(prefix) {
+                        visit(k, &slot.value)?;
+                    }
+                }
+                Ok(())
             }
+            Table::Typed(t) => t.visit_prefix(key_group, prefix, visit),
         }
-        Ok(())
     }
 
     #[inline]
-    fn prefetch(&mut self, key_group: u32, key: &[u8]) {
+    fn prefetch(&mut self, key: &KeyRef<'_>) {
         // A lookup whose result is not needed yet: a batch of these has no
         // dependency between them, so the CPU overlaps their cache misses,
         // and the real accesses that follow hit the cache.
-        if let Some(g) = key_group.checked_sub(self.range.start) {
+        if let Some(g) = key.key_group.checked_sub(self.range.start) {
             for state in &self.states {
-                if let Some(map) = state.get(g as usize) {
-                    std::hint::black_box(map.get(key).map(|v| v.len()));
+                match state {
+                    Table::Bytes(groups) => {
+                        if let Some(map) = groups.get(g as usize) {
+                            std::hint::black_box(map.get(key.bytes).map(|v| v.len()));
+                        }
+                    }
+                    // Typed states are reached with the key's hash in
+                    // hand, one probe per update: not prefetched.
+                    Table::Typed(_) => {}
                 }
             }
         }
     }
 
     fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
+        let stored = self.stored();
         if let Some(c) = self.changes.as_mut() {
-            c.close(checkpoint);
+            c.close(checkpoint, stored);
         }
-        Ok(Box::new(MemorySnapshot {
-            range: self.range,
-            names: self.names.clone(),
-            states: self.states.clone(),
-        }))
+        Ok(Box::new(self.view()))
     }
 
     fn snapshot_changes(
@@ -427,7 +481,7 @@ impl KeyedStateStore for MemoryStore {
         checkpoint: CheckpointId,
         base: CheckpointId,
     ) -> Result<Option<Box<dyn ChangeSnapshot>>> {
-        let Some(c) = self.changes.as_mut() else {
+        let Some(c) = self.changes.as_ref() else {
             return Ok(None);
         };
         if !c.bases.contains(&base) {
@@ -439,16 +493,16 @@ impl KeyedStateStore for MemoryStore {
         // lookup per changed key; measured break-even near 15 %).
         let changed: usize =
             c.open.len() + c.closed.range(base.next()..).map(|(_, e)| e.len()).sum::<usize>();
-        let stored: usize = self
-            .states
-            .iter()
-            .flatten()
-            .map(|m| m.short.len() + m.long.len())
-            .sum();
-        if changed.saturating_mul(4) > stored {
+        let overflowed = c.open.overflowed() || c.closed.range(base.next()..).any(|(_, e)| e.overflowed());
+        let stored = self.stored();
+        if overflowed || changed.saturating_mul(4) > stored {
             return Ok(None);
         }
-        c.close(checkpoint);
+        let view = self.view();
+        let Some(c) = self.changes.as_mut() else {
+            return Ok(None);
+        };
+        c.close(checkpoint, stored);
         // The epochs since `base` (shared, not copied: which keys changed is
         // worked out in the asynchronous part), read against the
         // copy-on-write view.
@@ -458,11 +512,7 @@ impl KeyedStateStore for MemoryStore {
             .map(|(_, e)| e.clone())
             .collect();
         Ok(Some(Box::new(MemoryChanges {
-            view: MemorySnapshot {
-                range: self.range,
-                names: self.names.clone(),
-                states: self.states.clone(),
-            },
+            view,
             epochs,
             index: std::sync::OnceLock::new(),
         })))
@@ -492,7 +542,7 @@ impl KeyedStateStore for MemoryStore {
 struct MemoryChanges {
     view: MemorySnapshot,
     /// The epochs since the base.
-    epochs: Vec<Arc<Dirty>>,
+    epochs: Vec<Arc<ChangeLog>>,
     /// Their keys, sorted by key group and deduplicated, built at the first
     /// visit (in the asynchronous part).
     index: std::sync::OnceLock<ChangedKeys>,
@@ -505,11 +555,11 @@ struct ChangedKeys {
 }
 
 impl ChangedKeys {
-    fn of(epochs: &[Arc<Dirty>]) -> Self {
+    fn of(epochs: &[Arc<ChangeLog>]) -> Self {
         let mut short: Vec<(u32, StateId, ShortKey)> =
             epochs.iter().flat_map(|e| e.short.iter().copied()).collect();
         short.sort_unstable_by(|a, b| (a.0, a.1, a.2.as_slice()).cmp(&(b.0, b.1, b.2.as_slice())));
-        short.dedup();
+        short.dedup_by(|a, b| (a.0, a.1, a.2.as_slice()) == (b.0, b.1, b.2.as_slice()));
         let mut long: Vec<(u32, StateId, Box<[u8]>)> =
             epochs.iter().flat_map(|e| e.long.iter().cloned()).collect();
         long.sort_unstable();
@@ -543,9 +593,13 @@ impl ChangeSnapshot for MemoryChanges {
             let to = keys.long.partition_point(|e| e.0 <= key_group);
             keys.long[from..to].iter().map(|(_, s, k)| (*s, &k[..]))
         };
+        let mut buf = Vec::new();
         for (s, k) in short.chain(long) {
-            let value = self.view.states[s as usize][g].get(k);
-            visit(s, k, value.map(|v| &v[..]))?;
+            let value = match &self.view.states[s as usize] {
+                View::Bytes(groups) => groups[g].get(k).map(|v| &v[..]),
+                View::Typed(t) => t.get_encoded(key_group, k, &mut buf)?.then_some(&buf[..]),
+            };
+            visit(s, k, value)?;
         }
         Ok(())
     }
@@ -555,7 +609,7 @@ impl ChangeSnapshot for MemoryChanges {
 struct MemorySnapshot {
     range: KeyGroupRange,
     names: Vec<String>,
-    states: Vec<Vec<Arc<Map>>>,
+    states: Vec<View>,
 }
 
 impl StateSnapshot for MemorySnapshot {
@@ -575,123 +629,17 @@ impl StateSnapshot for MemorySnapshot {
             });
         }
         let g = (key_group - self.range.start) as usize;
-        for (s, groups) in self.states.iter().enumerate() {
-            for (k, v) in groups[g].iter() {
-                visit(s as StateId, k, v)?;
+        for (s, view) in self.states.iter().enumerate() {
+            let s = s as StateId;
+            match view {
+                View::Bytes(groups) => {
+                    for (k, slot) in groups[g].iter() {
+                        visit(s, k, &slot.value)?;
+                    }
+                }
+                View::Typed(t) => t.visit_key_group(key_group, &mut |k, v| visit(s, k, v))?,
             }
         }
         Ok(())
-    }
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    files: BTreeMap<String, Bytes>,
-}
-
-/// Checkpoints in memory. Clones share the same data, so a job restarted in
-/// the same process finds its checkpoints; they are gone when the process
-/// ends (not [`Capabilities::durable`]).
-#[derive(Debug, Clone, Default)]
-pub struct MemoryCheckpointStorage {
-    inner: Arc<Mutex<Inner>>,
-}
-
-impl MemoryCheckpointStorage {
-    /// An empty storage.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Total bytes held (files and metadata).
-    pub fn total_bytes(&self) -> u64 {
-        self.lock().files.values().map(|b| b.len() as u64).sum()
-    }
-}
-
-#[async_trait]
-impl CheckpointStorage for MemoryCheckpointStorage {
-    fn describe(&self) -> String {
-        "memory".into()
-    }
-
-    async fn write_file(&self, path: &str, data: Bytes) -> Result<()> {
-        validate_path(path)?;
-        let mut inner = self.lock();
-        if inner.files.contains_key(path) {
-            return Err(Error::AlreadyExists {
-                what: path.to_string(),
-            });
-        }
-        inner.files.insert(path.to_string(), data);
-        Ok(())
-    }
-
-    async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
-        // Memory is as durable as it gets here: the same as a write.
-        self.write_file(path, data).await
-    }
-
-    async fn read(&self, path: &str, range: Option<Range<u64>>) -> Result<Bytes> {
-        let file = self
-            .lock()
-            .files
-            .get(path)
-            .cloned()
-            .ok_or_else(|| Error::not_found(path))?;
-        let Some(range) = range else {
-            return Ok(file);
-        };
-        let len = file.len() as u64;
-        if range.start > range.end || range.end > len {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "range {}..{} is outside the file's {len} bytes",
-                    range.start, range.end
-                ),
-            ));
-        }
-        Ok(file.slice(range.start as usize..range.end as usize))
-    }
-
-    async fn list_files(&self, dir: &str) -> Result<Vec<FileListing>> {
-        validate_dir(dir, true)?;
-        let prefix = dir_prefix(dir);
-        Ok(self
-            .lock()
-            .files
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .map(|(p, b)| FileListing {
-                path: p.clone(),
-                size: b.len() as u64,
-            })
-            .collect())
-    }
-
-    async fn delete_file(&self, path: &str) -> Result<()> {
-        validate_path(path)?;
-        self.lock().files.remove(path);
-        Ok(())
-    }
-
-    async fn delete_dir(&self, dir: &str) -> Result<()> {
-        validate_dir(dir, false)?;
-        let prefix = dir_prefix(dir);
-        // One lock: the directory disappears at once.
-        self.lock().files.retain(|p, _| !p.starts_with(&prefix));
-        Ok(())
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            atomic_create: true,
-            durable: false,
-        }
     }
 }

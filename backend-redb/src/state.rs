@@ -520,7 +520,7 @@ impl KeyedStateStore for RedbStore {
         Ok(())
     }
 
-    fn prefetch(&mut self, _key_group: u32, _key: &[u8]) {}
+    fn prefetch(&mut self, _key: &sluice_core::heap::KeyRef<'_>) {}
 
     fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
         self.end_epoch(checkpoint)?;

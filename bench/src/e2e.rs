@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 pub struct Config {
     /// `memory` or `redb`.
     pub state: String,
-    /// `memory`, `redb` or `s3`.
+    /// `memory`, `redb`, `fs` (a local directory, fsynced) or `s3`.
     pub storage: String,
     /// Checkpoint interval in ms; `None`: no periodic checkpoints.
     pub interval_ms: Option<u64>,
@@ -174,8 +174,11 @@ impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for TimedSum {
             .sum
             .as_ref()
             .ok_or_else(|| RuntimeError::InvalidJob("sum used before open".into()))?;
-        let sum = state.get(ctx)?.unwrap_or(0).wrapping_add(v);
-        state.set(ctx, &sum)?;
+        let sum = state.update(ctx, |sum| {
+            let next = sum.unwrap_or(0).wrapping_add(v);
+            *sum = Some(next);
+            next
+        })?;
         out.collect((*key, sum))
     }
 }
@@ -206,6 +209,9 @@ async fn storage_for(c: &Config, dir: &std::path::Path) -> Result<Arc<dyn Checkp
     Ok(match c.storage.as_str() {
         "memory" => Arc::new(MemoryCheckpointStorage::new()),
         "redb" => Arc::new(RedbCheckpointStorage::open(dir.join("checkpoints.redb"))?),
+        "fs" => Arc::new(sluice_backend_fs::FsCheckpointStorage::open(
+            dir.join("checkpoints"),
+        )?),
         "s3" => {
             let bucket = std::env::var("SLUICE_S3_BUCKET").map_err(|_| {
                 RuntimeError::InvalidJob(

@@ -25,7 +25,26 @@ pub fn stable_key_hash(key: &[u8]) -> u64 {
 /// The key group of a key (given as its bytes).
 #[inline]
 pub fn key_group_for_key(key: &[u8], max_parallelism: u32) -> u32 {
-    (stable_key_hash(key) % u64::from(max_parallelism)) as u32
+    key_group_for_hash(stable_key_hash(key), max_parallelism)
+}
+
+/// The key group of a key's [`stable_key_hash`]: `hash % max_parallelism`
+/// (a mask when the max parallelism is a power of two, as the default is:
+/// no division per record). `max_parallelism` 0 is treated as 1.
+///
+/// ```
+/// use sluice_core::keygroup::key_group_for_hash;
+/// assert_eq!(key_group_for_hash(1000, 128), 1000 % 128);
+/// assert_eq!(key_group_for_hash(1000, 100), 1000 % 100);
+/// ```
+#[inline]
+pub fn key_group_for_hash(hash: u64, max_parallelism: u32) -> u32 {
+    let m = u64::from(max_parallelism.max(1));
+    if m.is_power_of_two() {
+        (hash & (m - 1)) as u32
+    } else {
+        (hash % m) as u32
+    }
 }
 
 /// The subtask index that owns `key_group` when the operator runs with

@@ -26,6 +26,7 @@ pub mod barrier;
 pub mod channel_state;
 pub mod error;
 pub mod format;
+pub mod heap;
 pub mod ids;
 pub mod keygroup;
 pub mod load;

@@ -60,6 +60,33 @@ pub trait KeyedStateStore: Send {
     /// Registers a state name (or finds it if registered) and returns its id.
     fn register_state(&mut self, name: &str) -> Result<StateId>;
 
+    /// Registers a typed state (or finds it if registered with the same
+    /// value type): a store that keeps state on the heap holds the table
+    /// `make` builds for its key groups ([`crate::heap::HeapTable`] of the
+    /// state's type) and hands it out through [`typed`](Self::typed), so
+    /// values stay Rust values and an update is one hash probe. Entries
+    /// restored before (through [`load`](Self::load)) are decoded into it.
+    /// `Ok(None)` (the default): the store keeps bytes, and the caller uses
+    /// [`register_state`](Self::register_state) and the byte-level methods.
+    /// The byte-level methods keep working on a typed state, in the
+    /// canonical encoding.
+    fn register_typed(
+        &mut self,
+        name: &str,
+        make: &dyn Fn(KeyGroupRange) -> Box<dyn crate::heap::TypedTable>,
+    ) -> Result<Option<StateId>> {
+        let _ = (name, make);
+        Ok(None)
+    }
+
+    /// The table of a state registered with
+    /// [`register_typed`](Self::register_typed), with the store's change
+    /// tracking; `None` for a byte-level state (the default).
+    fn typed(&mut self, state: StateId) -> Option<crate::heap::TypedAccess<'_>> {
+        let _ = state;
+        None
+    }
+
     /// Reads a value into `out` (cleared first). Returns whether it existed.
     fn get(&mut self, state: StateId, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool>;
 
@@ -80,11 +107,11 @@ pub trait KeyedStateStore: Send {
         visit: &mut KeyValueVisitor<'_>,
     ) -> Result<()>;
 
-    /// A hint that `key` of `key_group` will be accessed soon, in every
-    /// state. Called for a whole batch of records before they are
-    /// processed, so that a backend can start loading their entries
-    /// (memory-level parallelism, read-ahead). The default does nothing.
-    fn prefetch(&mut self, _key_group: u32, _key: &[u8]) {}
+    /// A hint that `key` will be accessed soon, in every state. Called for
+    /// a whole batch of records before they are processed, so that a
+    /// backend can start loading their entries (memory-level parallelism,
+    /// read-ahead). The default does nothing.
+    fn prefetch(&mut self, _key: &crate::heap::KeyRef<'_>) {}
 
     /// The synchronous part of a snapshot: captures a consistent view cheaply
     /// (copy-on-write, a read transaction, a frozen buffer). Writes after this

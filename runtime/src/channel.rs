@@ -97,6 +97,8 @@ pub struct OutputWriter<T> {
     max_parallelism: u32,
     next: usize,
     key_buf: Vec<u8>,
+    /// The downstream subtask of each key group (hash partitioning).
+    owners: Vec<u32>,
     task: Arc<str>,
     /// The alignment timeout of checkpoints that start aligned.
     alignment_timeout: Option<std::time::Duration>,
@@ -115,6 +117,12 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
         task: Arc<str>,
     ) -> Self {
         let n = senders.len();
+        let owners = match &partitioner {
+            Partitioner::Hash(_) => (0..max_parallelism)
+                .map(|g| operator_index_for_key_group(max_parallelism, n as u32, g))
+                .collect(),
+            _ => Vec::new(),
+        };
         OutputWriter {
             senders,
             buffers: (0..n).map(|_| Vec::with_capacity(BATCH_SIZE)).collect(),
@@ -124,6 +132,7 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
             max_parallelism,
             next: subtask,
             key_buf: Vec::with_capacity(16),
+            owners,
             task,
             alignment_timeout: None,
             deadlines: Vec::new(),
@@ -183,7 +192,12 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
                 self.key_buf.clear();
                 key(&rec, &mut self.key_buf);
                 let g = key_group_for_key(&self.key_buf, self.max_parallelism);
-                operator_index_for_key_group(self.max_parallelism, n as u32, g) as usize
+                // The owner of each key group, computed once (no division
+                // per record).
+                match self.owners.get(g as usize) {
+                    Some(&i) => i as usize,
+                    None => operator_index_for_key_group(self.max_parallelism, n as u32, g) as usize,
+                }
             }
             Partitioner::Broadcast => {
                 for i in 0..n {

@@ -20,8 +20,8 @@
 //!     fn process(&mut self, key: &u64, (_, v): (u64, u64), ctx: &mut KeyedContext<'_>,
 //!                out: &mut Collector<'_, (u64, u64)>) -> Result<()> {
 //!         let state = self.0.as_ref().expect("opened");
-//!         let sum = state.get(ctx)?.unwrap_or(0) + v;
-//!         state.set(ctx, &sum)?;
+//!         // One hash probe: read, add, write back in place.
+//!         let sum = state.update(ctx, |sum| *sum.insert(sum.unwrap_or(0) + v))?;
 //!         out.collect((*key, sum))
 //!     }
 //! }

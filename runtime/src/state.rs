@@ -8,7 +8,8 @@
 use crate::error::{Result, RuntimeError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sluice_core::{KeyedStateStore, StateDescriptor, StateId};
+use sluice_core::heap::{HeapTable, HeapValue, KeyRef, TypedAccess, TypedTable};
+use sluice_core::{KeyGroupRange, KeyedStateStore, StateDescriptor, StateId};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -18,12 +19,51 @@ pub struct OpenContext<'a> {
     pub(crate) operator: &'a str,
     pub(crate) subtask: u32,
     pub(crate) states: &'a mut Vec<StateDescriptor>,
+    /// Set when a state is kept as bytes by the store.
+    pub(crate) untyped: &'a mut bool,
+    /// The states of the restored checkpoint, and its description: a state
+    /// registered with another kind or type is refused before its restored
+    /// values are read as the new type.
+    pub(crate) restored: Option<(&'a str, &'a [StateDescriptor])>,
 }
 
 impl OpenContext<'_> {
     /// This subtask's index.
     pub fn subtask(&self) -> u32 {
         self.subtask
+    }
+
+    /// Checks `desc` against this operator's other registrations and the
+    /// restored checkpoint's.
+    fn check(&mut self, desc: &StateDescriptor) -> Result<()> {
+        match self.states.iter().find(|d| d.name == desc.name) {
+            Some(d) if d != desc => {
+                return Err(RuntimeError::InvalidJob(format!(
+                    "operator {}: state {:?} is registered both as {} and as {}",
+                    self.operator,
+                    desc.name,
+                    describe_state(d),
+                    describe_state(desc)
+                )))
+            }
+            Some(_) => {}
+            None => self.states.push(desc.clone()),
+        }
+        if let Some((restore, written)) = self.restored {
+            if let Some(w) = written.iter().find(|w| w.name == desc.name && *w != desc) {
+                return Err(changed_state(self.operator, restore, w, desc));
+            }
+        }
+        Ok(())
+    }
+
+    fn descriptor(name: &str, kind: &str, value_type: &str, map_key_type: Option<&str>) -> StateDescriptor {
+        StateDescriptor {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            value_type: value_type.to_string(),
+            map_key_type: map_key_type.map(str::to_string),
+        }
     }
 
     fn register(
@@ -33,46 +73,48 @@ impl OpenContext<'_> {
         value_type: &str,
         map_key_type: Option<&str>,
     ) -> Result<(StateId, Arc<str>)> {
-        let desc = StateDescriptor {
-            name: name.to_string(),
-            kind: kind.to_string(),
-            value_type: value_type.to_string(),
-            map_key_type: map_key_type.map(str::to_string),
-        };
-        match self.states.iter().find(|d| d.name == name) {
-            Some(d) if *d != desc => {
-                return Err(RuntimeError::InvalidJob(format!(
-                    "operator {}: state {name:?} is registered both as {} and as {}",
-                    self.operator,
-                    describe_state(d),
-                    describe_state(&desc)
-                )))
-            }
-            Some(_) => {}
-            None => self.states.push(desc),
-        }
+        self.check(&Self::descriptor(name, kind, value_type, map_key_type))?;
         let id = self.store.register_state(name)?;
+        *self.untyped = true;
         Ok((id, Arc::from(format!("{}/{name}", self.operator))))
     }
 
+    /// Registers a state whose values are `V` (a value state's `T`, a list
+    /// state's `Vec<T>`): typed when the store keeps typed state.
+    fn register_typed<V: HeapValue>(&mut self, name: &str, kind: &str, value_type: &str) -> Result<Handle> {
+        self.check(&Self::descriptor(name, kind, value_type, None))?;
+        let what: Arc<str> = Arc::from(format!("{}/{name}", self.operator));
+        let label = what.clone();
+        let make = move |range: KeyGroupRange| -> Box<dyn TypedTable> {
+            Box::new(HeapTable::<V>::new(range, label.clone()))
+        };
+        match self.store.register_typed(name, &make)? {
+            Some(id) => Ok(Handle {
+                id,
+                what,
+                typed: true,
+            }),
+            None => {
+                *self.untyped = true;
+                Ok(Handle {
+                    id: self.store.register_state(name)?,
+                    what,
+                    typed: false,
+                })
+            }
+        }
+    }
+
     /// A single value per key.
-    pub fn value_state<T: Serialize + DeserializeOwned>(&mut self, name: &str) -> Result<ValueState<T>> {
-        let (id, what) = self.register(name, "value", std::any::type_name::<T>(), None)?;
-        Ok(ValueState {
-            id,
-            what,
-            _t: PhantomData,
-        })
+    pub fn value_state<T: HeapValue>(&mut self, name: &str) -> Result<ValueState<T>> {
+        let h = self.register_typed::<T>(name, "value", std::any::type_name::<T>())?;
+        Ok(ValueState { h, _t: PhantomData })
     }
 
     /// A list of values per key.
-    pub fn list_state<T: Serialize + DeserializeOwned>(&mut self, name: &str) -> Result<ListState<T>> {
-        let (id, what) = self.register(name, "list", std::any::type_name::<T>(), None)?;
-        Ok(ListState {
-            id,
-            what,
-            _t: PhantomData,
-        })
+    pub fn list_state<T: HeapValue>(&mut self, name: &str) -> Result<ListState<T>> {
+        let h = self.register_typed::<Vec<T>>(name, "list", std::any::type_name::<T>())?;
+        Ok(ListState { h, _t: PhantomData })
     }
 
     /// A map per key.
@@ -94,6 +136,25 @@ impl OpenContext<'_> {
     }
 }
 
+/// The error for a state registered with another kind or type than the
+/// restored checkpoint's.
+pub(crate) fn changed_state(
+    operator: &str,
+    restore: &str,
+    written: &StateDescriptor,
+    now: &StateDescriptor,
+) -> RuntimeError {
+    RuntimeError::Storage(sluice_core::Error::Incompatible {
+        what: format!("state {:?} of operator {operator} in {restore}", written.name),
+        reason: format!(
+            "it was written as {}, the job now registers it as {}; keep the type, or register \
+             the new state under a new name (or give the operator a new uid)",
+            describe_state(written),
+            describe_state(now)
+        ),
+    })
+}
+
 /// `value state of u64`, `map state of String -> u64`.
 pub(crate) fn describe_state(d: &StateDescriptor) -> String {
     match &d.map_key_type {
@@ -106,6 +167,8 @@ pub(crate) fn describe_state(d: &StateDescriptor) -> String {
 pub struct KeyedContext<'a> {
     pub(crate) store: &'a mut dyn KeyedStateStore,
     pub(crate) key_group: u32,
+    /// The key's stable hash (its key group's source), computed once per record.
+    pub(crate) hash: u64,
     pub(crate) key: &'a [u8],
     pub(crate) buf: &'a mut Vec<u8>,
     pub(crate) scratch: &'a mut Vec<u8>,
@@ -115,6 +178,89 @@ impl KeyedContext<'_> {
     /// The key group of the current key.
     pub fn key_group(&self) -> u32 {
         self.key_group
+    }
+}
+
+/// A registered state: its id, its name for errors, and whether the store
+/// keeps it typed.
+#[derive(Clone)]
+struct Handle {
+    id: StateId,
+    what: Arc<str>,
+    typed: bool,
+}
+
+impl Handle {
+    /// Runs `f` on the current key's value in the state's typed table.
+    #[inline]
+    fn typed<V: HeapValue, R>(
+        &self,
+        ctx: &mut KeyedContext<'_>,
+        f: impl FnOnce(&mut Option<V>) -> R,
+    ) -> Result<R> {
+        let key = KeyRef {
+            bytes: ctx.key,
+            hash: ctx.hash,
+            key_group: ctx.key_group,
+        };
+        let TypedAccess { table, tracking } = ctx.store.typed(self.id).ok_or_else(|| self.lost())?;
+        let table = table
+            .as_any_mut()
+            .downcast_mut::<HeapTable<V>>()
+            .ok_or_else(|| self.lost())?;
+        Ok(table.update(&key, tracking, f)?)
+    }
+
+    /// Reads the current key's value in the state's typed table.
+    #[inline]
+    fn typed_get<V: HeapValue, R>(
+        &self,
+        ctx: &mut KeyedContext<'_>,
+        f: impl FnOnce(Option<&V>) -> R,
+    ) -> Result<R> {
+        let key = KeyRef {
+            bytes: ctx.key,
+            hash: ctx.hash,
+            key_group: ctx.key_group,
+        };
+        let access = ctx.store.typed(self.id).ok_or_else(|| self.lost())?;
+        let table = access
+            .table
+            .as_any_mut()
+            .downcast_mut::<HeapTable<V>>()
+            .ok_or_else(|| self.lost())?;
+        Ok(f(table.get(&key)?))
+    }
+
+    /// Reads and decodes the current key's value through the byte-level
+    /// store.
+    fn decode<V: DeserializeOwned>(&self, ctx: &mut KeyedContext<'_>) -> Result<Option<V>> {
+        if ctx.store.get(self.id, ctx.key_group, ctx.key, ctx.buf)? {
+            decode(&self.what, ctx.buf).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Encodes and writes `value` as the current key's through the
+    /// byte-level store.
+    fn encode<V: Serialize + ?Sized>(&self, ctx: &mut KeyedContext<'_>, value: &V) -> Result<()> {
+        encode_into(&self.what, value, ctx.buf)?;
+        ctx.store.put(self.id, ctx.key_group, ctx.key, ctx.buf)?;
+        Ok(())
+    }
+
+    /// Removes the current key's value (typed or not: the store's
+    /// byte-level delete covers both).
+    fn clear(&self, ctx: &mut KeyedContext<'_>) -> Result<()> {
+        Ok(ctx.store.delete(self.id, ctx.key_group, ctx.key)?)
+    }
+
+    fn lost(&self) -> RuntimeError {
+        RuntimeError::Codec {
+            what: self.what.to_string(),
+            reason: "the state store no longer holds this typed state with its registered type".into(),
+        }
     }
 }
 
@@ -135,77 +281,104 @@ fn encode_into<T: Serialize + ?Sized>(what: &str, value: &T, buf: &mut Vec<u8>) 
     Ok(())
 }
 
-/// One value per key (Flink's `ValueState`).
+/// One value per key (Flink's `ValueState`). On a store that keeps typed
+/// state (the memory backend) the value lives as a `T`; elsewhere it is
+/// encoded with postcard on every access.
 pub struct ValueState<T> {
-    id: StateId,
-    what: Arc<str>,
+    h: Handle,
     _t: PhantomData<fn() -> T>,
 }
 
 impl<T> Clone for ValueState<T> {
     fn clone(&self) -> Self {
         ValueState {
-            id: self.id,
-            what: self.what.clone(),
+            h: self.h.clone(),
             _t: PhantomData,
         }
     }
 }
 
-impl<T: Serialize + DeserializeOwned> ValueState<T> {
+impl<T: HeapValue> ValueState<T> {
     /// The current key's value.
     #[inline]
     pub fn get(&self, ctx: &mut KeyedContext<'_>) -> Result<Option<T>> {
-        if ctx.store.get(self.id, ctx.key_group, ctx.key, ctx.buf)? {
-            decode(&self.what, ctx.buf).map(Some)
+        if self.h.typed {
+            self.h.typed_get(ctx, |v: Option<&T>| v.cloned())
         } else {
-            Ok(None)
+            self.h.decode(ctx)
         }
     }
 
     /// Sets the current key's value.
     #[inline]
     pub fn set(&self, ctx: &mut KeyedContext<'_>, value: &T) -> Result<()> {
-        encode_into(&self.what, value, ctx.buf)?;
-        ctx.store.put(self.id, ctx.key_group, ctx.key, ctx.buf)?;
-        Ok(())
+        if self.h.typed {
+            self.h.typed(ctx, |v| *v = Some(value.clone()))
+        } else {
+            self.h.encode(ctx, value)
+        }
+    }
+
+    /// Updates the current key's value in place: `f` sees it (`None` when
+    /// absent) and may change, set or clear it; returns what `f` returns.
+    /// On typed state this is one hash probe (a `get` then a `set` are two);
+    /// the crate-level example counts a running sum with it.
+    #[inline]
+    pub fn update<R>(&self, ctx: &mut KeyedContext<'_>, f: impl FnOnce(&mut Option<T>) -> R) -> Result<R> {
+        if self.h.typed {
+            return self.h.typed(ctx, f);
+        }
+        let mut value = self.h.decode::<T>(ctx)?;
+        let existed = value.is_some();
+        let r = f(&mut value);
+        match value {
+            Some(v) => self.h.encode(ctx, &v)?,
+            None if existed => self.h.clear(ctx)?,
+            None => {}
+        }
+        Ok(r)
     }
 
     /// Removes the current key's value.
     pub fn clear(&self, ctx: &mut KeyedContext<'_>) -> Result<()> {
-        Ok(ctx.store.delete(self.id, ctx.key_group, ctx.key)?)
+        self.h.clear(ctx)
     }
 }
 
-/// A list of values per key (Flink's `ListState`), stored as one value.
+/// A list of values per key (Flink's `ListState`), stored as one value (a
+/// `Vec<T>` on a store that keeps typed state: `add` appends in place).
 pub struct ListState<T> {
-    id: StateId,
-    what: Arc<str>,
+    h: Handle,
     _t: PhantomData<fn() -> T>,
 }
 
 impl<T> Clone for ListState<T> {
     fn clone(&self) -> Self {
         ListState {
-            id: self.id,
-            what: self.what.clone(),
+            h: self.h.clone(),
             _t: PhantomData,
         }
     }
 }
 
-impl<T: Serialize + DeserializeOwned> ListState<T> {
+impl<T: HeapValue> ListState<T> {
     /// The current key's list (empty if none).
     pub fn get(&self, ctx: &mut KeyedContext<'_>) -> Result<Vec<T>> {
-        if ctx.store.get(self.id, ctx.key_group, ctx.key, ctx.buf)? {
-            decode(&self.what, ctx.buf)
+        if self.h.typed {
+            self.h
+                .typed_get(ctx, |l: Option<&Vec<T>>| l.cloned().unwrap_or_default())
         } else {
-            Ok(Vec::new())
+            Ok(self.h.decode(ctx)?.unwrap_or_default())
         }
     }
 
     /// Appends a value to the current key's list.
     pub fn add(&self, ctx: &mut KeyedContext<'_>, value: T) -> Result<()> {
+        if self.h.typed {
+            return self.h.typed(ctx, |l: &mut Option<Vec<T>>| {
+                l.get_or_insert_with(Vec::new).push(value)
+            });
+        }
         let mut list = self.get(ctx)?;
         list.push(value);
         self.update(ctx, &list)
@@ -213,14 +386,16 @@ impl<T: Serialize + DeserializeOwned> ListState<T> {
 
     /// Replaces the current key's list.
     pub fn update(&self, ctx: &mut KeyedContext<'_>, values: &[T]) -> Result<()> {
-        encode_into(&self.what, values, ctx.buf)?;
-        ctx.store.put(self.id, ctx.key_group, ctx.key, ctx.buf)?;
-        Ok(())
+        if self.h.typed {
+            self.h.typed(ctx, |l| *l = Some(values.to_vec()))
+        } else {
+            self.h.encode(ctx, values)
+        }
     }
 
     /// Removes the current key's list.
     pub fn clear(&self, ctx: &mut KeyedContext<'_>) -> Result<()> {
-        Ok(ctx.store.delete(self.id, ctx.key_group, ctx.key)?)
+        self.h.clear(ctx)
     }
 }
 

@@ -136,8 +136,11 @@ impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for RunningSum {
             .sum
             .as_ref()
             .ok_or_else(|| RuntimeError::InvalidJob("running sum not opened".into()))?;
-        let sum = state.get(ctx)?.unwrap_or(0).wrapping_add(value);
-        state.set(ctx, &sum)?;
+        let sum = state.update(ctx, |sum| {
+            let next = sum.unwrap_or(0).wrapping_add(value);
+            *sum = Some(next);
+            next
+        })?;
         out.collect((*key, sum))
     }
 }
@@ -175,8 +178,11 @@ impl TwoInputSum {
             .sum
             .as_ref()
             .ok_or_else(|| RuntimeError::InvalidJob("two-input sum used before open".into()))?;
-        let sum = s.get(ctx)?.unwrap_or(0) + v;
-        s.set(ctx, &sum)?;
+        let sum = s.update(ctx, |sum| {
+            let next = sum.unwrap_or(0) + v;
+            *sum = Some(next);
+            next
+        })?;
         out.collect((key, sum))
     }
 }

@@ -1,0 +1,749 @@
+//! Typed keyed state on the heap: values kept as their Rust type and
+//! encoded only when a snapshot is written (Flink's heap backend keeps
+//! objects, not bytes).
+//!
+//! A state backend that keeps state in memory offers typed tables through
+//! [`KeyedStateStore::register_typed`](crate::KeyedStateStore::register_typed);
+//! the runtime then reaches a state's [`HeapTable`] through
+//! [`KeyedStateStore::typed`](crate::KeyedStateStore::typed) and updates a
+//! value with one hash probe ([`HeapTable::update`]), using the key's
+//! stable hash ([`KeyRef`]) computed once per record. Snapshots, changes
+//! files and savepoints hold the canonical bytes (the postcard encoding of
+//! the value, the same as the byte-level path writes), so they move between
+//! backends unchanged.
+//!
+//! ```
+//! use sluice_core::heap::{HeapTable, KeyRef};
+//! use sluice_core::KeyGroupRange;
+//!
+//! let mut sums: HeapTable<u64> = HeapTable::new(KeyGroupRange::all(128), "sum".into());
+//! let key = KeyRef::new(b"k", 128);
+//! for v in [1u64, 2, 3] {
+//!     sums.update(&key, None, |sum| *sum.get_or_insert(0) += v).unwrap();
+//! }
+//! assert_eq!(sums.get(&key).unwrap(), Some(&6));
+//! let mut encoded = Vec::new();
+//! assert!(sums.view().get_encoded(key.key_group, b"k", &mut encoded).unwrap());
+//! assert_eq!(encoded, postcard::to_allocvec(&6u64).unwrap());
+//! ```
+
+use crate::keygroup::{stable_key_hash, KeyGroupRange};
+use crate::state::{KeyValueVisitor, StateId};
+use crate::{Error, Result};
+use hashbrown::hash_table::{Entry as TableEntry, HashTable};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::any::Any;
+use std::sync::Arc;
+
+/// What a typed state's values must be: encodable in the canonical format,
+/// and cloneable for the copy-on-write snapshot.
+pub trait HeapValue: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+
+impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> HeapValue for T {}
+
+/// A key of up to 23 bytes, inline: its length in the last byte. Hashing
+/// and comparing it are three word operations (no `memcmp` call).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub struct ShortKey([u8; 24]);
+
+impl ShortKey {
+    /// The longest key kept inline.
+    pub const MAX: usize = 23;
+
+    /// `key` inline; `key` must be at most [`Self::MAX`] bytes long.
+    #[inline]
+    pub fn new(key: &[u8]) -> Self {
+        let mut b = [0u8; 24];
+        b[..key.len()].copy_from_slice(key);
+        b[23] = key.len() as u8;
+        ShortKey(b)
+    }
+
+    /// The key as three words (for comparison and hashing).
+    #[inline]
+    pub fn words(&self) -> [u64; 3] {
+        let w = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.0[i..i + 8]);
+            u64::from_ne_bytes(b)
+        };
+        [w(0), w(8), w(16)]
+    }
+
+    /// The key's bytes.
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0[..usize::from(self.0[23])]
+    }
+}
+
+impl PartialEq for ShortKey {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+}
+
+impl Eq for ShortKey {}
+
+impl std::hash::Hash for ShortKey {
+    /// A folded multiply per word, chained, so that every key bit
+    /// reaches the low bits a hash table indexes by. (Fx's multiply only
+    /// carries upwards: keys differing in their high bytes alone, such as
+    /// big-endian integers, collided, and a million of them took a second
+    /// to insert.)
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        #[inline]
+        fn fold(x: u64, y: u64) -> u64 {
+            let p = u128::from(x) * u128::from(y);
+            (p as u64) ^ ((p >> 64) as u64)
+        }
+        let [a, b, c] = self.words();
+        let h = fold(a ^ 0x243F_6A88_85A3_08D3, 0x1319_8A2E_0370_7344);
+        let h = fold(h ^ b, 0xA409_3822_299F_31D0);
+        state.write_u64(fold(h ^ c, 0x082E_FA98_EC4E_6C89));
+    }
+}
+
+/// The keys written or deleted in one epoch of change tracking (between two
+/// snapshots), by key group and state: a key once per first write of the
+/// epoch (and again after a deletion; duplicates are removed when the
+/// changes are read).
+///
+/// A log may be given a limit ([`ChangeLog::with_limit`]): past it, keys are
+/// no longer recorded and the log is [`overflowed`](ChangeLog::overflowed),
+/// which means "too much changed: take a full snapshot". A store whose
+/// incremental snapshots fall back to full ones beyond some share of
+/// changed keys saves the recording (most of the cost of tracking when
+/// every key changes in every interval).
+pub struct ChangeLog {
+    /// Keys of up to [`ShortKey::MAX`] bytes.
+    pub short: Vec<(u32, StateId, ShortKey)>,
+    /// Longer keys.
+    pub long: Vec<(u32, StateId, Box<[u8]>)>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl Default for ChangeLog {
+    fn default() -> Self {
+        ChangeLog::with_limit(usize::MAX)
+    }
+}
+
+impl ChangeLog {
+    /// An empty log that records up to `limit` keys.
+    pub fn with_limit(limit: usize) -> Self {
+        ChangeLog {
+            short: Vec::new(),
+            long: Vec::new(),
+            limit,
+            overflowed: false,
+        }
+    }
+
+    /// Whether more keys changed than the limit: the log is incomplete.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// Records that `key` of `state` in `key_group` changed.
+    #[inline]
+    pub fn mark(&mut self, key_group: u32, state: StateId, key: &[u8]) {
+        if self.len() >= self.limit {
+            self.overflowed = true;
+            return;
+        }
+        if key.len() <= ShortKey::MAX {
+            self.short.push((key_group, state, ShortKey::new(key)));
+        } else {
+            self.long.push((key_group, state, key.into()));
+        }
+    }
+
+    /// Keys recorded (with duplicates).
+    pub fn len(&self) -> usize {
+        self.short.len() + self.long.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A record's key as the state sees it: its bytes (the postcard encoding
+/// of the key), their stable hash and the key group, computed once per
+/// record.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    /// The key's bytes.
+    pub bytes: &'a [u8],
+    /// [`stable_key_hash`] of the bytes.
+    pub hash: u64,
+    /// The key's group: `hash % max_parallelism`.
+    pub key_group: u32,
+}
+
+impl<'a> KeyRef<'a> {
+    /// Hashes `bytes` and finds their key group.
+    #[inline]
+    pub fn new(bytes: &'a [u8], max_parallelism: u32) -> Self {
+        let hash = stable_key_hash(bytes);
+        KeyRef {
+            bytes,
+            hash,
+            key_group: crate::keygroup::key_group_for_hash(hash, max_parallelism),
+        }
+    }
+}
+
+/// Change tracking for one write: the open epoch, the state written, and
+/// the log of the epoch's changed keys.
+pub struct Tracking<'a> {
+    /// The open epoch (never 0, the stamp of untracked writes).
+    pub epoch: u64,
+    /// The state's id in its store.
+    pub state: StateId,
+    /// Where changed keys are recorded.
+    pub log: &'a mut ChangeLog,
+}
+
+/// A store's access to one typed state, handed out by
+/// [`KeyedStateStore::typed`](crate::KeyedStateStore::typed).
+pub struct TypedAccess<'a> {
+    /// The state's table (a [`HeapTable`] of the state's value type).
+    pub table: &'a mut dyn TypedTable,
+    /// Change tracking, when the store tracks changes.
+    pub tracking: Option<Tracking<'a>>,
+}
+
+/// A typed state table with its type erased, as a store holds it. The
+/// byte-level methods speak the canonical encoding, so a store can restore
+/// into it, answer byte-level reads, and snapshot it without knowing the
+/// type.
+pub trait TypedTable: Send {
+    /// For the runtime's downcast to the [`HeapTable`] of its type.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// The Rust type of the values (for error messages).
+    fn value_type(&self) -> &'static str;
+    /// Number of entries.
+    fn len(&self) -> usize;
+    /// Whether there are no entries.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Encodes the value of `key` into `out` (cleared first); false if absent.
+    fn get_encoded(&self, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool>;
+    /// Decodes `value` and stores it under `key`, stamped with `epoch`;
+    /// true if the key was not stamped with `epoch` before.
+    fn put_encoded(&mut self, key_group: u32, key: &[u8], value: &[u8], epoch: u64) -> Result<bool>;
+    /// Removes `key`; true if it existed.
+    fn remove(&mut self, key_group: u32, key: &[u8]) -> Result<bool>;
+    /// Visits the entries of `key_group` whose key starts with `prefix`,
+    /// values encoded.
+    fn visit_prefix(&self, key_group: u32, prefix: &[u8], visit: &mut KeyValueVisitor<'_>) -> Result<()>;
+    /// A copy-on-write view of the table as it is now (cheap: the table's
+    /// key groups are shared until written).
+    fn view(&self) -> Arc<dyn TableView>;
+}
+
+/// An immutable view of a [`TypedTable`], read by the asynchronous part
+/// of a snapshot.
+pub trait TableView: Send + Sync {
+    /// Visits every entry of `key_group`, values encoded.
+    fn visit_key_group(&self, key_group: u32, visit: &mut KeyValueVisitor<'_>) -> Result<()>;
+    /// Encodes the value of `key` into `out` (cleared first); false if absent.
+    fn get_encoded(&self, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool>;
+}
+
+#[derive(Clone)]
+enum Key {
+    Short(ShortKey),
+    Long(Box<[u8]>),
+}
+
+impl Key {
+    #[inline]
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Key::Short(k) => k.as_slice(),
+            Key::Long(k) => k,
+        }
+    }
+}
+
+/// A probe for `bytes`: a long key is compared in place, not copied.
+enum Probe<'a> {
+    Short(ShortKey),
+    Long(&'a [u8]),
+}
+
+impl<'a> Probe<'a> {
+    #[inline]
+    fn new(bytes: &'a [u8]) -> Self {
+        if bytes.len() <= ShortKey::MAX {
+            Probe::Short(ShortKey::new(bytes))
+        } else {
+            Probe::Long(bytes)
+        }
+    }
+
+    #[inline]
+    fn matches(&self, key: &Key) -> bool {
+        match (key, self) {
+            (Key::Short(a), Probe::Short(b)) => a == b,
+            (Key::Long(a), Probe::Long(b)) => &a[..] == *b,
+            _ => false,
+        }
+    }
+
+    #[inline]
+    fn to_key(&self) -> Key {
+        match self {
+            Probe::Short(k) => Key::Short(*k),
+            Probe::Long(b) => Key::Long((*b).into()),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Entry<T> {
+    key: Key,
+    /// The epoch of change tracking that last wrote the entry (0: untracked).
+    epoch: u64,
+    /// Always `Some` in a table; an update sees `None` for an absent key.
+    value: Option<T>,
+}
+
+/// The hash the tables index by: the key's stable hash with its halves
+/// swapped, so that the bits that chose the key group (the low ones, for a
+/// power-of-two max parallelism) do not also choose the bucket.
+#[inline]
+fn table_hash(stable: u64) -> u64 {
+    stable.rotate_left(32)
+}
+
+#[inline]
+fn rehash<T>(e: &Entry<T>) -> u64 {
+    table_hash(stable_key_hash(e.key.as_slice()))
+}
+
+type Group<T> = HashTable<Entry<T>>;
+
+/// The values of one typed state of one subtask: a hash table per key
+/// group, shared copy-on-write with snapshots (the first write into a key
+/// group a snapshot still holds copies that key group).
+pub struct HeapTable<T> {
+    range: KeyGroupRange,
+    groups: Vec<Arc<Group<T>>>,
+    what: Arc<str>,
+}
+
+impl<T> std::fmt::Debug for HeapTable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeapTable")
+            .field("what", &self.what)
+            .field("range", &self.range)
+            .field("value_type", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+fn out_of_range(key_group: u32, range: KeyGroupRange) -> Error {
+    Error::InvalidArgument {
+        what: format!("key group {key_group}"),
+        reason: format!("outside this store's range {range}"),
+    }
+}
+
+fn encode<T: Serialize>(what: &str, value: &T, out: &mut Vec<u8>) -> Result<()> {
+    out.clear();
+    let v = postcard::to_extend(value, std::mem::take(out)).map_err(|e| Error::Serialization {
+        what: format!("a value of state {what}"),
+        reason: e.to_string(),
+    })?;
+    *out = v;
+    Ok(())
+}
+
+fn find<'g, T>(group: &'g Group<T>, key_bytes: &[u8]) -> Option<&'g Entry<T>> {
+    let probe = Probe::new(key_bytes);
+    group.find(table_hash(stable_key_hash(key_bytes)), |e| probe.matches(&e.key))
+}
+
+impl<T: HeapValue> HeapTable<T> {
+    /// An empty table of the key groups `range`; `what` names the state in
+    /// errors (e.g. `operator/state`).
+    pub fn new(range: KeyGroupRange, what: Arc<str>) -> Self {
+        HeapTable {
+            range,
+            groups: (0..range.len()).map(|_| Arc::new(HashTable::new())).collect(),
+            what,
+        }
+    }
+
+    #[inline]
+    fn index(&self, key_group: u32) -> Result<usize> {
+        if self.range.contains(key_group) {
+            Ok((key_group - self.range.start) as usize)
+        } else {
+            Err(out_of_range(key_group, self.range))
+        }
+    }
+
+    /// The value of `key`.
+    #[inline]
+    pub fn get(&self, key: &KeyRef<'_>) -> Result<Option<&T>> {
+        let g = self.index(key.key_group)?;
+        let probe = Probe::new(key.bytes);
+        Ok(self.groups[g]
+            .find(table_hash(key.hash), |e| probe.matches(&e.key))
+            .and_then(|e| e.value.as_ref()))
+    }
+
+    /// Updates the value of `key` in place with one hash probe: `f` sees
+    /// the value (`None` when absent) and may change, set or clear it.
+    /// Returns what `f` returns. With `tracking`, the key is recorded as
+    /// changed at its first write of the epoch.
+    #[inline]
+    pub fn update<R>(
+        &mut self,
+        key: &KeyRef<'_>,
+        tracking: Option<Tracking<'_>>,
+        f: impl FnOnce(&mut Option<T>) -> R,
+    ) -> Result<R> {
+        let g = self.index(key.key_group)?;
+        let group = Arc::make_mut(&mut self.groups[g]);
+        let probe = Probe::new(key.bytes);
+        match group.entry(table_hash(key.hash), |e| probe.matches(&e.key), rehash) {
+            TableEntry::Occupied(mut o) => {
+                let e = o.get_mut();
+                let r = f(&mut e.value);
+                let gone = e.value.is_none();
+                if let Some(t) = tracking {
+                    if e.epoch != t.epoch || gone {
+                        e.epoch = t.epoch;
+                        t.log.mark(key.key_group, t.state, key.bytes);
+                    }
+                }
+                if gone {
+                    o.remove();
+                }
+                Ok(r)
+            }
+            TableEntry::Vacant(v) => {
+                let mut value = None;
+                let r = f(&mut value);
+                if value.is_some() {
+                    let epoch = match tracking {
+                        Some(t) => {
+                            t.log.mark(key.key_group, t.state, key.bytes);
+                            t.epoch
+                        }
+                        None => 0,
+                    };
+                    v.insert(Entry {
+                        key: probe.to_key(),
+                        epoch,
+                        value,
+                    });
+                }
+                Ok(r)
+            }
+        }
+    }
+}
+
+impl<T: HeapValue> TypedTable for HeapTable<T> {
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn value_type(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+
+    fn len(&self) -> usize {
+        self.groups.iter().map(|g| g.len()).sum()
+    }
+
+    fn get_encoded(&self, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        let g = self.index(key_group)?;
+        get_encoded(&self.groups[g], &self.what, key, out)
+    }
+
+    fn put_encoded(&mut self, key_group: u32, key: &[u8], value: &[u8], epoch: u64) -> Result<bool> {
+        let decoded: T = postcard::from_bytes(value).map_err(|e| Error::Serialization {
+            what: format!(
+                "a value of state {} (as {})",
+                self.what,
+                std::any::type_name::<T>()
+            ),
+            reason: format!("{e}; was the state written with another type?"),
+        })?;
+        let g = self.index(key_group)?;
+        let group = Arc::make_mut(&mut self.groups[g]);
+        let probe = Probe::new(key);
+        match group.entry(
+            table_hash(stable_key_hash(key)),
+            |e| probe.matches(&e.key),
+            rehash,
+        ) {
+            TableEntry::Occupied(mut o) => {
+                let e = o.get_mut();
+                e.value = Some(decoded);
+                Ok(std::mem::replace(&mut e.epoch, epoch) != epoch)
+            }
+            TableEntry::Vacant(v) => {
+                v.insert(Entry {
+                    key: probe.to_key(),
+                    epoch,
+                    value: Some(decoded),
+                });
+                Ok(true)
+            }
+        }
+    }
+
+    fn remove(&mut self, key_group: u32, key: &[u8]) -> Result<bool> {
+        let g = self.index(key_group)?;
+        let probe = Probe::new(key);
+        let hash = table_hash(stable_key_hash(key));
+        if self.groups[g].find(hash, |e| probe.matches(&e.key)).is_none() {
+            return Ok(false);
+        }
+        if let Ok(o) = Arc::make_mut(&mut self.groups[g]).find_entry(hash, |e| probe.matches(&e.key)) {
+            o.remove();
+        }
+        Ok(true)
+    }
+
+    fn visit_prefix(&self, key_group: u32, prefix: &[u8], visit: &mut KeyValueVisitor<'_>) -> Result<()> {
+        let g = self.index(key_group)?;
+        visit_group(&self.groups[g], &self.what, Some(prefix), visit)
+    }
+
+    fn view(&self) -> Arc<dyn TableView> {
+        Arc::new(HeapView {
+            range: self.range,
+            groups: self.groups.clone(),
+            what: self.what.clone(),
+        })
+    }
+}
+
+fn get_encoded<T: HeapValue>(group: &Group<T>, what: &str, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+    out.clear();
+    match find(group, key).and_then(|e| e.value.as_ref()) {
+        Some(v) => encode(what, v, out).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+fn visit_group<T: HeapValue>(
+    group: &Group<T>,
+    what: &str,
+    prefix: Option<&[u8]>,
+    visit: &mut KeyValueVisitor<'_>,
+) -> Result<()> {
+    let mut buf = Vec::new();
+    for e in group.iter() {
+        let key = e.key.as_slice();
+        if prefix.is_some_and(|p| !key.starts_with(p)) {
+            continue;
+        }
+        if let Some(v) = &e.value {
+            encode(what, v, &mut buf)?;
+            visit(key, &buf)?;
+        }
+    }
+    Ok(())
+}
+
+/// A copy-on-write view of a [`HeapTable`].
+struct HeapView<T> {
+    range: KeyGroupRange,
+    groups: Vec<Arc<Group<T>>>,
+    what: Arc<str>,
+}
+
+impl<T: HeapValue> HeapView<T> {
+    fn index(&self, key_group: u32) -> Result<usize> {
+        if self.range.contains(key_group) {
+            Ok((key_group - self.range.start) as usize)
+        } else {
+            Err(out_of_range(key_group, self.range))
+        }
+    }
+}
+
+impl<T: HeapValue> TableView for HeapView<T> {
+    fn visit_key_group(&self, key_group: u32, visit: &mut KeyValueVisitor<'_>) -> Result<()> {
+        let g = self.index(key_group)?;
+        visit_group(&self.groups[g], &self.what, None, visit)
+    }
+
+    fn get_encoded(&self, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        let g = self.index(key_group)?;
+        get_encoded(&self.groups[g], &self.what, key, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> HeapTable<u64> {
+        HeapTable::new(KeyGroupRange::new(0, 127).unwrap(), "op/sum".into())
+    }
+
+    #[test]
+    fn update_inserts_changes_and_removes_with_one_probe() {
+        let mut t = table();
+        let k = KeyRef::new(b"alpha", 128);
+        assert_eq!(t.update(&k, None, |v| v.replace(5)).unwrap(), None);
+        assert_eq!(t.update(&k, None, |v| v.replace(7)).unwrap(), Some(5));
+        assert_eq!(t.get(&k).unwrap(), Some(&7));
+        assert_eq!(t.update(&k, None, |v| v.take()).unwrap(), Some(7));
+        assert_eq!(t.get(&k).unwrap(), None);
+        assert_eq!(TypedTable::len(&t), 0);
+        // An update that leaves an absent key absent stores nothing.
+        t.update(&k, None, |_| ()).unwrap();
+        assert_eq!(TypedTable::len(&t), 0);
+    }
+
+    #[test]
+    fn long_keys_are_kept_and_compared_whole() {
+        let mut t = table();
+        let a = vec![1u8; 40];
+        let mut b = a.clone();
+        b[39] = 2;
+        t.update(&KeyRef::new(&a, 128), None, |v| *v = Some(1)).unwrap();
+        t.update(&KeyRef::new(&b, 128), None, |v| *v = Some(2)).unwrap();
+        assert_eq!(t.get(&KeyRef::new(&a, 128)).unwrap(), Some(&1));
+        assert_eq!(t.get(&KeyRef::new(&b, 128)).unwrap(), Some(&2));
+        let mut out = Vec::new();
+        let kg = KeyRef::new(&b, 128).key_group;
+        assert!(t.get_encoded(kg, &b, &mut out).unwrap());
+        assert_eq!(out, postcard::to_allocvec(&2u64).unwrap());
+    }
+
+    #[test]
+    fn views_are_unchanged_by_later_writes() {
+        let mut t = table();
+        let k = KeyRef::new(b"k", 128);
+        t.update(&k, None, |v| *v = Some(1)).unwrap();
+        let view = t.view();
+        t.update(&k, None, |v| *v = Some(2)).unwrap();
+        t.update(&KeyRef::new(b"other", 128), None, |v| *v = Some(3))
+            .unwrap();
+        let mut out = Vec::new();
+        assert!(view.get_encoded(k.key_group, b"k", &mut out).unwrap());
+        assert_eq!(out, postcard::to_allocvec(&1u64).unwrap());
+        let mut seen = Vec::new();
+        for g in 0..128 {
+            view.visit_key_group(g, &mut |k, v| {
+                seen.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(seen, vec![(b"k".to_vec(), postcard::to_allocvec(&1u64).unwrap())]);
+    }
+
+    #[test]
+    fn tracking_records_a_key_once_per_epoch_and_every_deletion() {
+        let mut t = table();
+        let mut log = ChangeLog::default();
+        let k = KeyRef::new(b"k", 128);
+        for epoch in [1, 1, 1, 2] {
+            t.update(
+                &k,
+                Some(Tracking {
+                    epoch,
+                    state: 3,
+                    log: &mut log,
+                }),
+                |v| *v.get_or_insert(0) += 1,
+            )
+            .unwrap();
+        }
+        assert_eq!(log.len(), 2, "first write of epoch 1 and of epoch 2");
+        t.update(
+            &k,
+            Some(Tracking {
+                epoch: 2,
+                state: 3,
+                log: &mut log,
+            }),
+            |v| *v = None,
+        )
+        .unwrap();
+        assert_eq!(log.len(), 3, "a deletion is always recorded");
+        assert!(log
+            .short
+            .iter()
+            .all(|(g, s, key)| *g == k.key_group && *s == 3 && key.as_slice() == b"k"));
+    }
+
+    #[test]
+    fn a_log_past_its_limit_stops_recording_and_says_so() {
+        let mut log = ChangeLog::with_limit(2);
+        log.mark(0, 0, b"a");
+        log.mark(0, 0, b"b");
+        assert!(!log.overflowed());
+        log.mark(0, 0, b"c");
+        assert!(log.overflowed());
+        assert_eq!(log.len(), 2);
+    }
+
+    #[test]
+    fn undecodable_bytes_are_refused_with_the_state_named() {
+        let mut t = table();
+        // A u64 varint that never ends.
+        let err = t.put_encoded(0, b"k", &[0xff; 11], 0).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("op/sum") && msg.contains("u64"), "{msg}");
+        assert_eq!(TypedTable::len(&t), 0);
+    }
+
+    #[test]
+    fn out_of_range_key_groups_are_errors() {
+        let mut t: HeapTable<u64> = HeapTable::new(KeyGroupRange::new(10, 19).unwrap(), "op/s".into());
+        let k = KeyRef {
+            bytes: b"k",
+            hash: 3,
+            key_group: 3,
+        };
+        assert!(t.update(&k, None, |v| *v = Some(1)).is_err());
+        assert!(t.get(&k).is_err());
+        assert!(t.view().visit_key_group(25, &mut |_, _| Ok(())).is_err());
+    }
+
+    #[test]
+    fn many_keys_of_one_key_group_spread_over_buckets() {
+        // Keys of one key group share their hash's low bits; the table must
+        // still find each of them (and quickly: this inserts 20 000).
+        let mut t: HeapTable<u64> = HeapTable::new(KeyGroupRange::all(128), "op/s".into());
+        let mut inserted = Vec::new();
+        let mut i = 0u64;
+        while inserted.len() < 20_000 {
+            let bytes = i.to_be_bytes();
+            let k = KeyRef::new(&bytes, 128);
+            if k.key_group == 5 {
+                t.update(&k, None, |v| *v = Some(i)).unwrap();
+                inserted.push(i);
+            }
+            i += 1;
+        }
+        assert_eq!(TypedTable::len(&t), 20_000);
+        for i in inserted {
+            let bytes = i.to_be_bytes();
+            assert_eq!(t.get(&KeyRef::new(&bytes, 128)).unwrap(), Some(&i));
+        }
+    }
+}
