@@ -336,13 +336,18 @@ impl KeyedStateStore for MemoryStore {
                     ),
                 })
             }
-            Table::Bytes(groups) => {
-                // Entries restored as bytes become values of the type now.
-                for (g, map) in groups.iter().enumerate() {
-                    let key_group = self.range.start + g as u32;
-                    for (k, slot) in map.iter() {
-                        table.put_encoded(key_group, k, &slot.value, slot.epoch)?;
-                    }
+            Table::Bytes(_) => {}
+        }
+        // Entries restored as bytes become values of the type now, a key
+        // group at a time (each group's bytes are freed once converted).
+        // On an error the state is left empty (the error says which value
+        // could not be decoded; the store is not usable for it).
+        let empty = Table::Bytes((0..self.range.len()).map(|_| Arc::new(Map::default())).collect());
+        if let Table::Bytes(groups) = std::mem::replace(&mut self.states[s], empty) {
+            for (g, map) in groups.into_iter().enumerate() {
+                let key_group = self.range.start + g as u32;
+                for (k, slot) in map.iter() {
+                    table.put_encoded(key_group, k, &slot.value, slot.epoch)?;
                 }
             }
         }

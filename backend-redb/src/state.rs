@@ -319,34 +319,24 @@ impl RedbStore {
         let tx = self.write_tx(durable)?;
         // Newer layers win; sorted, the inserts walk the B-tree in order
         // instead of at random.
-        let mut dirty: Vec<(Vec<u8>, Option<Vec<u8>>)> = if let Some(t) = self.tracking.as_mut() {
+        let layers: Vec<Arc<Dirty>> = if let Some(t) = self.tracking.as_mut() {
             // The open epoch's buffer stays a tracked part: share it.
             let buffer = Arc::new(std::mem::take(&mut self.buffer));
             if !buffer.is_empty() {
                 t.open.push(buffer.clone());
             }
-            let mut merged: Dirty = FxHashMap::default();
-            for layer in std::mem::take(&mut self.frozen)
-                .iter()
-                .chain(std::iter::once(&buffer))
-            {
-                merged.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
-            }
-            merged.into_iter().collect()
-        } else if self.frozen.is_empty() {
-            std::mem::take(&mut self.buffer).into_iter().collect()
+            let mut layers = std::mem::take(&mut self.frozen);
+            layers.push(buffer);
+            layers
         } else {
-            let mut merged: Dirty = FxHashMap::default();
-            for layer in std::mem::take(&mut self.frozen) {
-                match Arc::try_unwrap(layer) {
-                    Ok(owned) => merged.extend(owned),
-                    Err(shared) => merged.extend(shared.iter().map(|(k, v)| (k.clone(), v.clone()))),
-                }
-            }
-            merged.extend(std::mem::take(&mut self.buffer));
-            merged.into_iter().collect()
+            let mut layers = std::mem::take(&mut self.frozen);
+            layers.push(Arc::new(std::mem::take(&mut self.buffer)));
+            layers
         };
-        dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Merged by reference (the layers are shared with change tracking:
+        // no copy of every entry), newest wins, sorted so that the inserts
+        // walk the B-tree in order instead of at random.
+        let dirty = merge_layers_ref(&layers);
         self.buffer_bytes = 0;
         self.frozen_bytes = 0;
         {
@@ -354,19 +344,22 @@ impl RedbStore {
             for (k, v) in &dirty {
                 match v {
                     Some(v) => {
-                        table
-                            .insert(k.as_slice(), v.as_slice())
-                            .map_err(|e| Error::storage(&name, e))?;
+                        table.insert(*k, *v).map_err(|e| Error::storage(&name, e))?;
                     }
                     None => {
-                        table.remove(k.as_slice()).map_err(|e| Error::storage(&name, e))?;
+                        table.remove(*k).map_err(|e| Error::storage(&name, e))?;
                     }
                 }
             }
         }
         tx.commit().map_err(|e| Error::storage(&name, e))?;
         self.reader = None;
-        for (k, v) in dirty {
+        let written: Vec<(Vec<u8>, Option<Vec<u8>>)> = dirty
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+            .collect();
+        drop(layers);
+        for (k, v) in written {
             match v {
                 Some(v) => self.cache_insert(k, v),
                 None => {
@@ -715,21 +708,27 @@ impl RedbStore {
     }
 }
 
-/// Write buffers, oldest first, merged (the newest entry of a key wins)
-/// and sorted by key.
-fn merge_layers(layers: &[Arc<Dirty>]) -> SortedDirty {
+/// Write buffers, oldest first, merged by reference (the newest entry of
+/// a key wins) and sorted by key.
+fn merge_layers_ref(layers: &[Arc<Dirty>]) -> Vec<(&[u8], Option<&[u8]>)> {
     let mut newest: FxHashMap<&[u8], Option<&[u8]>> = FxHashMap::default();
     for layer in layers.iter().rev() {
         for (k, v) in layer.iter() {
             newest.entry(k.as_slice()).or_insert(v.as_deref());
         }
     }
-    let mut m: SortedDirty = newest
+    let mut m: Vec<(&[u8], Option<&[u8]>)> = newest.into_iter().collect();
+    m.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    m
+}
+
+/// Write buffers, oldest first, merged (the newest entry of a key wins)
+/// and sorted by key.
+fn merge_layers(layers: &[Arc<Dirty>]) -> SortedDirty {
+    merge_layers_ref(layers)
         .into_iter()
         .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
-        .collect();
-    m.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    m
+        .collect()
 }
 
 /// The changes of a [`RedbStore`] since a base: its epochs' write buffers
