@@ -13,7 +13,7 @@
 //! backends unchanged.
 //!
 //! ```
-//! use sluice_core::heap::{HeapTable, KeyRef};
+//! use sluice_core::heap::{HeapTable, KeyRef, TypedTable};
 //! use sluice_core::KeyGroupRange;
 //!
 //! let mut sums: HeapTable<u64> = HeapTable::new(KeyGroupRange::all(128), "sum".into());
