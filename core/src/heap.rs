@@ -260,9 +260,50 @@ pub trait TableView: Send + Sync {
     fn get_encoded(&self, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool>;
 }
 
+/// A key of up to 15 bytes inline (its length in the last byte): two
+/// words, so that an entry of a `u64` state is 48 bytes, not 56 (the
+/// table's size decides how much of it stays in cache).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Inline([u8; 16]);
+
+impl Inline {
+    const MAX: usize = 15;
+
+    #[inline]
+    fn new(key: &[u8]) -> Self {
+        let mut b = [0u8; 16];
+        b[..key.len()].copy_from_slice(key);
+        b[15] = key.len() as u8;
+        Inline(b)
+    }
+
+    #[inline]
+    fn words(&self) -> [u64; 2] {
+        let w = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.0[i..i + 8]);
+            u64::from_ne_bytes(b)
+        };
+        [w(0), w(8)]
+    }
+
+    #[inline]
+    fn as_slice(&self) -> &[u8] {
+        &self.0[..usize::from(self.0[15])]
+    }
+}
+
+impl PartialEq for Inline {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+}
+
 #[derive(Clone)]
 enum Key {
-    Short(ShortKey),
+    Short(Inline),
     Long(Box<[u8]>),
 }
 
@@ -278,15 +319,15 @@ impl Key {
 
 /// A probe for `bytes`: a long key is compared in place, not copied.
 enum Probe<'a> {
-    Short(ShortKey),
+    Short(Inline),
     Long(&'a [u8]),
 }
 
 impl<'a> Probe<'a> {
     #[inline]
     fn new(bytes: &'a [u8]) -> Self {
-        if bytes.len() <= ShortKey::MAX {
-            Probe::Short(ShortKey::new(bytes))
+        if bytes.len() <= Inline::MAX {
+            Probe::Short(Inline::new(bytes))
         } else {
             Probe::Long(bytes)
         }
@@ -614,6 +655,23 @@ mod tests {
         // An update that leaves an absent key absent stores nothing.
         t.update(&k, None, |_| ()).unwrap();
         assert_eq!(TypedTable::len(&t), 0);
+    }
+
+    #[test]
+    fn an_entry_of_a_u64_state_is_48_bytes() {
+        assert_eq!(std::mem::size_of::<Entry<u64>>(), 48);
+    }
+
+    #[test]
+    fn keys_of_15_and_16_bytes_are_both_found() {
+        let mut t = table();
+        let a = [7u8; 15];
+        let b = [7u8; 16];
+        t.update(&KeyRef::new(&a, 128), None, |v| *v = Some(15)).unwrap();
+        t.update(&KeyRef::new(&b, 128), None, |v| *v = Some(16)).unwrap();
+        assert_eq!(t.get(&KeyRef::new(&a, 128)).unwrap(), Some(&15));
+        assert_eq!(t.get(&KeyRef::new(&b, 128)).unwrap(), Some(&16));
+        assert_eq!(TypedTable::len(&t), 2);
     }
 
     #[test]
