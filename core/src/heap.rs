@@ -401,14 +401,54 @@ fn out_of_range(key_group: u32, range: KeyGroupRange) -> Error {
     }
 }
 
-fn encode<T: Serialize>(what: &str, value: &T, out: &mut Vec<u8>) -> Result<()> {
+/// Appends `value`'s canonical bytes (its postcard encoding) to `out`.
+/// Unsigned and signed integers of 16 to 64 bits take a fast path that
+/// writes postcard's varint (LEB128, zigzag for signed) directly, without
+/// serde: for the reference workload's `u64` keys, serde's encoding was
+/// 18 % of all instructions, and for `u64` values most of a heap
+/// snapshot's encoding. The bytes are the same (tested against postcard).
+/// On an error (a `Serialize` implementation that fails) `out`'s earlier
+/// contents are lost.
+///
+/// ```
+/// let mut out = vec![1];
+/// sluice_core::heap::append_canonical(&300u64, &mut out).unwrap();
+/// assert_eq!(out[1..], postcard::to_allocvec(&300u64).unwrap()[..]);
+/// ```
+#[inline]
+pub fn append_canonical<T: Serialize + 'static>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), postcard::Error> {
+    let any = value as &dyn Any;
+    let unsigned = any
+        .downcast_ref::<u64>()
+        .copied()
+        .or_else(|| any.downcast_ref::<u32>().map(|v| u64::from(*v)))
+        .or_else(|| any.downcast_ref::<u16>().map(|v| u64::from(*v)))
+        .or_else(|| any.downcast_ref::<i64>().map(|v| ((*v << 1) ^ (*v >> 63)) as u64))
+        .or_else(|| {
+            any.downcast_ref::<i32>()
+                .map(|v| u64::from(((*v << 1) ^ (*v >> 31)) as u32))
+        });
+    if let Some(mut v) = unsigned {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+        return Ok(());
+    }
+    *out = postcard::to_extend(value, std::mem::take(out))?;
+    Ok(())
+}
+
+fn encode<T: HeapValue>(what: &str, value: &T, out: &mut Vec<u8>) -> Result<()> {
     out.clear();
-    let v = postcard::to_extend(value, std::mem::take(out)).map_err(|e| Error::Serialization {
+    append_canonical(value, out).map_err(|e| Error::Serialization {
         what: format!("a value of state {what}"),
         reason: e.to_string(),
-    })?;
-    *out = v;
-    Ok(())
+    })
 }
 
 fn find<'g, T>(group: &'g Group<T>, key_bytes: &[u8]) -> Option<&'g Entry<T>> {
@@ -655,6 +695,44 @@ mod tests {
         // An update that leaves an absent key absent stores nothing.
         t.update(&k, None, |_| ()).unwrap();
         assert_eq!(TypedTable::len(&t), 0);
+    }
+
+    fn same_as_postcard<K: Serialize + 'static>(k: K) {
+        let mut fast = vec![9u8];
+        append_canonical(&k, &mut fast).unwrap();
+        let mut expected = vec![9u8];
+        expected.extend(postcard::to_allocvec(&k).unwrap());
+        assert_eq!(fast, expected, "{}", std::any::type_name::<K>());
+    }
+
+    #[test]
+    fn integers_are_encoded_exactly_as_postcard_does() {
+        let mut edges: Vec<u64> = vec![0, 1, 127, 128, 255, 256, 16_383, 16_384, u64::MAX, u64::MAX - 1];
+        edges.extend((0..64).map(|b| 1u64 << b));
+        edges.extend((0..64).map(|b| (1u64 << b) - 1));
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            edges.push(x >> (x % 64));
+        }
+        for v in edges {
+            same_as_postcard(v);
+            same_as_postcard(v as u32);
+            same_as_postcard(v as u16);
+            same_as_postcard(v as i64);
+            same_as_postcard(v as i32);
+        }
+        for v in [i64::MIN, -1, i64::MAX] {
+            same_as_postcard(v);
+        }
+        for v in [i32::MIN, -1, i32::MAX] {
+            same_as_postcard(v);
+        }
+        // Other types go through postcard itself.
+        same_as_postcard(("key".to_string(), 7u8));
+        same_as_postcard(vec![1u64, 300]);
     }
 
     #[test]

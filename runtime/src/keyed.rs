@@ -71,39 +71,16 @@ pub(crate) fn encode_key<K: Serialize + 'static>(key: &K, buf: &mut Vec<u8>) {
     }
 }
 
-/// Appends a key's bytes (its postcard encoding) to `buf`. On an error
-/// (a key type whose `Serialize` fails) `buf`'s earlier contents are lost.
-///
-/// Unsigned and signed integer keys of 16 to 64 bits take a fast path that
-/// writes postcard's varint (LEB128, zigzag for signed) directly: encoding
-/// keys through serde was 18 % of the instructions of the reference
-/// workload. The bytes are the same (tested against postcard).
+/// Appends a key's bytes (its postcard encoding) to `buf`
+/// ([`sluice_core::heap::append_canonical`]: integer keys without serde).
+/// On an error (a key type whose `Serialize` fails) `buf`'s earlier
+/// contents are lost.
 #[inline]
 pub(crate) fn append_key<K: Serialize + 'static>(
     key: &K,
     buf: &mut Vec<u8>,
 ) -> std::result::Result<(), postcard::Error> {
-    let any = key as &dyn std::any::Any;
-    let unsigned = any
-        .downcast_ref::<u64>()
-        .copied()
-        .or_else(|| any.downcast_ref::<u32>().map(|v| u64::from(*v)))
-        .or_else(|| any.downcast_ref::<u16>().map(|v| u64::from(*v)))
-        .or_else(|| any.downcast_ref::<i64>().map(|v| ((*v << 1) ^ (*v >> 63)) as u64))
-        .or_else(|| {
-            any.downcast_ref::<i32>()
-                .map(|v| u64::from(((*v << 1) ^ (*v >> 31)) as u32))
-        });
-    if let Some(mut v) = unsigned {
-        while v >= 0x80 {
-            buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        buf.push(v as u8);
-        return Ok(());
-    }
-    *buf = postcard::to_extend(key, std::mem::take(buf))?;
-    Ok(())
+    sluice_core::heap::append_canonical(key, buf)
 }
 
 fn unencodable_key(uid: &OperatorUid, e: postcard::Error) -> RuntimeError {
@@ -576,48 +553,5 @@ where
 
     fn outbox(&mut self) -> Option<&mut dyn Outbox> {
         self.out.outbox()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::append_key;
-    use serde::Serialize;
-
-    fn same_as_postcard<K: Serialize + 'static>(k: K) {
-        let mut fast = vec![9u8];
-        append_key(&k, &mut fast).unwrap();
-        let mut expected = vec![9u8];
-        expected.extend(postcard::to_allocvec(&k).unwrap());
-        assert_eq!(fast, expected, "{}", std::any::type_name::<K>());
-    }
-
-    #[test]
-    fn integer_keys_are_encoded_exactly_as_postcard_does() {
-        let mut edges: Vec<u64> = vec![0, 1, 127, 128, 255, 256, 16_383, 16_384, u64::MAX, u64::MAX - 1];
-        edges.extend((0..64).map(|b| 1u64 << b));
-        edges.extend((0..64).map(|b| (1u64 << b) - 1));
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        for _ in 0..10_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            edges.push(x >> (x % 64));
-        }
-        for v in edges {
-            same_as_postcard(v);
-            same_as_postcard(v as u32);
-            same_as_postcard(v as u16);
-            same_as_postcard(v as i64);
-            same_as_postcard(v as i32);
-        }
-        for v in [i64::MIN, -1, i64::MAX] {
-            same_as_postcard(v);
-        }
-        for v in [i32::MIN, -1, i32::MAX] {
-            same_as_postcard(v);
-        }
-        // Other types go through postcard itself.
-        same_as_postcard(("key".to_string(), 7u8));
     }
 }
