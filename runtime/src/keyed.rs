@@ -5,9 +5,10 @@ use crate::error::{Result, RuntimeError};
 use crate::operator::{Collector, InitContext, KeyedPart, KeyedSnapshot, Operator, Outbox, SnapshotParts};
 use crate::state::{KeyedContext, OpenContext};
 use serde::Serialize;
+use sluice_core::heap::{append_canonical, KeyRef};
 use sluice_core::{
-    stable_key_hash, CheckpointBarrier, CheckpointId, KeyGroupRange, KeyedStateStore, OperatorUid,
-    StateDescriptor, StateId, StoreScope,
+    CheckpointBarrier, CheckpointId, KeyGroupRange, KeyedStateStore, OperatorUid, StateDescriptor, StateId,
+    StoreScope,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -62,25 +63,13 @@ pub enum Either<A, B> {
 
 /// Writes a key's bytes (its postcard encoding) into `buf`; a key postcard
 /// cannot encode leaves `buf` empty (the partitioner then routes it as the
-/// empty key; the keyed operator refuses it through [`append_key`]).
+/// empty key; the keyed operator refuses it with an error).
 #[inline]
 pub(crate) fn encode_key<K: Serialize + 'static>(key: &K, buf: &mut Vec<u8>) {
     buf.clear();
-    if append_key(key, buf).is_err() {
+    if append_canonical(key, buf).is_err() {
         buf.clear();
     }
-}
-
-/// Appends a key's bytes (its postcard encoding) to `buf`
-/// ([`sluice_core::heap::append_canonical`]: integer keys without serde).
-/// On an error (a key type whose `Serialize` fails) `buf`'s earlier
-/// contents are lost.
-#[inline]
-pub(crate) fn append_key<K: Serialize + 'static>(
-    key: &K,
-    buf: &mut Vec<u8>,
-) -> std::result::Result<(), postcard::Error> {
-    sluice_core::heap::append_canonical(key, buf)
 }
 
 fn unencodable_key(uid: &OperatorUid, e: postcard::Error) -> RuntimeError {
@@ -115,7 +104,8 @@ pub(crate) struct KeyedBackend {
     /// `batch_keys`, and the key's hash.
     batch_rows: Vec<(u32, usize, u64)>,
     /// The restored checkpoint's description and this operator's states in
-    /// it (checked when the function registers its states).
+    /// it: the function's registrations are checked against them in `open`
+    /// (`OpenContext`), before restored values are decoded as the new type.
     restored_states: Option<(String, Vec<StateDescriptor>)>,
     /// Incremental checkpoints: when to fold the chain.
     incremental: Option<crate::config::IncrementalPolicy>,
@@ -269,30 +259,6 @@ impl KeyedBackend {
         Ok(())
     }
 
-    /// After the function's `open`: refuses restored state whose registered
-    /// kind or type differs from what the function registers now.
-    pub fn check_restored_states(&self, ctx: &InitContext) -> Result<()> {
-        let Some(restore) = &ctx.restore else {
-            return Ok(());
-        };
-        let Some(op) = restore.metadata.operator(&self.uid) else {
-            return Ok(());
-        };
-        for written in &op.states {
-            if let Some(now) = self.states.iter().find(|d| d.name == written.name) {
-                if now != written {
-                    return Err(crate::state::changed_state(
-                        self.uid.as_str(),
-                        &restore.describe(),
-                        written,
-                        now,
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn store(&mut self) -> Result<&mut Box<dyn KeyedStateStore>> {
         self.store
             .as_mut()
@@ -322,9 +288,10 @@ impl KeyedBackend {
     #[inline]
     pub fn context<K: Serialize + 'static>(&mut self, key: &K) -> Result<KeyedContext<'_>> {
         self.key.clear();
-        append_key(key, &mut self.key).map_err(|e| unencodable_key(&self.uid, e))?;
-        let hash = stable_key_hash(&self.key);
-        let kg = sluice_core::keygroup::key_group_for_hash(hash, self.max_parallelism);
+        append_canonical(key, &mut self.key).map_err(|e| unencodable_key(&self.uid, e))?;
+        let KeyRef {
+            hash, key_group: kg, ..
+        } = KeyRef::new(&self.key, self.max_parallelism);
         if !self.range.contains(kg) {
             return Err(RuntimeError::InvalidJob(format!(
                 "operator {} subtask {} got a key of key group {kg} outside its range {} \
@@ -353,17 +320,13 @@ impl KeyedBackend {
         self.batch_rows.clear();
         for key in keys {
             let start = self.batch_keys.len();
-            append_key(&key, &mut self.batch_keys).map_err(|e| unencodable_key(&self.uid, e))?;
-            let hash = stable_key_hash(&self.batch_keys[start..]);
-            let kg = sluice_core::keygroup::key_group_for_hash(hash, self.max_parallelism);
+            append_canonical(&key, &mut self.batch_keys).map_err(|e| unencodable_key(&self.uid, e))?;
+            let key = KeyRef::new(&self.batch_keys[start..], self.max_parallelism);
             if let Some(store) = self.store.as_mut().filter(|_| self.prefetch) {
-                store.prefetch(&sluice_core::heap::KeyRef {
-                    bytes: &self.batch_keys[start..],
-                    hash,
-                    key_group: kg,
-                });
+                store.prefetch(&key);
             }
-            self.batch_rows.push((kg, self.batch_keys.len(), hash));
+            self.batch_rows
+                .push((key.key_group, self.batch_keys.len(), key.hash));
         }
         Ok(())
     }
@@ -450,7 +413,6 @@ where
     async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
         self.backend.initialize(ctx).await?;
         self.func.open(&mut self.backend.open_context()?)?;
-        self.backend.check_restored_states(ctx)?;
         self.out.initialize(ctx).await
     }
 
@@ -516,7 +478,6 @@ where
     async fn initialize(&mut self, ctx: &InitContext) -> Result<()> {
         self.backend.initialize(ctx).await?;
         self.func.open(&mut self.backend.open_context()?)?;
-        self.backend.check_restored_states(ctx)?;
         self.out.initialize(ctx).await
     }
 

@@ -8,7 +8,7 @@
 use crate::error::{Result, RuntimeError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sluice_core::heap::{HeapTable, HeapValue, KeyRef, TypedAccess, TypedTable};
+use sluice_core::heap::{HeapTable, HeapValue, KeyRef, Tracking, TypedAccess, TypedTable};
 use sluice_core::{KeyGroupRange, KeyedStateStore, StateDescriptor, StateId};
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -191,13 +191,13 @@ struct Handle {
 }
 
 impl Handle {
-    /// Runs `f` on the current key's value in the state's typed table.
+    /// The current key and the state's typed table, with the store's
+    /// change tracking.
     #[inline]
-    fn typed<V: HeapValue, R>(
+    fn table<'c, V: HeapValue>(
         &self,
-        ctx: &mut KeyedContext<'_>,
-        f: impl FnOnce(&mut Option<V>) -> R,
-    ) -> Result<R> {
+        ctx: &'c mut KeyedContext<'_>,
+    ) -> Result<(KeyRef<'c>, &'c mut HeapTable<V>, Option<Tracking<'c>>)> {
         let key = KeyRef {
             bytes: ctx.key,
             hash: ctx.hash,
@@ -208,6 +208,17 @@ impl Handle {
             .as_any_mut()
             .downcast_mut::<HeapTable<V>>()
             .ok_or_else(|| self.lost())?;
+        Ok((key, table, tracking))
+    }
+
+    /// Runs `f` on the current key's value in the state's typed table.
+    #[inline]
+    fn typed<V: HeapValue, R>(
+        &self,
+        ctx: &mut KeyedContext<'_>,
+        f: impl FnOnce(&mut Option<V>) -> R,
+    ) -> Result<R> {
+        let (key, table, tracking) = self.table(ctx)?;
         Ok(table.update(&key, tracking, f)?)
     }
 
@@ -218,17 +229,7 @@ impl Handle {
         ctx: &mut KeyedContext<'_>,
         f: impl FnOnce(Option<&V>) -> R,
     ) -> Result<R> {
-        let key = KeyRef {
-            bytes: ctx.key,
-            hash: ctx.hash,
-            key_group: ctx.key_group,
-        };
-        let access = ctx.store.typed(self.id).ok_or_else(|| self.lost())?;
-        let table = access
-            .table
-            .as_any_mut()
-            .downcast_mut::<HeapTable<V>>()
-            .ok_or_else(|| self.lost())?;
+        let (key, table, _) = self.table(ctx)?;
         Ok(f(table.get(&key)?))
     }
 
