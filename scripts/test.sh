@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace (unit, integration, doc tests, the
 # exactly-once harness, the crash test, the S3 tests against a real Garage
-# server on 127.0.0.1). Installs and starts what the tests need when it is
-# missing (Garage: `cargo install`, once), and stops the server at the end.
+# server on 127.0.0.1, the dashboard in headless Chromium). Installs and
+# starts what the tests need when it is missing (Garage: `cargo install`,
+# once; Debian's chromium and playwright-core: scripts/browser-test.sh), and
+# stops the server at the end.
 #
 #   scripts/test.sh                          # all tests
 #   SLUICE_EO_SEEDS=1000 scripts/test.sh     # more seeds for the exactly-once harness
@@ -32,3 +34,6 @@ export SLUICE_S3_SCRIPT="$PWD/scripts/s3-server.sh"
 
 cargo test --workspace --lib --bins --tests
 cargo test --workspace --doc
+# The dashboard in headless Chromium (installs chromium and playwright-core
+# when missing).
+scripts/browser-test.sh

@@ -105,6 +105,8 @@ pub struct OutputWriter<T> {
     /// Barriers sent in place that turn into priority barriers at a
     /// deadline (their checkpoint's trigger time plus the alignment timeout).
     deadlines: Vec<(std::time::Instant, CheckpointBarrier)>,
+    /// Counts the records sent and the time spent backpressured.
+    metrics: Option<Arc<crate::metrics::TaskMetrics>>,
 }
 
 impl<T: Clone + Send + 'static> OutputWriter<T> {
@@ -136,7 +138,15 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
             task,
             alignment_timeout: None,
             deadlines: Vec::new(),
+            metrics: None,
         }
+    }
+
+    /// Counts into `metrics`: records out per batch, and the time
+    /// [`OutputWriter::drain`] waits for capacity.
+    pub(crate) fn with_metrics(mut self, metrics: Option<Arc<crate::metrics::TaskMetrics>>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Barriers of checkpoints that start aligned and may switch
@@ -221,6 +231,9 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
 
     fn seal(&mut self, i: usize) {
         let batch = std::mem::replace(&mut self.buffers[i], Vec::with_capacity(BATCH_SIZE));
+        if let Some(m) = &self.metrics {
+            m.records_out(batch.len() as u64);
+        }
         self.enqueue(i, Message::Batch(batch));
     }
 
@@ -313,18 +326,52 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
     /// so a task can stop waiting to handle a barrier and drain again later.
     pub async fn drain(&mut self) -> Result<()> {
         while let Some(&(i, _)) = self.pending.front() {
-            let permit = self.senders[i]
-                .data
-                .reserve()
-                .await
-                .map_err(|_| RuntimeError::ChannelClosed {
-                    task: self.task.to_string(),
-                })?;
+            let permit = match self.senders[i].data.try_reserve() {
+                Ok(p) => p,
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    return Err(RuntimeError::ChannelClosed {
+                        task: self.task.to_string(),
+                    })
+                }
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    // Backpressure: the time until the channel has room
+                    // counts (also when the wait is interrupted).
+                    let _timer = self.metrics.as_deref().map(BackpressureTimer::start);
+                    self.senders[i]
+                        .data
+                        .reserve()
+                        .await
+                        .map_err(|_| RuntimeError::ChannelClosed {
+                            task: self.task.to_string(),
+                        })?
+                }
+            };
             if let Some((_, msg)) = self.pending.pop_front() {
                 permit.send(msg);
             }
         }
         Ok(())
+    }
+}
+
+/// Adds the time from its start to its drop to a task's backpressured time.
+struct BackpressureTimer<'a> {
+    metrics: &'a crate::metrics::TaskMetrics,
+    started: std::time::Instant,
+}
+
+impl<'a> BackpressureTimer<'a> {
+    fn start(metrics: &'a crate::metrics::TaskMetrics) -> Self {
+        BackpressureTimer {
+            metrics,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for BackpressureTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.backpressured(self.started.elapsed());
     }
 }
 

@@ -418,6 +418,7 @@ impl<T: Record> DataStream<T> {
                 let senders = tb.take_outputs::<T>()?;
                 let subtask = tb.runtime.as_ref().map(|r| r.init.subtask).unwrap_or(0) as usize;
                 let timeout = tb.runtime.as_ref().and_then(|r| r.alignment_timeout);
+                let metrics = tb.runtime.as_ref().map(|r| r.task_metrics.clone());
                 let writer = OutputWriter::new(
                     senders,
                     partitioner.clone(),
@@ -425,7 +426,8 @@ impl<T: Record> DataStream<T> {
                     max_parallelism,
                     task_name.clone(),
                 )
-                .with_alignment_timeout(timeout);
+                .with_alignment_timeout(timeout)
+                .with_metrics(metrics);
                 open(tb, Box::new(NetworkOutput { writer }))
             });
             b.vertices[from].build = Some(build);

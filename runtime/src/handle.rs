@@ -4,8 +4,8 @@
 //! Requests reach the job master over a channel ([`Request`]).
 
 use crate::error::{Result, RuntimeError};
+use crate::metrics::Metrics;
 use crate::savepoint::SavepointLocation;
-use crate::task::Metrics;
 use sluice_core::{CheckpointId, CheckpointKind};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +52,29 @@ pub struct CheckpointStats {
     pub async_max: Duration,
     /// Bytes of channel state (records in flight; unaligned checkpoints).
     pub channel_state_size: u64,
+    /// Every task's acknowledgement so far, in the order they came.
+    pub subtasks: Vec<SubtaskCheckpointStats>,
+    /// Completed: the bytes of state each operator (by uid) references.
+    pub operators: Vec<(String, u64)>,
+}
+
+/// One task's part of a checkpoint (Flink's per-subtask checkpoint detail).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubtaskCheckpointStats {
+    /// The task, `name (subtask/parallelism)`.
+    pub task: String,
+    /// Trigger to its acknowledgement.
+    pub acknowledged_after: Duration,
+    /// Trigger to its first barrier.
+    pub start_delay: Duration,
+    /// First to last barrier.
+    pub alignment: Duration,
+    /// Its synchronous snapshot part.
+    pub sync: Duration,
+    /// Its asynchronous part (writing the files).
+    pub async_part: Duration,
+    /// Bytes of the files it wrote (state and channel state).
+    pub state_size: u64,
 }
 
 impl CheckpointStats {
@@ -119,6 +142,19 @@ pub struct JobStatus {
     pub restored_from: Option<String>,
     /// Why the job failed, if it did.
     pub failure: Option<String>,
+    /// Every restart so far, oldest first.
+    pub restart_history: Vec<RestartEvent>,
+}
+
+/// A restart of the job, for monitoring.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestartEvent {
+    /// When the job restarted, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// What failed.
+    pub cause: String,
+    /// The checkpoint restored (`None`: restarted from scratch).
+    pub restored_from: Option<u64>,
 }
 
 /// How a job ended.
@@ -249,6 +285,17 @@ impl JobMonitor {
             .source_records
             .load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Every task's counters now (records in and out, backpressured time,
+    /// last checkpoint start delay and alignment, source positions).
+    pub fn task_counters(&self) -> Vec<crate::metrics::TaskCounters> {
+        self.metrics.tasks()
+    }
+
+    /// The job's counters and histograms.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
 }
 
 impl JobHandle {
@@ -311,16 +358,29 @@ pub(crate) struct CompletedStats {
     pub alignment: Vec<Duration>,
     pub sync_max: Duration,
     pub async_max: Duration,
+    pub operators: Vec<(String, u64)>,
 }
 
 /// The statistics of every checkpoint of a job (the newest 10 000), shared
-/// by the coordinator, which writes them, and the job's monitors.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct StatsLog(Arc<Mutex<Vec<CheckpointStats>>>);
+/// by the coordinator, which writes them, and the job's monitors; completed
+/// checkpoints also go into the job's histograms.
+#[derive(Debug, Clone)]
+pub(crate) struct StatsLog {
+    log: Arc<Mutex<Vec<CheckpointStats>>>,
+    metrics: Arc<Metrics>,
+}
 
 impl StatsLog {
+    /// An empty log feeding the histograms of `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        StatsLog {
+            log: Arc::default(),
+            metrics,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<CheckpointStats>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A copy of every entry, oldest first.
@@ -346,7 +406,11 @@ impl StatsLog {
 
     /// Records how checkpoint `id` ended, with its figures.
     pub fn record(&self, id: CheckpointId, st: &CompletedStats, status: CheckpointStatus) {
+        if status == CheckpointStatus::Completed {
+            self.metrics.checkpoint_completed(st.duration, &st.alignment);
+        }
         self.update(id, |s| {
+            s.operators = st.operators.clone();
             s.channel_state_size = st.channel;
             s.status = status;
             s.duration = st.duration;

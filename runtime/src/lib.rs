@@ -56,6 +56,7 @@ pub mod inspect;
 mod keyed;
 pub mod location;
 mod master;
+pub mod metrics;
 mod operator;
 #[cfg(feature = "rest")]
 pub mod rest;
@@ -78,7 +79,7 @@ pub use file_sink::FileSink;
 pub use graph::{ConnectedKeyedStreams, DataStream, Job, KeyedStream, Record};
 pub use handle::{
     CheckpointStats, CheckpointStatus, JobHandle, JobMonitor, JobResult, JobState, JobStatus, Recovery,
-    Savepoint,
+    RestartEvent, Savepoint, SubtaskCheckpointStats,
 };
 pub use keyed::{Either, KeyedCoProcessFunction, KeyedProcessFunction};
 pub use operator::Collector;

@@ -67,6 +67,7 @@ async fn the_rest_api_reports_and_triggers_over_http_and_stops_the_job_with_a_sa
         "127.0.0.1:0".parse().unwrap(),
         handle.monitor(),
         resolver(targets.clone()),
+        None,
     )
     .await
     .unwrap();
@@ -157,6 +158,7 @@ async fn cancel_over_http_cancels_the_job() {
         "127.0.0.1:0".parse().unwrap(),
         handle.monitor(),
         resolver(Arc::new(MemoryCheckpointStorage::new())),
+        None,
     )
     .await
     .unwrap();

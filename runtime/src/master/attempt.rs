@@ -8,9 +8,10 @@ use crate::config::CheckpointConfig;
 use crate::error::{Result, RuntimeError};
 use crate::graph::{JobGraph, TaskBuild};
 use crate::handle::Request;
+use crate::metrics::Metrics;
 use crate::operator::InitContext;
 use crate::savepoint::RestoreSource;
-use crate::task::{sleep_until_opt, Metrics, TaskEvent, TaskInfo, TaskRuntime};
+use crate::task::{sleep_until_opt, TaskEvent, TaskInfo, TaskRuntime};
 use sluice_core::{CheckpointStorage, StateBackend};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -150,6 +151,12 @@ impl Attempt<'_> {
                     events: events.clone(),
                     writers: self.writers.clone(),
                     metrics: self.ctx.metrics.clone(),
+                    task_metrics: self.ctx.metrics.task(
+                        &vertex.name,
+                        s,
+                        vertex.parallelism,
+                        vertex.is_source,
+                    ),
                     savepoints: self.coordinator.savepoint_targets.clone(),
                     stopped,
                 };

@@ -12,7 +12,7 @@ use crate::config::{CheckpointConfig, CheckpointingMode};
 use crate::error::{Result, RuntimeError};
 use crate::handle::{
     CheckpointResponder, CheckpointStats, CheckpointStatus, CompletedStats, Savepoint, SavepointResponder,
-    StatsLog,
+    StatsLog, SubtaskCheckpointStats,
 };
 use crate::savepoint::SavepointLocation;
 use crate::task::{AckPart, Control, SavepointTargets, TaskEvent, TaskInfo};
@@ -104,6 +104,7 @@ impl Coordinator {
         max_parallelism: u32,
         config: CheckpointConfig,
         storage: Arc<dyn CheckpointStorage>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Coordinator {
             name,
@@ -113,7 +114,7 @@ impl Coordinator {
             storage,
             #[cfg(feature = "testing")]
             commit_hook: None,
-            stats: StatsLog::default(),
+            stats: StatsLog::new(metrics),
             next_id: CheckpointId(1),
             pending: BTreeMap::new(),
             aborted: BTreeSet::new(),
@@ -355,6 +356,8 @@ impl Coordinator {
             sync_max: Duration::ZERO,
             async_max: Duration::ZERO,
             channel_state_size: 0,
+            subtasks: Vec::new(),
+            operators: Vec::new(),
         });
         let mut all_sent = true;
         for t in infos.iter().filter(|t| t.is_source) {
@@ -388,6 +391,7 @@ impl Coordinator {
                 parts,
                 channel_state,
                 alignment,
+                start_delay,
                 sync,
                 async_part,
             } => {
@@ -402,6 +406,22 @@ impl Coordinator {
                     }
                     return Ok(());
                 };
+                let written: u64 = parts
+                    .iter()
+                    .flat_map(|a| a.snapshot.keyed_state.iter().chain(&a.snapshot.keyed_changes))
+                    .map(|f| f.size)
+                    .sum::<u64>()
+                    + channel_state.as_ref().map_or(0, |c| c.size);
+                let detail = SubtaskCheckpointStats {
+                    task: infos.get(task).map(|t| t.name.clone()).unwrap_or_default(),
+                    acknowledged_after: p.started.elapsed(),
+                    start_delay,
+                    alignment,
+                    sync,
+                    async_part,
+                    state_size: written,
+                };
+                self.stats.update(checkpoint, |s| s.subtasks.push(detail));
                 p.acks.insert(task, parts);
                 p.channel_state.extend(channel_state);
                 p.alignment.push(alignment);
@@ -447,6 +467,19 @@ impl Coordinator {
             alignment: p.alignment.clone(),
             sync_max: p.sync_max,
             async_max: p.async_max,
+            operators: meta
+                .operators
+                .iter()
+                .map(|o| {
+                    let size = o
+                        .subtasks
+                        .iter()
+                        .flat_map(|s| s.keyed_state.iter().chain(&s.keyed_changes))
+                        .map(|f| f.size)
+                        .sum();
+                    (o.uid.to_string(), size)
+                })
+                .collect(),
         };
         // Checkpoint and savepoint metadata are committed the same way.
         let target = match &p.savepoint {
@@ -709,7 +742,7 @@ impl Coordinator {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -20,11 +20,12 @@ mod savepoints;
 use crate::error::{Result, RuntimeError};
 use crate::graph::{Builder, EdgeKind, Job, JobGraph};
 use crate::handle::{
-    JobHandle, JobMonitor, JobResult, JobState, JobStatus, Recovery as RecoveryRecord, Request,
+    JobHandle, JobMonitor, JobResult, JobState, JobStatus, Recovery as RecoveryRecord, Request, RestartEvent,
 };
+use crate::metrics::Metrics;
 use crate::savepoint::{RestoreSource, SavepointLocation};
-use crate::task::Metrics;
 use attempt::{run_attempt, JobContext, Requests};
+pub(crate) use coordinator::now_ms;
 use coordinator::Coordinator;
 use recovery::{AfterFailure, Recovery, RecoverySettings};
 use sluice_core::metadata::read_checkpoint_metadata;
@@ -129,12 +130,14 @@ impl JobMaster {
             uids: b.uids.clone(),
             task_uids,
         });
+        let metrics = Arc::new(Metrics::default());
         #[allow(unused_mut)]
         let mut coordinator = Coordinator::new(
             b.name.clone(),
             b.max_parallelism,
             b.checkpoint.clone(),
             storage.clone(),
+            metrics.clone(),
         );
         #[cfg(feature = "testing")]
         coordinator.set_commit_hook(b.commit_hook.clone());
@@ -146,7 +149,7 @@ impl JobMaster {
                 config: b.checkpoint.clone(),
                 backend,
                 storage,
-                metrics: Arc::new(Metrics::default()),
+                metrics,
             },
             coordinator,
             recovery,
@@ -160,6 +163,7 @@ impl JobMaster {
                 uptime_ms: 0,
                 restored_from: None,
                 failure: None,
+                restart_history: Vec::new(),
             })),
         })
     }
@@ -387,6 +391,15 @@ impl JobMaster {
                 ),
             }
             self.set_state(JobState::Running, None);
+            self.status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restart_history
+                .push(RestartEvent {
+                    time_ms: now_ms(),
+                    cause: cause.clone(),
+                    restored_from: restore.as_ref().map(|r| r.metadata.checkpoint_id.0),
+                });
             recoveries.push(RecoveryRecord {
                 cause,
                 restored_from: restore.as_ref().map(|r| r.metadata.checkpoint_id),

@@ -138,6 +138,7 @@ pub(crate) async fn run_input_task<T: Clone + Serialize + DeserializeOwned + Sen
     let replay: Vec<T> = rt.init.restored_input_channel_state().await?;
     if !replay.is_empty() {
         tracing::debug!(task = %rt.init.task_name, records = replay.len(), "replaying channel state");
+        rt.task_metrics.records_in(replay.len() as u64);
         chain.process_batch(replay)?;
         drain_listening(chain.as_mut(), &mut gate, &mut b, &mut rt).await?;
     }
@@ -200,6 +201,7 @@ pub(crate) async fn run_input_task<T: Clone + Serialize + DeserializeOwned + Sen
                 if !next.from_backlog && b.handler.is_recording(i) {
                     b.record(&batch);
                 }
+                rt.task_metrics.records_in(batch.len() as u64);
                 chain.process_batch(batch)?
             }
             Some(Message::Barrier(barrier)) => {

@@ -12,12 +12,12 @@ pub(crate) mod source_task;
 
 use crate::barriers::handler::BarrierHandler;
 use crate::error::Result;
+use crate::metrics::{Metrics, TaskMetrics};
 use crate::operator::{InitContext, Operator};
 use crate::savepoint::SavepointLocation;
 use sluice_core::metadata::SubtaskSnapshot;
 use sluice_core::{ChannelStateHandle, CheckpointBarrier, CheckpointId, OperatorUid, StateDescriptor};
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -66,6 +66,8 @@ pub(crate) enum TaskEvent {
         parts: Vec<AckPart>,
         channel_state: Option<ChannelStateHandle>,
         alignment: Duration,
+        /// Trigger to the task's first barrier.
+        start_delay: Duration,
         sync: Duration,
         async_part: Duration,
     },
@@ -76,13 +78,6 @@ pub(crate) enum TaskEvent {
     },
     /// A source task has read all its splits and waits for `EndInput`.
     SourceExhausted { task: usize },
-}
-
-/// Job-wide counters, shared by all tasks and attempts.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Records emitted by sources (replays count again).
-    pub source_records: AtomicU64,
 }
 
 /// What a task needs from its attempt.
@@ -98,6 +93,8 @@ pub(crate) struct TaskRuntime {
     pub events: mpsc::UnboundedSender<TaskEvent>,
     pub writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
     pub metrics: Arc<Metrics>,
+    /// This task's counters.
+    pub task_metrics: Arc<TaskMetrics>,
     pub savepoints: SavepointTargets,
     /// The attempt restores the savepoint the job was stopped with: sources
     /// end right after restoring, emitting nothing.

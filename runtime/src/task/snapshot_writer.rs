@@ -13,7 +13,7 @@ use serde::Serialize;
 use sluice_core::format::EncodedParts;
 use sluice_core::metadata::SubtaskSnapshot;
 use sluice_core::{ChannelStateHandle, CheckpointKind, CheckpointStorage};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 impl TaskRuntime {
@@ -27,6 +27,11 @@ impl TaskRuntime {
         channel_state: Option<oneshot::Receiver<Vec<T>>>,
     ) -> Result<()> {
         let started = Instant::now();
+        // Trigger to first barrier: the time to the snapshot less the
+        // alignment (wall clocks: the trigger time came with the barrier).
+        let since_trigger = crate::master::now_ms().saturating_sub(done.barrier.timestamp_ms);
+        let start_delay = Duration::from_millis(since_trigger).saturating_sub(done.alignment);
+        self.task_metrics.checkpointed(start_delay, done.alignment);
         let mut parts = SnapshotParts::default();
         parts.splits.extend(source);
         chain.snapshot(&done.barrier, &mut parts)?;
@@ -182,6 +187,7 @@ impl TaskRuntime {
                     parts,
                     channel_state,
                     alignment: done.alignment,
+                    start_delay,
                     sync,
                     async_part: started.elapsed(),
                 },

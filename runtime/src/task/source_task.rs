@@ -94,6 +94,7 @@ pub(crate) async fn run_source_task<T: Serialize + Send + 'static>(
         let offset = stored.get(&split).copied().unwrap_or(0);
         readers.push((split, source.open_split(split, offset)?, true));
     }
+    rt.task_metrics.set_positions(&positions(&readers));
     if rt.stopped {
         // The job was stopped with the savepoint just restored: nothing
         // after it may be emitted again.
@@ -191,7 +192,9 @@ pub(crate) async fn run_source_task<T: Serialize + Send + 'static>(
         *more = reader.read(batch_size, &mut out)?;
         let emitted = out.emitted;
         rt.metrics.source_records.fetch_add(emitted, Ordering::Relaxed);
+        rt.task_metrics.records_in(emitted);
         let at = positions(&readers);
+        rt.task_metrics.set_positions(&at);
         let mut stop_at = drain_source(&mut rt, &uid, num_splits, &at, chain.as_mut(), false).await?;
         batches += 1;
         if stop_at.is_none() {

@@ -111,7 +111,7 @@ pub(crate) const DEFAULT_STORAGE: &str = "redb:./sluice-data/checkpoints.redb";
 #[derive(Subcommand)]
 pub(crate) enum RunJob {
     /// The reference workload: keyed running sum over a generated sequence.
-    KeyedSum(KeyedSumArgs),
+    KeyedSum(Box<KeyedSumArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -198,8 +198,14 @@ pub(crate) struct KeyedSumArgs {
     /// stops and names the damaged file.
     #[arg(long)]
     pub(crate) allow_checkpoint_fallback: bool,
-    /// Serve the job's REST API on this address (`PORT` or `ADDR:PORT`; a
-    /// bare port binds 127.0.0.1). It has no authentication.
+    /// Serve the job's REST API, its Prometheus metrics (`/metrics`) and
+    /// its dashboard (`/`) on this address (`PORT` or `ADDR:PORT`; a bare
+    /// port binds 127.0.0.1, port 0 any free port).
     #[arg(long)]
     pub(crate) rest: Option<String>,
+    /// A token every REST request must carry (`Authorization: Bearer
+    /// TOKEN` or `?token=TOKEN`); required to bind another address than
+    /// loopback. The CLI's client commands send `SLUICE_REST_TOKEN`.
+    #[arg(long, env = "SLUICE_REST_TOKEN", hide_env_values = true)]
+    pub(crate) rest_token: Option<String>,
 }

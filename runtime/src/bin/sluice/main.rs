@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run {
             job: RunJob::KeyedSum(args),
-        } => finish(run_keyed_sum(args)),
+        } => finish(run_keyed_sum(*args)),
         Command::Checkpoints {
             command: CheckpointsCommand::List { storage, s3_endpoint },
         } => finish(list_checkpoints(&storage, s3_endpoint.as_deref())),

@@ -135,13 +135,18 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
                     let s3 = s3.clone();
                     Box::pin(async move { Ok(location::open_location(&target, &s3).await?) })
                 });
-                let (bound, task) = sluice_runtime::rest::serve(addr, handle.monitor(), resolve)
+                let token = a.rest_token.clone().filter(|t| !t.is_empty());
+                let (bound, task) = sluice_runtime::rest::serve(addr, handle.monitor(), resolve, token.clone())
                     .await
-                    .map_err(|e| format!("--rest {addr}: cannot listen: {e}"))?;
-                if !bound.ip().is_loopback() {
-                    eprintln!("sluice: warning: the REST API on {bound} is reachable from other machines and has no authentication");
+                    .map_err(|e| format!("--rest {addr}: cannot serve: {e}"))?;
+                match token {
+                    Some(_) => println!(
+                        "sluice: REST API, metrics and dashboard on http://{bound} (token required: open http://{bound}/?token=TOKEN)"
+                    ),
+                    None => println!(
+                        "sluice: REST API, metrics and dashboard on http://{bound} (loopback only, no token)"
+                    ),
                 }
-                println!("sluice: REST API on http://{bound} (no authentication)");
                 Some(AbortOnDrop(task))
             }
             None => None,

@@ -10,9 +10,12 @@ use sluice_runtime::{copy_savepoint, RestoreSource};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
+/// A client of the job at `job`, sending the token in `SLUICE_REST_TOKEN`
+/// (the one the job was started with) if it is set.
 pub(crate) fn client(job: &str) -> RestClient {
     // Savepoints answer when complete: allow for the checkpoint timeout.
-    RestClient::new(job, Duration::from_secs(15 * 60))
+    let token = std::env::var("SLUICE_REST_TOKEN").ok().filter(|t| !t.is_empty());
+    RestClient::new(job, Duration::from_secs(15 * 60)).with_token(token)
 }
 
 pub(crate) fn client_savepoint(job: &str, stop: bool, target: &str) -> Result<ExitCode, String> {

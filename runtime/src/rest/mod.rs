@@ -1,31 +1,47 @@
 //! The REST API of a running job (feature `rest`), after Flink's: status,
-//! checkpoint history and statistics, and triggers for a checkpoint, a
-//! savepoint, stop-with-savepoint and cancel. Plus [`RestClient`], what the
-//! CLI's `status` / `checkpoint` / `savepoint` / `cancel` commands use.
+//! checkpoint history and statistics, triggers for a checkpoint, a
+//! savepoint, stop-with-savepoint and cancel, the job's metrics for
+//! Prometheus ([`prometheus`]), and a dashboard at `/` ([`dashboard`]).
+//! Plus [`RestClient`], what the CLI's `status` / `checkpoint` /
+//! `savepoint` / `cancel` commands use.
 //!
-//! **It has no authentication and no TLS.** [`serve`] binds where it is
-//! told; the CLI binds to loopback unless given another address, and warns
-//! then. Anyone who can reach the port can stop or cancel the job.
+//! **Access.** Anyone who can reach the port can stop or cancel the job.
+//! [`serve`] therefore binds another address than loopback only with a
+//! token, and with a token every request must carry it, the dashboard and
+//! the actions included: `Authorization: Bearer TOKEN`, or `?token=TOKEN`
+//! in the URL (what a browser opening the dashboard and Prometheus'
+//! `params` can send; use letters, digits, `-`, `_` and `.`). There is no
+//! TLS: beyond a trusted network, put a TLS-terminating proxy in front.
 //!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
+//! | `GET /` | | the dashboard (HTML) |
+//! | `GET /metrics` | | the metrics, OpenMetrics text ([`prometheus`]) |
 //! | `GET /job` | | [`JobStatus`](crate::JobStatus) |
-//! | `GET /checkpoints` | | counts, latest completed, history (oldest first) |
+//! | `GET /tasks` | | every task's counters and rates ([`crate::metrics::Sample`]) |
+//! | `GET /timeline` | | job throughput and backpressure, one point a second, the last 10 minutes |
+//! | `GET /checkpoints` | | counts, latest completed, history (oldest first) with per-task detail |
 //! | `POST /checkpoints` | | `{"id": n}` once checkpoint `n` completed |
 //! | `POST /savepoints` | `{"target": "s3://b/p", "stop": false}` | `{"id": n, "location": "…"}` once complete |
 //! | `POST /stop` | `{"target": "…"}` | as `/savepoints` with `"stop": true`; the job then ends |
 //! | `POST /cancel` | | `{"cancelled": true}` |
 //!
-//! Errors answer `{"error": "…"}` with 400 (bad request or target), 409
-//! (the job cannot take it now) or 500 (the checkpoint or savepoint failed).
-//! Triggers answer when the checkpoint or savepoint is complete (they can
-//! take as long as the checkpoint timeout).
+//! Errors answer `{"error": "…"}` with 400 (bad request or target), 401
+//! (token missing or wrong), 409 (the job cannot take it now) or 500 (the
+//! checkpoint or savepoint failed). Triggers answer when the checkpoint or
+//! savepoint is complete (they can take as long as the checkpoint timeout).
+
+pub mod dashboard;
+pub mod prometheus;
 
 use crate::error::RuntimeError;
 use crate::handle::{CheckpointStats, CheckpointStatus, JobMonitor, JobState};
+use crate::metrics::RateSampler;
 use crate::savepoint::SavepointLocation;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::future::BoxFuture;
@@ -44,7 +60,12 @@ pub type TargetResolver =
 struct Api {
     monitor: JobMonitor,
     resolve: TargetResolver,
+    sampler: RateSampler,
+    token: Option<String>,
 }
+
+/// How many one-second samples `GET /timeline` keeps.
+const TIMELINE_SAMPLES: usize = 600;
 
 type Reply = (StatusCode, Json<Value>);
 
@@ -54,27 +75,146 @@ fn error(status: StatusCode, message: impl Into<String>) -> Reply {
 
 /// Serves the API of the job `monitor` watches on `addr` (port 0: any free
 /// port) until the returned task is aborted. Returns the bound address.
+///
+/// With `token`, every request must carry it (see the module's docs);
+/// without one, `addr` must be a loopback address (an `InvalidInput` error
+/// says so otherwise).
 pub async fn serve(
     addr: SocketAddr,
     monitor: JobMonitor,
     resolve: TargetResolver,
+    token: Option<String>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
-    let api = Arc::new(Api { monitor, resolve });
+    match token.as_deref() {
+        Some(t) if t.is_empty() || !t.bytes().all(token_byte) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the REST token must be non-empty and made of letters, digits, '-', '_' and '.'",
+            ))
+        }
+        None if !addr.ip().is_loopback() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the REST API would listen on {addr}, reachable from other machines, without a token: \
+                     give one (--rest-token or SLUICE_REST_TOKEN) or bind to 127.0.0.1"
+                ),
+            ))
+        }
+        _ => {}
+    }
+    let sampler = RateSampler::new(monitor.metrics(), TIMELINE_SAMPLES);
+    let api = Arc::new(Api {
+        monitor,
+        resolve,
+        sampler,
+        token,
+    });
     let app = Router::new()
+        .route("/", get(dashboard::page))
+        .route("/metrics", get(metrics))
         .route("/job", get(job))
+        .route("/tasks", get(tasks))
+        .route("/timeline", get(timeline))
         .route("/checkpoints", get(checkpoints).post(trigger_checkpoint))
         .route("/savepoints", post(savepoint))
         .route("/stop", post(stop))
         .route("/cancel", post(cancel))
-        .with_state(api);
+        .layer(middleware::from_fn_with_state(api.clone(), authorize))
+        .with_state(api.clone());
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!("REST API on {local} stopped: {e}");
+        let sample = async {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                api.sampler.sample();
+            }
+        };
+        tokio::select! {
+            r = axum::serve(listener, app) => if let Err(e) = r {
+                tracing::warn!("REST API on {local} stopped: {e}");
+            },
+            _ = sample => {}
         }
     });
     Ok((local, task))
+}
+
+fn token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
+/// Equal in time independent of where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// With a token configured, refuses every request that does not carry it.
+async fn authorize(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let Some(token) = &api.token else {
+        return next.run(req).await;
+    };
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    if bearer
+        .or(query)
+        .is_some_and(|t| same(t.as_bytes(), token.as_bytes()))
+    {
+        return next.run(req).await;
+    }
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "this job's REST API needs its token: send `Authorization: Bearer TOKEN` or add `?token=TOKEN`",
+    )
+    .into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    let body = prometheus::render(&api.monitor, api.sampler.latest().as_ref());
+    ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], body).into_response()
+}
+
+async fn tasks(State(api): State<Arc<Api>>) -> Reply {
+    let sample = api.sampler.latest().unwrap_or_else(|| api.sampler.sample());
+    match serde_json::to_value(sample) {
+        Ok(v) => (StatusCode::OK, Json(v)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn timeline(State(api): State<Arc<Api>>) -> Reply {
+    let points: Vec<Value> = api
+        .sampler
+        .history()
+        .iter()
+        .map(|s| {
+            json!({
+                "time_ms": s.time_ms,
+                "source_records_per_second": s.source_records_per_second,
+                "backpressured_ms_per_second_max": s
+                    .tasks
+                    .iter()
+                    .map(|t| t.backpressured_ms_per_second)
+                    .fold(0.0, f64::max),
+            })
+        })
+        .collect();
+    (StatusCode::OK, Json(Value::Array(points)))
 }
 
 async fn job(State(api): State<Arc<Api>>) -> Reply {
@@ -103,6 +243,17 @@ fn stats_json(s: &CheckpointStats) -> Value {
         "alignment_max_ms": s.alignment_max().as_millis() as u64,
         "sync_max_ms": s.sync_max.as_millis() as u64,
         "async_max_ms": s.async_max.as_millis() as u64,
+        "channel_state_size": s.channel_state_size,
+        "operators": s.operators.iter().map(|(uid, size)| json!({"uid": uid, "state_size": size})).collect::<Vec<_>>(),
+        "subtasks": s.subtasks.iter().map(|t| json!({
+            "task": t.task,
+            "acknowledged_after_ms": t.acknowledged_after.as_secs_f64() * 1e3,
+            "start_delay_ms": t.start_delay.as_secs_f64() * 1e3,
+            "alignment_ms": t.alignment.as_secs_f64() * 1e3,
+            "sync_ms": t.sync.as_secs_f64() * 1e3,
+            "async_ms": t.async_part.as_secs_f64() * 1e3,
+            "state_size": t.state_size,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -216,6 +367,7 @@ async fn cancel(State(api): State<Arc<Api>>) -> Reply {
 pub struct RestClient {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl RestClient {
@@ -231,7 +383,14 @@ impl RestClient {
         RestClient {
             base: base.trim_end_matches('/').to_string(),
             agent,
+            token: None,
         }
+    }
+
+    /// Sends `token` with every request (`Authorization: Bearer`).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     fn answer(
@@ -260,13 +419,21 @@ impl RestClient {
 
     /// `GET path`.
     pub fn get(&self, path: &str) -> crate::Result<Value> {
-        let r = self.agent.get(&format!("{}{path}", self.base)).call();
+        let mut req = self.agent.get(&format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let r = req.call();
         self.answer(path, r)
     }
 
     /// `POST path` with a JSON body.
     pub fn post(&self, path: &str, body: Value) -> crate::Result<Value> {
-        let r = self.agent.post(&format!("{}{path}", self.base)).send_json(&body);
+        let mut req = self.agent.post(&format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let r = req.send_json(&body);
         self.answer(path, r)
     }
 }

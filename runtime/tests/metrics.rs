@@ -1,0 +1,407 @@
+//! `GET /metrics` scraped over HTTP and checked against the job's own
+//! statistics and what its storage holds; the token rules of the REST API
+//! (no other address than loopback without a token; with one, every
+//! request without it refused, over a non-loopback address too).
+
+use serde_json::Value;
+use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_core::metadata::read_checkpoint_metadata;
+use sluice_core::CheckpointStorage;
+use sluice_runtime::prelude::*;
+use sluice_runtime::rest::{serve, TargetResolver};
+use sluice_runtime::workload::{self, InjectedFailure, RunningSum};
+use sluice_runtime::{CheckpointStatus, JobMonitor};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+const EVENTS: u64 = 400_000;
+const SPLITS: u32 = 4;
+
+fn no_targets() -> TargetResolver {
+    Arc::new(|_target: String| Box::pin(async { Err(RuntimeError::InvalidJob("no targets here".into())) }))
+}
+
+/// One sample line: name, labels, value.
+#[derive(Debug)]
+struct Line {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+fn parse(text: &str) -> Vec<Line> {
+    assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text: {text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let body = rest.strip_suffix('}').unwrap();
+                    let labels = body
+                        .split("\",")
+                        .map(|kv| {
+                            let (k, v) = kv.split_once("=\"").unwrap();
+                            (k.to_string(), v.trim_end_matches('"').to_string())
+                        })
+                        .collect();
+                    (n.to_string(), labels)
+                }
+                None => (series.to_string(), BTreeMap::new()),
+            };
+            Line {
+                name,
+                labels,
+                value: value.parse().unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn one(lines: &[Line], name: &str) -> f64 {
+    let found: Vec<&Line> = lines.iter().filter(|l| l.name == name).collect();
+    assert_eq!(found.len(), 1, "{name}: {found:?}");
+    assert_eq!(
+        found[0].labels.get("job_name").map(String::as_str),
+        Some("metrics-test")
+    );
+    found[0].value
+}
+
+/// Sum of `name` over the series whose task name starts with `task`.
+fn sum_tasks(lines: &[Line], name: &str, task: &str) -> f64 {
+    let found: Vec<&Line> = lines
+        .iter()
+        .filter(|l| l.name == name && l.labels["task_name"].starts_with(task))
+        .collect();
+    assert!(!found.is_empty(), "no {name} for task {task}");
+    found.iter().map(|l| l.value).sum()
+}
+
+async fn get(url: String, token: Option<&str>) -> (u16, String) {
+    let token = token.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let mut req = agent.get(&url);
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut r = req.call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    })
+    .await
+    .unwrap()
+}
+
+/// `GET path` of the job's REST API on loopback, without a token.
+async fn get_once(monitor: &JobMonitor, path: &str) -> (u16, String) {
+    let (addr, server) = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        monitor.clone(),
+        no_targets(),
+        None,
+    )
+    .await
+    .unwrap();
+    let answer = get(format!("http://{addr}{path}"), None).await;
+    server.abort();
+    answer
+}
+
+async fn scrape(monitor: &JobMonitor) -> Vec<Line> {
+    let (status, text) = get_once(monitor, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    parse(&text)
+}
+
+/// Runs the keyed sum to its end (checkpoints every 50 ms; one injected
+/// failure with `fail`) and scrapes its metrics afterwards.
+async fn run(fail: bool) -> (Vec<Line>, JobMonitor, Arc<dyn CheckpointStorage>, u32) {
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let job = Job::new("metrics-test")
+        .with_parallelism(2)
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(storage.clone())
+        .with_restart_strategy(RestartStrategy::FixedDelay {
+            attempts: 3,
+            delay: Duration::from_millis(10),
+        })
+        .with_checkpointing(CheckpointConfig::every(Duration::from_millis(50)));
+    let failures = match fail {
+        true => vec![InjectedFailure::new(0, EVENTS / 4, false)],
+        false => Vec::new(),
+    };
+    workload::keyed_sum_stream(
+        &job,
+        EVENTS,
+        1000,
+        SPLITS,
+        2,
+        Some(400_000),
+        RunningSum::with_failures(failures),
+    )
+    .unwrap()
+    .sink(DiscardSink::new())
+    .unwrap();
+    let handle = job.start().unwrap();
+    let monitor = handle.monitor();
+    let result = handle.wait().await.unwrap();
+    assert_eq!(result.restarts, u32::from(fail));
+    (scrape(&monitor).await, monitor, storage, result.restarts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_match_the_jobs_statistics_and_its_storage() {
+    for fail in [false, true] {
+        let (lines, monitor, storage, restarts) = run(fail).await;
+        let stats = monitor.checkpoint_stats();
+        let completed: Vec<_> = stats
+            .iter()
+            .filter(|s| s.status == CheckpointStatus::Completed)
+            .collect();
+        assert!(
+            completed.len() >= 2,
+            "too few checkpoints to check: {}",
+            completed.len()
+        );
+        let last = completed.last().unwrap();
+
+        // Checkpoint counts and the last checkpoint, as the statistics say.
+        assert_eq!(
+            one(&lines, "flink_jobmanager_job_numberOfCompletedCheckpoints"),
+            completed.len() as f64
+        );
+        let failed = stats
+            .iter()
+            .filter(|s| matches!(s.status, CheckpointStatus::Failed(_)))
+            .count();
+        assert_eq!(
+            one(&lines, "flink_jobmanager_job_numberOfFailedCheckpoints"),
+            failed as f64
+        );
+        assert_eq!(
+            one(&lines, "flink_jobmanager_job_numberOfInProgressCheckpoints"),
+            0.0
+        );
+        assert_eq!(
+            one(&lines, "flink_jobmanager_job_totalNumberOfCheckpoints"),
+            stats.len() as f64
+        );
+        assert_eq!(
+            one(&lines, "flink_jobmanager_job_lastCheckpointDuration"),
+            last.duration.as_millis() as f64
+        );
+        assert_eq!(
+            one(&lines, "flink_jobmanager_job_lastCheckpointFullSize"),
+            last.state_size as f64
+        );
+        assert_eq!(
+            one(&lines, "flink_jobmanager_job_lastCheckpointSize"),
+            last.written_size as f64
+        );
+        assert_eq!(
+            one(&lines, "sluice_checkpoint_duration_seconds_count"),
+            completed.len() as f64
+        );
+        let durations: f64 = completed.iter().map(|s| s.duration.as_secs_f64()).sum();
+        assert!((one(&lines, "sluice_checkpoint_duration_seconds_sum") - durations).abs() < 1e-6);
+        let alignments: usize = completed.iter().map(|s| s.alignment.len()).sum();
+        assert_eq!(
+            one(&lines, "sluice_checkpoint_alignment_seconds_count"),
+            alignments as f64
+        );
+        assert_eq!(
+            one(&lines, "flink_jobmanager_job_numRestarts"),
+            f64::from(restarts)
+        );
+        let restored = one(&lines, "flink_jobmanager_job_lastCheckpointRestoreTimestamp");
+        assert_eq!(restored > 0.0, fail, "restore timestamp {restored}");
+        let finished = lines
+            .iter()
+            .find(|l| l.name == "sluice_job_state" && l.labels["state"] == "FINISHED")
+            .unwrap();
+        assert_eq!(finished.value, 1.0);
+
+        // The state size of the keyed operator: the sizes of its files in
+        // the last checkpoint's metadata, read from the storage.
+        let meta = read_checkpoint_metadata(storage.as_ref(), last.id).await.unwrap();
+        let op = meta
+            .operators
+            .iter()
+            .find(|o| o.uid.to_string() == "running-sum")
+            .unwrap();
+        let on_disk: u64 = op
+            .subtasks
+            .iter()
+            .flat_map(|s| s.keyed_state.iter().chain(&s.keyed_changes))
+            .map(|f| f.size)
+            .sum();
+        assert!(on_disk > 0);
+        let size = lines
+            .iter()
+            .find(|l| {
+                l.name == "sluice_operator_state_size_bytes" && l.labels["operator_name"] == "running-sum"
+            })
+            .unwrap();
+        assert_eq!(size.value, on_disk as f64);
+
+        // Records: the sources read what the job counted; without a
+        // failure, every record reached the keyed tasks exactly once.
+        let source_in = sum_tasks(&lines, "flink_taskmanager_job_task_numRecordsIn", "source events");
+        assert_eq!(source_in, monitor.source_records() as f64);
+        let source_out = sum_tasks(
+            &lines,
+            "flink_taskmanager_job_task_numRecordsOut",
+            "source events",
+        );
+        assert_eq!(source_out, source_in);
+        let keyed_in = sum_tasks(
+            &lines,
+            "flink_taskmanager_job_task_numRecordsIn",
+            "keyed running-sum",
+        );
+        if fail {
+            assert!(
+                source_in > EVENTS as f64,
+                "a failure replays records: {source_in}"
+            );
+            assert!(keyed_in >= EVENTS as f64);
+        } else {
+            assert_eq!(source_in, EVENTS as f64);
+            assert_eq!(keyed_in, EVENTS as f64);
+        }
+        // Every split's position is the one the final checkpoint stored
+        // (the end of the split).
+        let source = meta
+            .operators
+            .iter()
+            .find(|o| o.uid.to_string() == "events")
+            .unwrap();
+        let stored: BTreeMap<u32, u64> = source
+            .subtasks
+            .iter()
+            .flat_map(|s| &s.splits)
+            .map(|p| (p.split, p.offset))
+            .collect();
+        assert_eq!(stored.len(), SPLITS as usize);
+        let positions: BTreeMap<u32, u64> = lines
+            .iter()
+            .filter(|l| l.name == "sluice_source_split_position")
+            .map(|l| (l.labels["split"].parse().unwrap(), l.value as u64))
+            .collect();
+        assert_eq!(positions, stored);
+        assert_eq!(positions[&(SPLITS - 1)], EVENTS);
+        // Per-task gauges exist for every subtask (2 sources, 2 keyed).
+        for name in [
+            "flink_taskmanager_job_task_numRecordsInPerSecond",
+            "flink_taskmanager_job_task_backPressuredTimeMsPerSecond",
+            "flink_taskmanager_job_task_checkpointStartDelayNanos",
+            "flink_taskmanager_job_task_checkpointAlignmentTime",
+        ] {
+            assert_eq!(lines.iter().filter(|l| l.name == name).count(), 4, "{name}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_history_has_per_task_detail() {
+    let (_, monitor, _, _) = run(false).await;
+    let (status, body) = get_once(&monitor, "/checkpoints").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let history = v["history"].as_array().unwrap();
+    assert_eq!(history.len(), monitor.checkpoint_stats().len());
+    for c in history.iter().filter(|c| c["status"] == "COMPLETED") {
+        let subtasks = c["subtasks"].as_array().unwrap();
+        // Every task acknowledged: 2 sources and 2 keyed subtasks.
+        assert_eq!(subtasks.len(), 4, "{c}");
+        let written: u64 = subtasks.iter().map(|s| s["state_size"].as_u64().unwrap()).sum();
+        assert_eq!(written, c["written_size"].as_u64().unwrap(), "{c}");
+        let max_ack = subtasks
+            .iter()
+            .map(|s| s["acknowledged_after_ms"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert!(max_ack <= c["duration_ms"].as_f64().unwrap() + 1.0, "{c}");
+    }
+}
+
+/// This machine's address on its first non-loopback interface, if it has
+/// one (found by routing, no packet is sent).
+fn non_loopback_ip() -> Option<IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_address_than_loopback_needs_a_token_and_every_request_must_carry_it() {
+    let (_, monitor, _, _) = run(false).await;
+    let err = serve("0.0.0.0:0".parse().unwrap(), monitor.clone(), no_targets(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("--rest-token"), "{err}");
+    for bad in ["", "has space", "a/b"] {
+        let err = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            monitor.clone(),
+            no_targets(),
+            Some(bad.into()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{bad:?}");
+    }
+
+    let token = "s3cr3t-Token_1";
+    let (addr, server) = serve(
+        "0.0.0.0:0".parse().unwrap(),
+        monitor,
+        no_targets(),
+        Some(token.into()),
+    )
+    .await
+    .unwrap();
+    let ip = non_loopback_ip();
+    eprintln!("non-loopback address: {ip:?}");
+    let mut hosts = vec![IpAddr::from([127, 0, 0, 1])];
+    hosts.extend(ip);
+    for host in hosts {
+        let base = format!("http://{}", SocketAddr::new(host, addr.port()));
+        for path in ["/", "/metrics", "/job", "/checkpoints", "/tasks", "/timeline"] {
+            let (status, body) = get(format!("{base}{path}"), None).await;
+            assert_eq!(status, 401, "{base}{path} without a token: {body}");
+            assert!(body.contains("token"), "{body}");
+            let (status, _) = get(format!("{base}{path}"), Some("wrong")).await;
+            assert_eq!(status, 401, "{base}{path} with a wrong token");
+            let (status, _) = get(format!("{base}{path}"), Some(token)).await;
+            assert_eq!(status, 200, "{base}{path} with the token");
+        }
+        let (status, page) = get(format!("{base}/?token={token}"), None).await;
+        assert_eq!(status, 200);
+        assert!(page.contains("checkpoint-history"));
+        let (status, _) = get(format!("{base}/?token=wrong"), None).await;
+        assert_eq!(status, 401);
+        // The actions too.
+        let url = format!("{base}/cancel");
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut r = agent.post(&url).send_empty().unwrap();
+            (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 401, "{body}");
+    }
+    server.abort();
+}
