@@ -45,7 +45,9 @@ pub use keygroup::{
     DEFAULT_MAX_PARALLELISM,
 };
 pub use load::{LoadBatch, LoadEntry};
-pub use metadata::{ChannelStateHandle, CheckpointMetadata, SplitPosition, StateDescriptor, StateFileHandle};
+pub use metadata::{
+    ChannelStateHandle, CheckpointMetadata, SchemaId, SplitPosition, StateDescriptor, StateFileHandle,
+};
 pub use state::{
     ChangeSnapshot, KeyedStateStore, MapSnapshot, StateBackend, StateId, StateSnapshot, StoreScope,
 };

@@ -106,6 +106,32 @@ pub struct StateDescriptor {
     /// The Rust type of the map keys (map state only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_key_type: Option<String>,
+    /// An evolvable state: its values' declared schema, which a restore
+    /// compares instead of the Rust type (`None`: a fixed postcard type,
+    /// compared by `value_type`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<SchemaId>,
+    /// A state with a time-to-live: its values carry their last-write (or
+    /// last-access) time, and expired ones are never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+/// The declared schema of an evolvable state's values: a name that stays
+/// when the Rust type is renamed or moved, and a version raised with each
+/// change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SchemaId {
+    /// The schema's name.
+    pub name: String,
+    /// Its version.
+    pub version: u32,
+}
+
+impl std::fmt::Display for SchemaId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "schema {} v{}", self.name, self.version)
+    }
 }
 
 /// The snapshot of one operator (all its subtasks).
@@ -448,6 +474,8 @@ mod tests {
                     kind: "value".into(),
                     value_type: "u64".into(),
                     map_key_type: None,
+                    schema: None,
+                    ttl_ms: None,
                 }],
                 source_splits: None,
                 subtasks: vec![SubtaskSnapshot {

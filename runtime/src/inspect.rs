@@ -170,6 +170,32 @@ fn value_or_hex(type_name: Option<&str>, bytes: &[u8]) -> Value {
         .unwrap_or_else(|| json!({ "hex": hex(bytes) }))
 }
 
+/// A value or list state's value as JSON: an evolvable value from its
+/// CBOR (self-describing: any type), a value with a time-to-live as
+/// `{"renewed_ms", "value"}`, else by its type name if common.
+fn decode_state_value(d: &StateDescriptor, bytes: &[u8]) -> Value {
+    if d.ttl_ms.is_some() {
+        if let Ok((renewed, rest)) = postcard::take_from_bytes::<u64>(bytes) {
+            let inner = StateDescriptor {
+                ttl_ms: None,
+                ..d.clone()
+            };
+            return json!({ "renewed_ms": renewed, "value": decode_state_value(&inner, rest) });
+        }
+    }
+    if d.schema.is_some() && d.kind == "value" {
+        let cbor = postcard::from_bytes::<&[u8]>(bytes).ok();
+        if let Some(v) = cbor.and_then(|c| crate::schema::from_cbor::<Value>(c).ok()) {
+            return v;
+        }
+    }
+    let value_type = match d.kind.as_str() {
+        "list" => format!("alloc::vec::Vec<{}>", d.value_type),
+        _ => d.value_type.clone(),
+    };
+    value_or_hex(Some(&value_type), bytes)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes
         .iter()
@@ -224,11 +250,10 @@ pub async fn dump_operator(
             }
             None => {
                 entry["key"] = value_or_hex(key_type.as_deref(), k);
-                let value_type = desc.map(|d| match d.kind.as_str() {
-                    "list" => format!("alloc::vec::Vec<{}>", d.value_type),
-                    _ => d.value_type.clone(),
-                });
-                entry["value"] = value_or_hex(value_type.as_deref(), v);
+                entry["value"] = match desc {
+                    Some(d) => decode_state_value(d, v),
+                    None => value_or_hex(None, v),
+                };
             }
         }
         line(entry);
@@ -253,5 +278,40 @@ mod tests {
         // Trailing bytes: not that type.
         assert_eq!(decode_value("u8", &[1, 2]), None);
         assert_eq!(value_or_hex(None, &[0xab, 0x01]), json!({ "hex": "ab01" }));
+    }
+
+    #[test]
+    fn evolvable_and_ttl_values_dump_as_json() {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        struct Account {
+            owner: String,
+            cents: i64,
+        }
+        let mut d = StateDescriptor {
+            name: "a".into(),
+            kind: "value".into(),
+            value_type: "my::Account".into(),
+            map_key_type: None,
+            schema: Some(sluice_core::SchemaId {
+                name: "bank.Account".into(),
+                version: 3,
+            }),
+            ttl_ms: None,
+        };
+        let v = crate::schema::Evolving(Account {
+            owner: "ada".into(),
+            cents: -5,
+        });
+        let b = postcard::to_allocvec(&v).unwrap();
+        assert_eq!(decode_state_value(&d, &b), json!({ "owner": "ada", "cents": -5 }));
+        d.schema = None;
+        d.value_type = "u64".into();
+        d.ttl_ms = Some(1000);
+        let b = postcard::to_allocvec(&crate::ttl::TtlValue {
+            renewed_ms: 77,
+            value: 9u64,
+        })
+        .unwrap();
+        assert_eq!(decode_state_value(&d, &b), json!({ "renewed_ms": 77, "value": 9 }));
     }
 }

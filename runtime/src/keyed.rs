@@ -112,6 +112,10 @@ pub(crate) struct KeyedBackend {
     /// The size of this subtask's chain so far (written by the snapshot
     /// writer): decides when the next snapshot is full.
     chain: Arc<ChainSizes>,
+    /// The states with a time-to-live, and the next key group their
+    /// incremental cleanup visits.
+    ttl: Vec<crate::ttl::TtlCleanup>,
+    ttl_cursor: u32,
 }
 
 /// The size of a subtask's incremental chain, as written: changes files
@@ -178,6 +182,8 @@ impl KeyedBackend {
             restored_states: None,
             incremental: None,
             chain: Arc::default(),
+            ttl: Vec::new(),
+            ttl_cursor: 0,
         }
     }
 
@@ -281,7 +287,27 @@ impl KeyedBackend {
                 .restored_states
                 .as_ref()
                 .map(|(d, states)| (d.as_str(), states.as_slice())),
+            range: self.range,
+            ttl: &mut self.ttl,
         })
+    }
+
+    /// Incremental cleanup of states with a time-to-live: the expired
+    /// entries of the next key group (called once per batch).
+    #[inline]
+    pub fn clean_expired_step(&mut self) -> Result<()> {
+        if self.ttl.is_empty() || self.range.is_empty() {
+            return Ok(());
+        }
+        let kg = self.range.start + self.ttl_cursor % self.range.len() as u32;
+        self.ttl_cursor = self.ttl_cursor.wrapping_add(1);
+        let Some(store) = self.store.as_mut() else {
+            return Ok(());
+        };
+        for t in &self.ttl {
+            t.clean_key_group(store.as_mut(), kg)?;
+        }
+        Ok(())
     }
 
     /// Sets the current key and returns the context for it.
@@ -363,6 +389,14 @@ impl KeyedBackend {
     /// state).
     pub fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
         let id = barrier.checkpoint_id;
+        // Expired entries stay out of every snapshot.
+        if !self.ttl.is_empty() {
+            let (range, ttl) = (self.range, self.ttl.clone());
+            let store = self.store()?;
+            for t in &ttl {
+                t.clean(store.as_mut(), range)?;
+            }
+        }
         let fold = match &self.incremental {
             Some(policy) => self.chain.fold(policy),
             None => true,
@@ -427,6 +461,7 @@ where
     fn process_batch(&mut self, batch: Vec<I>) -> Result<()> {
         // First encode every key and hint the store (independent lookups
         // whose cache misses overlap), then process with the entries in cache.
+        self.backend.clean_expired_step()?;
         let key_fn = &self.key_fn;
         self.backend.prepare_batch(batch.iter().map(|r| key_fn(r)))?;
         for (i, record) in batch.into_iter().enumerate() {
@@ -496,6 +531,14 @@ where
                     .process2(&key, b, &mut ctx, &mut Collector::new(self.out.as_mut()))
             }
         }
+    }
+
+    fn process_batch(&mut self, batch: Vec<Either<I1, I2>>) -> Result<()> {
+        self.backend.clean_expired_step()?;
+        for r in batch {
+            self.process(r)?;
+        }
+        Ok(())
     }
 
     fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {

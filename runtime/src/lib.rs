@@ -60,13 +60,17 @@ pub mod metrics;
 mod operator;
 #[cfg(feature = "rest")]
 pub mod rest;
+#[cfg(feature = "memory")]
+pub mod rewrite;
 mod savepoint;
+pub mod schema;
 mod sink;
 mod source;
 mod state;
 mod task;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod ttl;
 mod two_phase;
 #[cfg(feature = "workload")]
 pub mod workload;
@@ -83,7 +87,7 @@ pub use handle::{
 };
 pub use keyed::{Either, KeyedCoProcessFunction, KeyedProcessFunction};
 pub use operator::Collector;
-pub use savepoint::{copy_savepoint, RestoreSource, SavepointLocation};
+pub use savepoint::{copy_savepoint, read_keyed_entries, EntryKey, RestoreSource, SavepointLocation};
 pub use sink::{CollectSink, DiscardSink, Sink, SinkWriter};
 pub use source::{FileLinesSource, SequenceSource, Source, SplitReader, VecSource};
 pub use state::{KeyedContext, ListState, MapState, OpenContext, ValueState};

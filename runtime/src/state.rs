@@ -25,6 +25,10 @@ pub struct OpenContext<'a> {
     /// registered with another kind or type is refused before its restored
     /// values are read as the new type.
     pub(crate) restored: Option<(&'a str, &'a [StateDescriptor])>,
+    /// This subtask's key groups.
+    pub(crate) range: KeyGroupRange,
+    /// The states with a time-to-live, for their cleanup.
+    pub(crate) ttl: &'a mut Vec<crate::ttl::TtlCleanup>,
 }
 
 impl OpenContext<'_> {
@@ -33,8 +37,9 @@ impl OpenContext<'_> {
         self.subtask
     }
 
-    /// Checks `desc` against this operator's other registrations and the
-    /// restored checkpoint's.
+    /// Checks `desc` against this operator's other registrations and (but
+    /// for evolvable states, which [`crate::schema`] checks) the restored
+    /// checkpoint's.
     fn check(&mut self, desc: &StateDescriptor) -> Result<()> {
         match self.states.iter().find(|d| d.name == desc.name) {
             Some(d) if d != desc => {
@@ -49,20 +54,30 @@ impl OpenContext<'_> {
             Some(_) => {}
             None => self.states.push(desc.clone()),
         }
-        if let Some((restore, written)) = self.restored {
-            if let Some(w) = written.iter().find(|w| w.name == desc.name && *w != desc) {
+        if let Some((restore, written)) = self.restored.filter(|_| desc.schema.is_none()) {
+            if let Some(w) = written
+                .iter()
+                .find(|w| w.name == desc.name && !restorable(w, desc))
+            {
                 return Err(changed_state(self.operator, restore, w, desc));
             }
         }
         Ok(())
     }
 
-    fn descriptor(name: &str, kind: &str, value_type: &str, map_key_type: Option<&str>) -> StateDescriptor {
+    pub(crate) fn descriptor(
+        name: &str,
+        kind: &str,
+        value_type: &str,
+        map_key_type: Option<&str>,
+    ) -> StateDescriptor {
         StateDescriptor {
             name: name.to_string(),
             kind: kind.to_string(),
             value_type: value_type.to_string(),
             map_key_type: map_key_type.map(str::to_string),
+            schema: None,
+            ttl_ms: None,
         }
     }
 
@@ -82,7 +97,13 @@ impl OpenContext<'_> {
     /// Registers a state whose values are `V` (a value state's `T`, a list
     /// state's `Vec<T>`): typed when the store keeps typed state.
     fn register_typed<V: HeapValue>(&mut self, name: &str, kind: &str, value_type: &str) -> Result<Handle> {
-        self.check(&Self::descriptor(name, kind, value_type, None))?;
+        self.register_descriptor::<V>(Self::descriptor(name, kind, value_type, None))
+    }
+
+    /// Registers the state `desc` describes, whose values are `V`.
+    pub(crate) fn register_descriptor<V: HeapValue>(&mut self, desc: StateDescriptor) -> Result<Handle> {
+        self.check(&desc)?;
+        let name = desc.name.as_str();
         let what: Arc<str> = Arc::from(format!("{}/{name}", self.operator));
         let label = what.clone();
         let make = move |range: KeyGroupRange| -> Box<dyn TypedTable> {
@@ -155,11 +176,33 @@ pub(crate) fn changed_state(
     })
 }
 
-/// `value state of u64`, `map state of String -> u64`.
+/// Whether a state written as `w` restores into the registration `d`
+/// (the same everything; a time-to-live may change its duration, not be
+/// added or removed, as in Flink).
+fn restorable(w: &StateDescriptor, d: &StateDescriptor) -> bool {
+    w.name == d.name
+        && w.kind == d.kind
+        && w.value_type == d.value_type
+        && w.map_key_type == d.map_key_type
+        && w.schema == d.schema
+        && w.ttl_ms.is_some() == d.ttl_ms.is_some()
+}
+
+/// `value state of u64`, `map state of String -> u64`, `value state of
+/// schema bank.Account v2`, `… with a time-to-live`.
 pub(crate) fn describe_state(d: &StateDescriptor) -> String {
+    let values = match &d.schema {
+        Some(s) => s.to_string(),
+        None => d.value_type.clone(),
+    };
+    let ttl = if d.ttl_ms.is_some() {
+        " with a time-to-live"
+    } else {
+        ""
+    };
     match &d.map_key_type {
-        Some(k) => format!("{} state of {k} -> {}", d.kind, d.value_type),
-        None => format!("{} state of {}", d.kind, d.value_type),
+        Some(k) => format!("{} state of {k} -> {values}{ttl}", d.kind),
+        None => format!("{} state of {values}{ttl}", d.kind),
     }
 }
 
@@ -184,7 +227,7 @@ impl KeyedContext<'_> {
 /// A registered state: its id, its name for errors, and whether the store
 /// keeps it typed.
 #[derive(Clone)]
-struct Handle {
+pub(crate) struct Handle {
     id: StateId,
     what: Arc<str>,
     typed: bool,
@@ -296,6 +339,16 @@ impl<T> Clone for ValueState<T> {
             h: self.h.clone(),
             _t: PhantomData,
         }
+    }
+}
+
+impl<T> ValueState<T> {
+    pub(crate) fn from_handle(h: Handle) -> Self {
+        ValueState { h, _t: PhantomData }
+    }
+
+    pub(crate) fn id(&self) -> StateId {
+        self.h.id
     }
 }
 

@@ -216,3 +216,82 @@ fn read_only_tools_on_a_missing_directory_fail_naming_it_and_create_nothing() {
         "a failed copy created its destination"
     );
 }
+
+/// Every file under `root` with its bytes.
+fn tree(root: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn rewrite_renames_and_drops_operators_into_a_new_savepoint_that_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("checkpoints");
+    let storage = format!("file:{}", root.display());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "keyed-sum",
+            "--state",
+            "memory",
+            "--events",
+            "200000",
+            "--keys",
+            "500",
+            "--checkpoint-interval",
+            "5ms",
+        ];
+        args.extend_from_slice(extra);
+        sluice(&args)
+    };
+    let (code, out, err) = run(&["--storage", &storage, "--retained", "1"]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let chk = committed_checkpoints(&root).pop().unwrap();
+    let src = format!("file:{}#{chk}", root.display());
+    let before = tree(&root);
+    let target = dir.path().join("rewritten");
+    let dst = format!("file:{}#sp", target.display());
+
+    // A bad plan names what is wrong and writes nothing.
+    let (code, _, err) = sluice(&["rewrite", &src, &dst, "--drop-operator", "nope"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("\"nope\"") && err.contains("running-sum"), "{err}");
+    let (code, _, err) = sluice(&["rewrite", &src, &dst, "--rename-operator", "running-sum"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("OLD=NEW"), "{err}");
+    assert!(!target.join("sp").exists() || tree(&target.join("sp")).is_empty());
+
+    let (code, out, err) = sluice(&["rewrite", &src, &dst, "--rename-operator", "running-sum=totals"]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("totals") && !out.contains("running-sum"), "{out}");
+    assert_eq!(tree(&root), before, "the source checkpoint is unchanged");
+    let (code, out, err) = sluice(&["inspect", &dst]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("totals") && out.contains("savepoint"), "{out}");
+    // The job's keyed operator is still `running-sum`: the renamed state is
+    // not its own, and the job refuses to start without it unless told.
+    let (code, out, err) = run(&["--storage", "memory", "--from-savepoint", &dst]);
+    assert_ne!(code, 0, "stdout:\n{out}");
+    assert!(err.contains("totals"), "{err}");
+    // Renamed back, it restores (the job then ends at once: its source
+    // positions are at the end).
+    let back = format!("file:{}#back", target.display());
+    let (code, _, err) = sluice(&["rewrite", &dst, &back, "--rename-operator", "totals=running-sum"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(&["--storage", "memory", "--from-savepoint", &back]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("exactly-once: ok"), "{out}");
+}

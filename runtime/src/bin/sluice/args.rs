@@ -91,6 +91,26 @@ pub(crate) enum Command {
         #[arg(long)]
         s3_endpoint: Option<String>,
     },
+    /// Write a changed copy of a savepoint (or retained checkpoint) as a new
+    /// self-contained savepoint: operators renamed or dropped, every
+    /// operator's state folded into one full file per subtask. The source
+    /// is never modified. (Migrating a state's values needs the types:
+    /// `sluice_runtime::rewrite` in a program of yours.)
+    Rewrite {
+        /// The savepoint or `…#chk-<id>`.
+        src: String,
+        /// The new savepoint's directory (must be empty).
+        dst: String,
+        /// Rename operator uid OLD to NEW (repeatable).
+        #[arg(long = "rename-operator", value_name = "OLD=NEW")]
+        rename: Vec<String>,
+        /// Leave out the state of operator UID (repeatable).
+        #[arg(long = "drop-operator", value_name = "UID")]
+        drop: Vec<String>,
+        /// S3 endpoint URL (else AWS_ENDPOINT_URL or AWS's default).
+        #[arg(long)]
+        s3_endpoint: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -15,6 +15,7 @@ use run::run_keyed_sum;
 use std::process::ExitCode;
 use tools::{
     client_cancel, client_checkpoint, client_savepoint, client_status, copy, inspect, list_checkpoints,
+    rewrite,
 };
 
 /// The log filter when `RUST_LOG` is not set: Sluice's progress at `info`;
@@ -65,5 +66,12 @@ fn main() -> ExitCode {
             dst,
             s3_endpoint,
         } => finish(copy(&src, &dst, s3_endpoint.as_deref())),
+        Command::Rewrite {
+            src,
+            dst,
+            rename,
+            drop,
+            s3_endpoint,
+        } => finish(rewrite(&src, &dst, &rename, &drop, s3_endpoint.as_deref())),
     }
 }

@@ -159,6 +159,45 @@ pub(crate) fn copy(src: &str, dst: &str, s3_endpoint: Option<&str>) -> Result<Ex
     })
 }
 
+/// `sluice rewrite`: a changed copy of a savepoint.
+pub(crate) fn rewrite(
+    src: &str,
+    dst: &str,
+    renames: &[String],
+    drops: &[String],
+    s3_endpoint: Option<&str>,
+) -> Result<ExitCode, String> {
+    let mut plan = sluice_runtime::rewrite::SavepointRewrite::new();
+    for r in renames {
+        let (from, to) = r
+            .split_once('=')
+            .filter(|(f, t)| !f.is_empty() && !t.is_empty())
+            .ok_or_else(|| format!("--rename-operator {r:?}: write OLD=NEW, e.g. counter=totals"))?;
+        plan = plan.rename_operator(from, to);
+    }
+    for d in drops {
+        plan = plan.drop_operator(d);
+    }
+    runtime()?.block_on(async move {
+        // The source is opened read-only: a mistyped source creates nothing.
+        let (from, to) = location::open_copy_locations(src, dst, &s3_options(s3_endpoint))
+            .await
+            .map_err(|e| failed(&format!("rewrite {src} {dst}"), &e))?;
+        let meta = sluice_runtime::rewrite::rewrite_savepoint(&from, &to, &plan)
+            .await
+            .map_err(|e| e.to_string())?;
+        let uids: Vec<&str> = meta.operators.iter().map(|o| o.uid.as_str()).collect();
+        println!(
+            "wrote savepoint {} ({} bytes of state; operators {}) to {}",
+            meta.checkpoint_id,
+            meta.state_size(),
+            uids.join(", "),
+            to.describe()
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 /// `sluice checkpoints list`: the checkpoints in a storage.
 pub(crate) fn list_checkpoints(spec: &str, s3_endpoint: Option<&str>) -> Result<ExitCode, String> {
     runtime()?.block_on(async move {

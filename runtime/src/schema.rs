@@ -1,0 +1,475 @@
+//! Evolvable state: values with a declared, versioned schema, so a job's
+//! next version can read the state its previous version left.
+//!
+//! A type opts in with [`Evolvable`] (a schema name that stays when the
+//! Rust type is renamed or moved, and a version). Its values are stored in
+//! CBOR (RFC 8949, via `ciborium`), which is self-describing — structs are
+//! maps from field names to values — so serde's own attributes carry the
+//! compatible changes with no code: a field added with `#[serde(default)]`,
+//! a field removed (unknown fields are skipped), a field renamed with
+//! `#[serde(alias = "old")]`. Anything else takes a [`Migration`]: a
+//! function from the previous type (`Old -> Option<New>`; `None` drops the
+//! entry), run over the restored state when the job opens it, before any
+//! record is processed.
+//!
+//! At restore the state's recorded schema decides (see
+//! [`OpenContext::evolvable_value_state_with`]): the same schema and
+//! version restores as is; a migration from the recorded schema and version
+//! runs; another version of the same schema without a migration is read
+//! back value by value as the new type, and the job is refused if one does
+//! not read (naming the operator, the state, both versions and the key);
+//! another schema without a migration is refused.
+
+use crate::error::{Result, RuntimeError};
+use crate::state::{OpenContext, ValueState};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sluice_core::{KeyGroupRange, KeyedStateStore, SchemaId, StateDescriptor, StateId};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+/// A state value type with a declared, versioned schema (see the module).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use sluice_runtime::schema::Evolvable;
+///
+/// #[derive(Clone, Serialize, Deserialize)]
+/// struct Account {
+///     balance: i64,
+///     // Added in version 2: version-1 values read with the default.
+///     #[serde(default)]
+///     currency: String,
+/// }
+///
+/// impl Evolvable for Account {
+///     const SCHEMA: &'static str = "bank.Account";
+///     const VERSION: u32 = 2;
+/// }
+/// ```
+pub trait Evolvable: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    /// The schema's name: the state's identity across versions of the job.
+    const SCHEMA: &'static str;
+    /// The schema's version: raise it with every change of the type.
+    const VERSION: u32;
+
+    /// The schema as recorded in checkpoint metadata.
+    fn schema_id() -> SchemaId {
+        SchemaId {
+            name: Self::SCHEMA.to_string(),
+            version: Self::VERSION,
+        }
+    }
+}
+
+/// An evolvable value as stored: its CBOR encoding, as one byte string of
+/// the surrounding format (postcard in the state stores and snapshots).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evolving<T>(pub T);
+
+/// `value` in CBOR.
+pub fn to_cbor<T: Serialize>(value: &T) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A `T` from CBOR.
+pub fn from_cbor<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, String> {
+    ciborium::from_reader(bytes).map_err(|e| e.to_string())
+}
+
+impl<T: Serialize> Serialize for Evolving<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let bytes = to_cbor(&self.0).map_err(serde::ser::Error::custom)?;
+        s.serialize_bytes(&bytes)
+    }
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Evolving<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<T: DeserializeOwned> serde::de::Visitor<'_> for V<T> {
+            type Value = Evolving<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CBOR-encoded value")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<Self::Value, E> {
+                from_cbor(v).map(Evolving).map_err(E::custom)
+            }
+        }
+        d.deserialize_bytes(V(PhantomData))
+    }
+}
+
+/// One step of a [`Migration`]: what it reads, and the function.
+type Step = Arc<dyn Fn(&[u8]) -> std::result::Result<Option<Vec<u8>>, String> + Send + Sync>;
+
+/// How values written as an earlier type become `New` (see the module).
+pub struct Migration<New> {
+    steps: Vec<(Written, Step)>,
+    _t: PhantomData<fn() -> New>,
+}
+
+impl<New> Clone for Migration<New> {
+    fn clone(&self) -> Self {
+        Migration {
+            steps: self.steps.clone(),
+            _t: PhantomData,
+        }
+    }
+}
+
+/// What a migration step reads: an evolvable schema and version, or a
+/// fixed (postcard) type by its Rust name.
+#[derive(Clone, Debug, PartialEq)]
+enum Written {
+    Schema(SchemaId),
+    Fixed(String),
+}
+
+impl Written {
+    fn of(d: &StateDescriptor) -> Written {
+        match &d.schema {
+            Some(s) => Written::Schema(s.clone()),
+            None => Written::Fixed(d.value_type.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Written::Schema(s) => s.fmt(f),
+            Written::Fixed(t) => write!(f, "the fixed type {t}"),
+        }
+    }
+}
+
+impl<New: Evolvable> Default for Migration<New> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<New: Evolvable> Migration<New> {
+    /// No steps: only compatible changes of `New`'s own schema restore.
+    pub fn new() -> Self {
+        Migration {
+            steps: Vec::new(),
+            _t: PhantomData,
+        }
+    }
+
+    /// Values written as `Old` (its schema and version) become `f(old)`;
+    /// `None` drops the entry.
+    pub fn from<Old: Evolvable>(mut self, f: impl Fn(Old) -> Option<New> + Send + Sync + 'static) -> Self {
+        let step: Step = Arc::new(move |bytes: &[u8]| {
+            let old: Evolving<Old> = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+            encode_new(f(old.0))
+        });
+        self.steps.push((Written::Schema(Old::schema_id()), step));
+        self
+    }
+
+    /// Values written as the fixed (postcard) type `Old` — a state that was
+    /// not evolvable — become `f(old)`; `None` drops the entry.
+    pub fn from_fixed<Old: Serialize + DeserializeOwned + 'static>(
+        mut self,
+        f: impl Fn(Old) -> Option<New> + Send + Sync + 'static,
+    ) -> Self {
+        let step: Step = Arc::new(move |bytes: &[u8]| {
+            let old: Old = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+            encode_new(f(old))
+        });
+        self.steps
+            .push((Written::Fixed(std::any::type_name::<Old>().to_string()), step));
+        self
+    }
+
+    fn step(&self, written: &Written) -> Option<&Step> {
+        self.steps.iter().find(|(w, _)| w == written).map(|(_, s)| s)
+    }
+}
+
+fn encode_new<New: Serialize>(new: Option<New>) -> std::result::Result<Option<Vec<u8>>, String> {
+    new.map(|n| postcard::to_allocvec(&Evolving(n)).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+/// What a restore does with an evolvable state's recorded values.
+enum Plan {
+    /// Nothing to do: the same schema and version, or nothing restored.
+    Keep,
+    /// Rewrite every value with a migration step.
+    Migrate(Written, Step),
+    /// Another version of the same schema: check every value reads as the
+    /// new type.
+    Check(SchemaId),
+}
+
+/// Decides what a restore does with the recorded `written` state for
+/// `desc` (the new registration), or refuses.
+fn plan<New: Evolvable>(
+    operator: &str,
+    restore: &str,
+    written: &StateDescriptor,
+    desc: &StateDescriptor,
+    migration: &Migration<New>,
+) -> Result<Plan> {
+    let refuse = |reason: String| {
+        RuntimeError::Storage(sluice_core::Error::Incompatible {
+            what: format!("state {:?} of operator {operator} in {restore}", desc.name),
+            reason,
+        })
+    };
+    if written.kind != desc.kind {
+        return Err(refuse(format!(
+            "it was written as a {} state, the job registers a {} state",
+            written.kind, desc.kind
+        )));
+    }
+    let from = Written::of(written);
+    if written.schema == desc.schema {
+        return Ok(Plan::Keep);
+    }
+    if let Some(step) = migration.step(&from) {
+        return Ok(Plan::Migrate(from, step.clone()));
+    }
+    let new = New::schema_id();
+    match &written.schema {
+        Some(s) if s.name == new.name => Ok(Plan::Check(s.clone())),
+        _ => Err(refuse(format!(
+            "it was written as {from}, the job registers {new}, and no migration reads {from}: add one \
+             (Migration::from / from_fixed), or register the new state under a new name"
+        ))),
+    }
+}
+
+impl OpenContext<'_> {
+    /// A single evolvable value per key, restored from earlier versions of
+    /// its schema that serde reads as `T` (see [`crate::schema`]).
+    pub fn evolvable_value_state<T: Evolvable>(&mut self, name: &str) -> Result<EvolvableValueState<T>> {
+        self.evolvable_value_state_with(name, Migration::new())
+    }
+
+    /// A single evolvable value per key; values restored as another schema
+    /// or version go through `migration` when it has a step for them.
+    pub fn evolvable_value_state_with<T: Evolvable>(
+        &mut self,
+        name: &str,
+        migration: Migration<T>,
+    ) -> Result<EvolvableValueState<T>> {
+        let desc = StateDescriptor {
+            name: name.to_string(),
+            kind: "value".into(),
+            value_type: std::any::type_name::<T>().to_string(),
+            map_key_type: None,
+            schema: Some(T::schema_id()),
+            ttl_ms: None,
+        };
+        let written = self
+            .restored
+            .and_then(|(restore, states)| states.iter().find(|w| w.name == name).map(|w| (restore, w)));
+        if let Some((restore, w)) = written {
+            let plan = plan(self.operator, restore, w, &desc, &migration)?;
+            let (operator, restore) = (self.operator.to_string(), restore.to_string());
+            let range = self.range;
+            let id = self.store.register_state(name)?;
+            match plan {
+                Plan::Keep => {}
+                Plan::Migrate(from, step) => {
+                    let n = rewrite_values(self.store, id, range, &|v| step(v)).map_err(|(key, e)| {
+                        incompatible_value(&operator, &restore, name, &from.to_string(), &desc, &key, &e)
+                    })?;
+                    tracing::info!(operator = %operator, state = name, "migrated {n} values from {from} to {}", T::schema_id());
+                }
+                Plan::Check(from) => {
+                    let read = |v: &[u8]| {
+                        postcard::from_bytes::<Evolving<T>>(v)
+                            .map(|_| None)
+                            .map_err(|e| e.to_string())
+                    };
+                    check_values(self.store, id, range, &read).map_err(|(key, e)| {
+                        incompatible_value(&operator, &restore, name, &from.to_string(), &desc, &key, &e)
+                    })?;
+                }
+            }
+        }
+        let h = self.register_descriptor::<Evolving<T>>(desc)?;
+        Ok(EvolvableValueState {
+            inner: ValueState::from_handle(h),
+        })
+    }
+}
+
+fn incompatible_value(
+    operator: &str,
+    restore: &str,
+    state: &str,
+    from: &str,
+    desc: &StateDescriptor,
+    key: &[u8],
+    error: &str,
+) -> RuntimeError {
+    let to = desc.schema.as_ref().map(|s| s.to_string()).unwrap_or_default();
+    RuntimeError::Storage(sluice_core::Error::Incompatible {
+        what: format!("state {state:?} of operator {operator} in {restore}"),
+        reason: format!(
+            "a value written as {from} (key {}) does not read as {to}: {error}; add a migration from {from} \
+             (Migration::from), or register the new state under a new name",
+            hex(key)
+        ),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every `(key, value)` of state `id` in key group `kg`.
+fn entries(
+    store: &mut dyn KeyedStateStore,
+    id: StateId,
+    kg: u32,
+) -> sluice_core::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut all = Vec::new();
+    store.scan_prefix(id, kg, &[], &mut |k, v| {
+        all.push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// What a value rewrite gives: a new value, or `None` to drop the entry.
+type Rewrite<'a> = dyn Fn(&[u8]) -> std::result::Result<Option<Vec<u8>>, String> + 'a;
+
+/// Rewrites every value of state `id` through the byte-level store (a
+/// key group at a time); returns how many values it read, or the first key
+/// whose value `f` refused and why.
+pub(crate) fn rewrite_values(
+    store: &mut dyn KeyedStateStore,
+    id: StateId,
+    range: KeyGroupRange,
+    f: &Rewrite<'_>,
+) -> std::result::Result<u64, (Vec<u8>, String)> {
+    let mut n = 0;
+    for kg in range.iter() {
+        let all = entries(store, id, kg).map_err(|e| (Vec::new(), e.to_string()))?;
+        for (k, v) in all {
+            n += 1;
+            let written = match f(&v).map_err(|e| (k.clone(), e))? {
+                Some(new) => store.put(id, kg, &k, &new),
+                None => store.delete(id, kg, &k),
+            };
+            written.map_err(|e| (k.clone(), e.to_string()))?;
+        }
+    }
+    Ok(n)
+}
+
+/// Reads every value of state `id` with `f` (which must not rewrite).
+fn check_values(
+    store: &mut dyn KeyedStateStore,
+    id: StateId,
+    range: KeyGroupRange,
+    f: &Rewrite<'_>,
+) -> std::result::Result<(), (Vec<u8>, String)> {
+    for kg in range.iter() {
+        let mut failed = None;
+        store
+            .scan_prefix(id, kg, &[], &mut |k, v| {
+                if failed.is_none() {
+                    if let Err(e) = f(v) {
+                        failed = Some((k.to_vec(), e));
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| (Vec::new(), e.to_string()))?;
+        if let Some(f) = failed {
+            return Err(f);
+        }
+    }
+    Ok(())
+}
+
+/// A type-erased migration of one state, for rewriting savepoints
+/// ([`crate::rewrite`]): the new descriptor's schema and type, and the
+/// steps.
+pub(crate) struct ErasedMigration {
+    pub schema: SchemaId,
+    pub value_type: String,
+    steps: Vec<(Written, Step)>,
+}
+
+impl ErasedMigration {
+    /// The step that reads `written`, or the error naming what is missing.
+    pub fn step_for(&self, written: &StateDescriptor) -> std::result::Result<Step, String> {
+        let from = Written::of(written);
+        if written.schema.as_ref() == Some(&self.schema) {
+            return Err(format!("it is already {}", self.schema));
+        }
+        self.steps
+            .iter()
+            .find(|(w, _)| *w == from)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| format!("it is {from}, and the migration has no step from it"))
+    }
+}
+
+impl<New: Evolvable> Migration<New> {
+    pub(crate) fn erase(self) -> ErasedMigration {
+        ErasedMigration {
+            schema: New::schema_id(),
+            value_type: std::any::type_name::<New>().to_string(),
+            steps: self.steps,
+        }
+    }
+}
+
+/// One evolvable value per key (see [`crate::schema`]): the same access as
+/// [`ValueState`], with `T` stored in CBOR.
+pub struct EvolvableValueState<T> {
+    inner: ValueState<Evolving<T>>,
+}
+
+impl<T> Clone for EvolvableValueState<T> {
+    fn clone(&self) -> Self {
+        EvolvableValueState {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T: Evolvable> EvolvableValueState<T> {
+    /// The current key's value.
+    pub fn get(&self, ctx: &mut crate::KeyedContext<'_>) -> Result<Option<T>> {
+        Ok(self.inner.get(ctx)?.map(|e| e.0))
+    }
+
+    /// Sets the current key's value.
+    pub fn set(&self, ctx: &mut crate::KeyedContext<'_>, value: T) -> Result<()> {
+        self.inner.update(ctx, |slot| *slot = Some(Evolving(value)))
+    }
+
+    /// Reads and changes the current key's value in one access (`None`:
+    /// no value; leaving `None` removes it).
+    pub fn update<R>(
+        &self,
+        ctx: &mut crate::KeyedContext<'_>,
+        f: impl FnOnce(&mut Option<T>) -> R,
+    ) -> Result<R> {
+        self.inner.update(ctx, |slot| {
+            let mut v = slot.take().map(|e| e.0);
+            let r = f(&mut v);
+            *slot = v.map(Evolving);
+            r
+        })
+    }
+
+    /// Removes the current key's value.
+    pub fn clear(&self, ctx: &mut crate::KeyedContext<'_>) -> Result<()> {
+        self.inner.clear(ctx)
+    }
+}

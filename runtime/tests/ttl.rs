@@ -1,0 +1,209 @@
+//! State time-to-live in a running job, with a clock the test controls:
+//! expired values are never returned (on create-and-write and on
+//! read-and-write), expired entries are left out of checkpoints, and the
+//! renewal times survive a restore. The commands run in order (one split,
+//! parallelism 1); the function moves the clock when told.
+
+use serde::{Deserialize, Serialize};
+use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_backend_redb::RedbStateBackend;
+use sluice_core::{CheckpointStorage, StateBackend};
+use sluice_runtime::prelude::*;
+use sluice_runtime::ttl::{ManualClock, StateTtlConfig, TtlValue, TtlValueState};
+use sluice_runtime::{read_keyed_entries, JobResult, RestoreSource, SavepointLocation};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Cmd {
+    Set(u64, u64),
+    Get(u64),
+    Advance(u64),
+}
+
+impl Cmd {
+    fn key(&self) -> u64 {
+        match self {
+            Cmd::Set(k, _) | Cmd::Get(k) => *k,
+            Cmd::Advance(_) => 0,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Ttl {
+    clock: Arc<ManualClock>,
+    config: StateTtlConfig,
+    state: Option<TtlValueState<u64>>,
+}
+
+impl KeyedProcessFunction<u64, Cmd, (u64, Option<u64>)> for Ttl {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        self.state = Some(ctx.value_state_with_ttl("v", self.config.clone())?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        key: &u64,
+        cmd: Cmd,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, (u64, Option<u64>)>,
+    ) -> Result<()> {
+        let s = self.state.as_ref().unwrap();
+        match cmd {
+            Cmd::Set(_, v) => s.set(ctx, v),
+            Cmd::Get(_) => out.collect((*key, s.get(ctx)?)),
+            Cmd::Advance(ms) => {
+                self.clock.advance(Duration::from_millis(ms));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs `cmds` in order; returns what the gets saw.
+async fn run(
+    cmds: Vec<Cmd>,
+    f: Ttl,
+    backend: Arc<dyn StateBackend>,
+    storage: Arc<dyn CheckpointStorage>,
+    from: Option<SavepointLocation>,
+) -> (Vec<(u64, Option<u64>)>, JobResult) {
+    let job = Job::new("ttl-test")
+        .with_parallelism(1)
+        .with_state_backend(backend)
+        .with_checkpoint_storage(storage)
+        .with_checkpointing(CheckpointConfig::every(Duration::from_secs(3600)));
+    // A restored job reads new commands: a new source (the old one's
+    // positions are not restored).
+    let (job, source) = match from {
+        Some(l) => (job.from_savepoint(l).allow_non_restored_state(true), "more-cmds"),
+        None => (job, "cmds"),
+    };
+    let sink = CollectSink::new();
+    job.source(source, VecSource::new(cmds, 1), 1)
+        .key_by(|c: &Cmd| c.key())
+        .process("ttl", f)
+        .sink(sink.clone())
+        .unwrap();
+    let result = job.start().unwrap().wait().await.unwrap();
+    (sink.items(), result)
+}
+
+fn ttl(clock: &Arc<ManualClock>, ms: u64) -> Ttl {
+    Ttl {
+        clock: clock.clone(),
+        config: StateTtlConfig::new(Duration::from_millis(ms)).with_clock(clock.clone()),
+        state: None,
+    }
+}
+
+fn backends() -> Vec<(&'static str, Arc<dyn StateBackend>)> {
+    let dir = tempfile::tempdir().unwrap().keep();
+    vec![
+        ("memory", Arc::new(MemoryStateBackend::new())),
+        ("redb", Arc::new(RedbStateBackend::new(dir).unwrap())),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_values_are_never_returned() {
+    use Cmd::*;
+    for (name, backend) in backends() {
+        let clock = ManualClock::at(1_000_000);
+        let cmds = vec![
+            Set(1, 10),
+            Set(2, 20),
+            Advance(500),
+            Get(1),
+            Set(2, 21), // renewed at +500
+            Advance(499),
+            Get(1), // +999: alive
+            Advance(1),
+            Get(1), // +1000: expired
+            Get(2), // renewed 500 ago: alive
+            Advance(500),
+            Get(2), // expired
+        ];
+        let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+        let (seen, _) = run(cmds, ttl(&clock, 1000), backend, storage, None).await;
+        assert_eq!(
+            seen,
+            vec![(1, Some(10)), (1, Some(10)), (1, None), (2, Some(21)), (2, None)],
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_renew_values_on_read_and_write() {
+    use Cmd::*;
+    let clock = ManualClock::at(0);
+    let mut f = ttl(&clock, 1000);
+    f.config = f.config.update_on_read_and_write();
+    let cmds = vec![
+        Set(1, 10),
+        Advance(800),
+        Get(1),
+        Advance(800),
+        Get(1),
+        Advance(1000),
+        Get(1),
+    ];
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let (seen, _) = run(cmds, f, Arc::new(MemoryStateBackend::new()), storage, None).await;
+    // Read at 800 renews it: alive at 1600, expired at 2600.
+    assert_eq!(seen, vec![(1, Some(10)), (1, Some(10)), (1, None)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_entries_are_left_out_of_checkpoints_and_renewal_times_survive_a_restore() {
+    use Cmd::*;
+    for (name, backend) in backends() {
+        let clock = ManualClock::at(0);
+        let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+        // Keys 1..=100 written at 0, keys 101..=110 at 900; at 1000 the
+        // first hundred are expired, never read.
+        let mut cmds: Vec<Cmd> = (1..=100).map(|k| Set(k, k)).collect();
+        cmds.push(Advance(900));
+        cmds.extend((101..=110).map(|k| Set(k, k)));
+        cmds.push(Advance(100));
+        let (_, result) = run(cmds, ttl(&clock, 1000), backend.clone(), storage.clone(), None).await;
+        let last = result.final_checkpoint.expect("a final checkpoint");
+        let source = RestoreSource::checkpoint(storage.clone(), last).await.unwrap();
+        let op = source
+            .metadata
+            .operators
+            .iter()
+            .find(|o| o.uid.as_str() == "ttl")
+            .unwrap();
+        let entries = read_keyed_entries(storage.as_ref(), "", op).await.unwrap();
+        let mut keys: Vec<u64> = entries
+            .iter()
+            .map(|((_, _, k), v)| {
+                let t: TtlValue<u64> = postcard::from_bytes(v).unwrap();
+                assert_eq!(
+                    t.renewed_ms, 900,
+                    "{name}: the renewal time is stored with the value"
+                );
+                postcard::from_bytes::<u64>(k).unwrap()
+            })
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            (101..=110).collect::<Vec<_>>(),
+            "{name}: only live entries are checkpointed"
+        );
+
+        // Restored at 1000: the values renewed at 900 live until 1900.
+        let location = SavepointLocation::new(storage.clone(), last.dir()).unwrap();
+        let cmds = vec![Get(101), Advance(899), Get(102), Advance(1), Get(103), Get(1)];
+        let (seen, _) = run(cmds, ttl(&clock, 1000), backend, storage, Some(location)).await;
+        assert_eq!(
+            seen,
+            vec![(101, Some(101)), (102, Some(102)), (103, None), (1, None)],
+            "{name}"
+        );
+    }
+}

@@ -1,0 +1,545 @@
+//! Updating an application from a savepoint, end to end: job v1 runs and is
+//! stopped with a savepoint; job v2 starts from it, where one state's type
+//! gained a field, renamed one with an alias and lost one (restored with no
+//! code), one state was migrated by a function (dropping some entries), one
+//! operator is gone (allow-non-restored-state), and one operator's uid was
+//! renamed by an offline rewrite of the savepoint. Every key's state in v2
+//! is checked against what v1 left in the savepoint plus the migration.
+//! Also: incompatible changes are refused before any record is processed,
+//! naming the operator, the state and both versions; an offline migration
+//! restores at another parallelism into another backend; the source
+//! savepoint is never modified.
+
+use serde::{Deserialize, Serialize};
+use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
+use sluice_backend_redb::RedbStateBackend;
+use sluice_core::{CheckpointStorage, StateBackend};
+use sluice_runtime::prelude::*;
+use sluice_runtime::rewrite::{rewrite_savepoint, SavepointRewrite};
+use sluice_runtime::schema::{Evolvable, EvolvableValueState, Evolving, Migration};
+use sluice_runtime::{read_keyed_entries, RestoreSource, SavepointLocation};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+const KEYS: u64 = 200;
+const EVENTS: u64 = 2_000_000;
+
+mod v1 {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Profile {
+        pub name: String,
+        pub visits: u64,
+        pub legacy: u32,
+    }
+    impl Evolvable for Profile {
+        const SCHEMA: &'static str = "test.Profile";
+        const VERSION: u32 = 1;
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Balance {
+        pub cents: i64,
+    }
+    impl Evolvable for Balance {
+        const SCHEMA: &'static str = "test.Balance";
+        const VERSION: u32 = 1;
+    }
+}
+
+mod v2 {
+    use super::*;
+
+    /// Version 2: `name` renamed (alias), `tier` added (default),
+    /// `legacy` removed.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Profile {
+        #[serde(alias = "name")]
+        pub display_name: String,
+        pub visits: u64,
+        #[serde(default)]
+        pub tier: String,
+    }
+    impl Evolvable for Profile {
+        const SCHEMA: &'static str = "test.Profile";
+        const VERSION: u32 = 2;
+    }
+
+    /// Version 2: an amount with a currency instead of cents (not
+    /// readable from version 1 without a migration).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Balance {
+        pub amount: String,
+        pub currency: String,
+    }
+    impl Evolvable for Balance {
+        const SCHEMA: &'static str = "test.Balance";
+        const VERSION: u32 = 2;
+    }
+
+    /// The migration of balances: zero balances are dropped.
+    pub fn migrate(b: super::v1::Balance) -> Option<Balance> {
+        (b.cents % 5 != 0).then(|| Balance {
+            amount: format!("{}.{:02}", b.cents / 100, b.cents % 100),
+            currency: "EUR".into(),
+        })
+    }
+}
+
+/// v1's accounts: a profile and a balance per key.
+#[derive(Clone, Default)]
+struct AccountsV1 {
+    profile: Option<EvolvableValueState<v1::Profile>>,
+    balance: Option<EvolvableValueState<v1::Balance>>,
+}
+
+impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for AccountsV1 {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        self.profile = Some(ctx.evolvable_value_state("profile")?);
+        self.balance = Some(ctx.evolvable_value_state("balance")?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        key: &u64,
+        (k, i): (u64, u64),
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, (u64, u64)>,
+    ) -> Result<()> {
+        self.profile.as_ref().unwrap().update(ctx, |p| {
+            let p = p.get_or_insert_with(|| v1::Profile {
+                name: format!("user-{key}"),
+                visits: 0,
+                legacy: 7,
+            });
+            p.visits += 1;
+        })?;
+        self.balance.as_ref().unwrap().update(ctx, |b| {
+            b.get_or_insert(v1::Balance { cents: 0 }).cents += (i % 97) as i64;
+        })?;
+        out.collect((k, i))
+    }
+}
+
+/// v1's counter (uid "counter", renamed "totals" for v2) and dedup (gone in v2).
+#[derive(Clone, Default)]
+struct Count(Option<ValueState<u64>>);
+
+impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for Count {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        self.0 = Some(ctx.value_state("count")?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        _key: &u64,
+        r: (u64, u64),
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, (u64, u64)>,
+    ) -> Result<()> {
+        self.0
+            .as_ref()
+            .unwrap()
+            .update(ctx, |c| *c = Some(c.unwrap_or(0) + 1))?;
+        out.collect(r)
+    }
+}
+
+/// What v2 reports per key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Report {
+    key: u64,
+    profile: Option<v2::Profile>,
+    balance: Option<v2::Balance>,
+    count: Option<u64>,
+}
+
+#[derive(Clone, Default)]
+struct AccountsV2 {
+    migrate: bool,
+    profile: Option<EvolvableValueState<v2::Profile>>,
+    balance: Option<EvolvableValueState<v2::Balance>>,
+}
+
+impl KeyedProcessFunction<u64, Report, Report> for AccountsV2 {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        self.profile = Some(ctx.evolvable_value_state("profile")?);
+        let migration = match self.migrate {
+            true => Migration::new().from::<v1::Balance>(v2::migrate),
+            false => Migration::new(),
+        };
+        self.balance = Some(ctx.evolvable_value_state_with("balance", migration)?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        _key: &u64,
+        mut r: Report,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, Report>,
+    ) -> Result<()> {
+        r.profile = self.profile.as_ref().unwrap().get(ctx)?;
+        r.balance = self.balance.as_ref().unwrap().get(ctx)?;
+        out.collect(r)
+    }
+}
+
+#[derive(Clone, Default)]
+struct TotalsV2(Option<ValueState<u64>>);
+
+impl KeyedProcessFunction<u64, Report, Report> for TotalsV2 {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        self.0 = Some(ctx.value_state("count")?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        _key: &u64,
+        mut r: Report,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, Report>,
+    ) -> Result<()> {
+        r.count = self.0.as_ref().unwrap().get(ctx)?;
+        out.collect(r)
+    }
+}
+
+/// Runs v1 (paced) and stops it with a savepoint into `target`.
+async fn run_v1(storage: Arc<dyn CheckpointStorage>, target: SavepointLocation) -> SavepointLocation {
+    let job = Job::new("upgrade")
+        .with_parallelism(2)
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(storage)
+        .with_checkpointing(CheckpointConfig::every(Duration::from_millis(50)));
+    job.source(
+        "events",
+        SequenceSource::new(EVENTS, 4, |i| (i % KEYS, i)).paced(200, Duration::from_millis(1)),
+        2,
+    )
+    .key_by(|(k, _)| *k)
+    .process("accounts", AccountsV1::default())
+    .key_by(|(k, _)| *k)
+    .process("counter", Count::default())
+    .key_by(|(k, _)| *k)
+    .process("dedup", Count::default())
+    .sink(DiscardSink::new())
+    .unwrap();
+    let handle = job.start().unwrap();
+    while handle.source_records() < 50_000 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sp = handle.stop_with_savepoint(target).await.unwrap();
+    let result = handle.wait().await.unwrap();
+    assert!(result.stopped_with_savepoint.is_some());
+    sp.location
+}
+
+/// Runs v2 from `from` over one probe per key; returns the reports by key.
+async fn run_v2(
+    from: SavepointLocation,
+    backend: Arc<dyn StateBackend>,
+    parallelism: u32,
+    migrate: bool,
+    counter_uid: &str,
+) -> Result<BTreeMap<u64, Report>> {
+    let job = Job::new("upgrade")
+        .with_parallelism(parallelism)
+        .with_state_backend(backend)
+        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()))
+        .with_checkpointing(CheckpointConfig::every(Duration::from_millis(50)))
+        .from_savepoint(from)
+        .allow_non_restored_state(true);
+    let probes: Vec<Report> = (0..KEYS)
+        .map(|key| Report {
+            key,
+            profile: None,
+            balance: None,
+            count: None,
+        })
+        .collect();
+    let sink = CollectSink::new();
+    // A new source: v1's source positions (uid "events") are not restored
+    // (allow-non-restored-state), nothing of v1's input is replayed.
+    job.source("probes", VecSource::new(probes, 4), parallelism)
+        .key_by(|r: &Report| r.key)
+        .process(
+            "accounts",
+            AccountsV2 {
+                migrate,
+                ..Default::default()
+            },
+        )
+        .key_by(|r: &Report| r.key)
+        .process(counter_uid, TotalsV2::default())
+        .sink(sink.clone())?;
+    job.start()?.wait().await?;
+    Ok(sink.items().into_iter().map(|r| (r.key, r)).collect())
+}
+
+/// One key's state in v1: profile, balance, count.
+type V1State = (Option<v1::Profile>, Option<v1::Balance>, Option<u64>);
+
+/// What v1 left, per key, read from the savepoint's files.
+async fn v1_state(sp: &SavepointLocation) -> BTreeMap<u64, V1State> {
+    let source = RestoreSource::open(sp).await.unwrap();
+    let mut out: BTreeMap<u64, V1State> = BTreeMap::new();
+    for uid in ["accounts", "counter"] {
+        let op = source
+            .metadata
+            .operators
+            .iter()
+            .find(|o| o.uid.as_str() == uid)
+            .unwrap();
+        for ((state, _, k), v) in read_keyed_entries(source.storage.as_ref(), &sp.dir, op)
+            .await
+            .unwrap()
+        {
+            let key: u64 = postcard::from_bytes(&k).unwrap();
+            let e = out.entry(key).or_default();
+            match state.as_str() {
+                "profile" => e.0 = Some(postcard::from_bytes::<Evolving<v1::Profile>>(&v).unwrap().0),
+                "balance" => e.1 = Some(postcard::from_bytes::<Evolving<v1::Balance>>(&v).unwrap().0),
+                "count" => e.2 = Some(postcard::from_bytes::<u64>(&v).unwrap()),
+                other => panic!("unexpected state {other}"),
+            }
+        }
+    }
+    out
+}
+
+/// What v2 must see for a key v1 left as `v1`.
+fn expected(v1: &V1State) -> (Option<v2::Profile>, Option<v2::Balance>, Option<u64>) {
+    (
+        v1.0.as_ref().map(|p| v2::Profile {
+            display_name: p.name.clone(),
+            visits: p.visits,
+            tier: String::new(),
+        }),
+        v1.1.clone().and_then(v2::migrate),
+        v1.2,
+    )
+}
+
+/// Every file of `dir` with its bytes.
+async fn snapshot_of(storage: &Arc<dyn CheckpointStorage>, dir: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    for f in storage.list_files(dir).await.unwrap() {
+        let bytes = storage.read(&f.path, None).await.unwrap();
+        files.insert(f.path, bytes.to_vec());
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_story_end_to_end() {
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let targets: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let sp = run_v1(storage, SavepointLocation::new(targets.clone(), "sp").unwrap()).await;
+    let left = v1_state(&sp).await;
+    assert_eq!(left.len() as u64, KEYS, "v1 saw every key before the savepoint");
+    let before = snapshot_of(&targets, &sp.dir).await;
+
+    // The uid of the counter is renamed offline.
+    let renamed = SavepointLocation::new(targets.clone(), "renamed").unwrap();
+    let meta = rewrite_savepoint(
+        &sp,
+        &renamed,
+        &SavepointRewrite::new().rename_operator("counter", "totals"),
+    )
+    .await
+    .unwrap();
+    let uids: Vec<&str> = meta.operators.iter().map(|o| o.uid.as_str()).collect();
+    assert!(uids.contains(&"totals") && !uids.contains(&"counter"), "{uids:?}");
+    assert_eq!(
+        snapshot_of(&targets, &sp.dir).await,
+        before,
+        "the source savepoint is unchanged"
+    );
+
+    let reports = run_v2(renamed, Arc::new(MemoryStateBackend::new()), 2, true, "totals")
+        .await
+        .unwrap();
+    assert_eq!(reports.len() as u64, KEYS);
+    let mut dropped = 0;
+    for (key, r) in &reports {
+        let (profile, balance, count) = expected(&left[key]);
+        assert_eq!(r.profile, profile, "key {key}");
+        assert_eq!(r.balance, balance, "key {key}");
+        assert_eq!(r.count, count, "key {key}");
+        dropped += usize::from(left[key].1.is_some() && balance.is_none());
+    }
+    assert!(dropped > 0, "some balances were dropped by the migration");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompatible_changes_are_refused_before_any_record_naming_the_state_and_versions() {
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let targets: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let sp = run_v1(storage, SavepointLocation::new(targets.clone(), "sp").unwrap()).await;
+    // Balance v1 -> v2 without its migration: v1 values do not read as v2.
+    let err = run_v2(
+        sp.clone(),
+        Arc::new(MemoryStateBackend::new()),
+        2,
+        false,
+        "counter",
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    for needle in [
+        "\"balance\"",
+        "accounts",
+        "test.Balance v1",
+        "test.Balance v2",
+        "migration",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+    // The same on the redb backend, which keeps bytes: refused before use.
+    let dir = tempfile::tempdir().unwrap();
+    let err = run_v2(
+        sp.clone(),
+        Arc::new(RedbStateBackend::new(dir.path()).unwrap()),
+        2,
+        false,
+        "counter",
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("test.Balance v1") && err.contains("does not read"),
+        "{err}"
+    );
+
+    // A state of another schema with no migration from it.
+    #[derive(Clone, Default)]
+    struct Other(Option<EvolvableValueState<Unrelated>>);
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Unrelated {
+        x: u8,
+    }
+    impl Evolvable for Unrelated {
+        const SCHEMA: &'static str = "test.Unrelated";
+        const VERSION: u32 = 1;
+    }
+    impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for Other {
+        fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+            self.0 = Some(ctx.evolvable_value_state("balance")?);
+            Ok(())
+        }
+        fn process(
+            &mut self,
+            _: &u64,
+            _: (u64, u64),
+            _: &mut KeyedContext<'_>,
+            _: &mut Collector<'_, (u64, u64)>,
+        ) -> Result<()> {
+            panic!("no record may be processed")
+        }
+    }
+    let job = Job::new("upgrade")
+        .with_parallelism(2)
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()))
+        .from_savepoint(sp)
+        .allow_non_restored_state(true);
+    job.source("events-v3", SequenceSource::new(10, 4, |i| (i, i)), 2)
+        .key_by(|(k, _)| *k)
+        .process("accounts", Other::default())
+        .sink(DiscardSink::new())
+        .unwrap();
+    let err = job.start().unwrap().wait().await.unwrap_err().to_string();
+    assert!(
+        err.contains("test.Balance v1") && err.contains("test.Unrelated v1") && err.contains("no migration"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_migration_restores_at_another_parallelism_into_redb() {
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let targets: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let sp = run_v1(storage, SavepointLocation::new(targets.clone(), "sp").unwrap()).await;
+    let left = v1_state(&sp).await;
+    let before = snapshot_of(&targets, &sp.dir).await;
+    let out = SavepointLocation::new(targets.clone(), "migrated").unwrap();
+    let plan = SavepointRewrite::new()
+        .migrate_state(
+            "accounts",
+            "balance",
+            Migration::new().from::<v1::Balance>(v2::migrate),
+        )
+        .drop_operator("dedup");
+    let meta = rewrite_savepoint(&sp, &out, &plan).await.unwrap();
+    assert!(meta.operators.iter().all(|o| o.uid.as_str() != "dedup"));
+    let accounts = meta
+        .operators
+        .iter()
+        .find(|o| o.uid.as_str() == "accounts")
+        .unwrap();
+    let balance = accounts.states.iter().find(|s| s.name == "balance").unwrap();
+    assert_eq!(balance.schema.as_ref().unwrap().version, 2);
+    assert_eq!(
+        snapshot_of(&targets, &sp.dir).await,
+        before,
+        "the source savepoint is unchanged"
+    );
+
+    // Relocated (copied elsewhere) it still restores: self-contained.
+    let elsewhere: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let copy = SavepointLocation::new(elsewhere, "copy").unwrap();
+    sluice_runtime::copy_savepoint(&out, &copy).await.unwrap();
+
+    // The migration already ran offline: v2 registers no step.
+    let dir = tempfile::tempdir().unwrap();
+    let reports = run_v2(
+        copy,
+        Arc::new(RedbStateBackend::new(dir.path()).unwrap()),
+        3,
+        false,
+        "counter",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reports.len() as u64, KEYS);
+    for (key, r) in &reports {
+        let (profile, balance, count) = expected(&left[key]);
+        assert_eq!(
+            (&r.profile, &r.balance, &r.count),
+            (&profile, &balance, &count),
+            "key {key}"
+        );
+    }
+
+    // Bad plans are refused, naming what is wrong.
+    let bad = SavepointLocation::new(targets.clone(), "bad").unwrap();
+    let err = rewrite_savepoint(&sp, &bad, &SavepointRewrite::new().rename_operator("nope", "x"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"nope\"") && err.contains("accounts"), "{err}");
+    let err = rewrite_savepoint(
+        &sp,
+        &bad,
+        &SavepointRewrite::new().migrate_state(
+            "accounts",
+            "profile",
+            Migration::new().from::<v1::Balance>(v2::migrate),
+        ),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("test.Profile v1") && err.contains("no step"),
+        "{err}"
+    );
+    assert!(
+        targets.list_files("bad").await.unwrap().is_empty(),
+        "nothing written for a refused plan"
+    );
+}
