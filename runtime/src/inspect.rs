@@ -174,7 +174,8 @@ fn value_or_hex(type_name: Option<&str>, bytes: &[u8]) -> Value {
 /// CBOR (self-describing: any type), a value with a time-to-live as
 /// `{"renewed_ms", "value"}`, else by its type name if common.
 fn decode_state_value(d: &StateDescriptor, bytes: &[u8]) -> Value {
-    if d.ttl_ms.is_some() {
+    let list = d.kind == "list";
+    if d.ttl_ms.is_some() && !list {
         if let Ok((renewed, rest)) = postcard::take_from_bytes::<u64>(bytes) {
             let inner = StateDescriptor {
                 ttl_ms: None,
@@ -183,15 +184,26 @@ fn decode_state_value(d: &StateDescriptor, bytes: &[u8]) -> Value {
             return json!({ "renewed_ms": renewed, "value": decode_state_value(&inner, rest) });
         }
     }
-    if d.schema.is_some() && d.kind == "value" {
-        let cbor = postcard::from_bytes::<&[u8]>(bytes).ok();
-        if let Some(v) = cbor.and_then(|c| crate::schema::from_cbor::<Value>(c).ok()) {
+    if d.schema.is_some() && d.ttl_ms.is_none() {
+        let json = match list {
+            true => postcard::from_bytes::<Vec<&[u8]>>(bytes).ok().and_then(|items| {
+                items
+                    .into_iter()
+                    .map(|c| crate::schema::from_cbor::<Value>(c).ok())
+                    .collect::<Option<Vec<Value>>>()
+                    .map(Value::Array)
+            }),
+            false => postcard::from_bytes::<&[u8]>(bytes)
+                .ok()
+                .and_then(|c| crate::schema::from_cbor::<Value>(c).ok()),
+        };
+        if let Some(v) = json {
             return v;
         }
     }
-    let value_type = match d.kind.as_str() {
-        "list" => format!("alloc::vec::Vec<{}>", d.value_type),
-        _ => d.value_type.clone(),
+    let value_type = match list {
+        true => format!("alloc::vec::Vec<{}>", d.value_type),
+        false => d.value_type.clone(),
     };
     value_or_hex(Some(&value_type), bytes)
 }
@@ -246,7 +258,7 @@ pub async fn dump_operator(
                     }
                     None => entry["key"] = json!({ "hex": hex(k) }),
                 }
-                entry["value"] = value_or_hex(Some(&d.value_type), v);
+                entry["value"] = decode_state_value(d, v);
             }
             None => {
                 entry["key"] = value_or_hex(key_type.as_deref(), k);
@@ -312,6 +324,9 @@ mod tests {
             value: 9u64,
         })
         .unwrap();
-        assert_eq!(decode_state_value(&d, &b), json!({ "renewed_ms": 77, "value": 9 }));
+        assert_eq!(
+            decode_state_value(&d, &b),
+            json!({ "renewed_ms": 77, "value": 9 })
+        );
     }
 }

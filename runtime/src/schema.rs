@@ -1,5 +1,8 @@
 //! Evolvable state: values with a declared, versioned schema, so a job's
-//! next version can read the state its previous version left.
+//! next version can read the state its previous version left — value,
+//! list and map states ([`OpenContext::evolvable_value_state_with`],
+//! [`OpenContext::evolvable_list_state_with`],
+//! [`OpenContext::evolvable_map_state_with`]; a map's keys stay fixed).
 //!
 //! A type opts in with [`Evolvable`] (a schema name that stays when the
 //! Rust type is renamed or moved, and a version). Its values are stored in
@@ -21,7 +24,7 @@
 //! another schema without a migration is refused.
 
 use crate::error::{Result, RuntimeError};
-use crate::state::{OpenContext, ValueState};
+use crate::state::{ListState, MapState, OpenContext, ValueState};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sluice_core::{KeyGroupRange, KeyedStateStore, SchemaId, StateDescriptor, StateId};
@@ -102,12 +105,53 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Evolving<T> {
     }
 }
 
-/// One step of a [`Migration`]: what it reads, and the function.
+/// A rewrite of one stored value: a new value, or `None` to drop it.
 type Step = Arc<dyn Fn(&[u8]) -> std::result::Result<Option<Vec<u8>>, String> + Send + Sync>;
+
+/// One step of a [`Migration`], as it applies to each kind of state: a
+/// value state's value and a map state's entry are one `Old`; a list
+/// state's value is a list of them (elements the function drops leave the
+/// list; an emptied list is removed).
+#[derive(Clone)]
+struct Steps {
+    single: Step,
+    list: Step,
+}
+
+impl Steps {
+    fn for_kind(&self, kind: &str) -> Step {
+        match kind {
+            "list" => self.list.clone(),
+            _ => self.single.clone(),
+        }
+    }
+
+    /// The steps of `f` over values decoded by `decode` (the written form
+    /// of one `Old`).
+    fn of<Old: 'static, New: Serialize + 'static>(
+        decode_one: fn(&[u8]) -> std::result::Result<Old, String>,
+        decode_list: fn(&[u8]) -> std::result::Result<Vec<Old>, String>,
+        f: Arc<dyn Fn(Old) -> Option<New> + Send + Sync>,
+    ) -> Steps {
+        let g = f.clone();
+        let single: Step = Arc::new(move |bytes: &[u8]| encode_new(f(decode_one(bytes)?)));
+        let list: Step = Arc::new(move |bytes: &[u8]| {
+            let new: Vec<Evolving<New>> = decode_list(bytes)?
+                .into_iter()
+                .filter_map(|o| g(o).map(Evolving))
+                .collect();
+            match new.is_empty() {
+                true => Ok(None),
+                false => postcard::to_allocvec(&new).map(Some).map_err(|e| e.to_string()),
+            }
+        });
+        Steps { single, list }
+    }
+}
 
 /// How values written as an earlier type become `New` (see the module).
 pub struct Migration<New> {
-    steps: Vec<(Written, Step)>,
+    steps: Vec<(Written, Steps)>,
     _t: PhantomData<fn() -> New>,
 }
 
@@ -164,11 +208,20 @@ impl<New: Evolvable> Migration<New> {
     /// Values written as `Old` (its schema and version) become `f(old)`;
     /// `None` drops the entry.
     pub fn from<Old: Evolvable>(mut self, f: impl Fn(Old) -> Option<New> + Send + Sync + 'static) -> Self {
-        let step: Step = Arc::new(move |bytes: &[u8]| {
-            let old: Evolving<Old> = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
-            encode_new(f(old.0))
-        });
-        self.steps.push((Written::Schema(Old::schema_id()), step));
+        let steps = Steps::of::<Old, New>(
+            |b| {
+                postcard::from_bytes::<Evolving<Old>>(b)
+                    .map(|e| e.0)
+                    .map_err(|e| e.to_string())
+            },
+            |b| {
+                postcard::from_bytes::<Vec<Evolving<Old>>>(b)
+                    .map(|v| v.into_iter().map(|e| e.0).collect())
+                    .map_err(|e| e.to_string())
+            },
+            Arc::new(f),
+        );
+        self.steps.push((Written::Schema(Old::schema_id()), steps));
         self
     }
 
@@ -178,17 +231,21 @@ impl<New: Evolvable> Migration<New> {
         mut self,
         f: impl Fn(Old) -> Option<New> + Send + Sync + 'static,
     ) -> Self {
-        let step: Step = Arc::new(move |bytes: &[u8]| {
-            let old: Old = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
-            encode_new(f(old))
-        });
+        let steps = Steps::of::<Old, New>(
+            |b| postcard::from_bytes::<Old>(b).map_err(|e| e.to_string()),
+            |b| postcard::from_bytes::<Vec<Old>>(b).map_err(|e| e.to_string()),
+            Arc::new(f),
+        );
         self.steps
-            .push((Written::Fixed(std::any::type_name::<Old>().to_string()), step));
+            .push((Written::Fixed(std::any::type_name::<Old>().to_string()), steps));
         self
     }
 
-    fn step(&self, written: &Written) -> Option<&Step> {
-        self.steps.iter().find(|(w, _)| w == written).map(|(_, s)| s)
+    fn step(&self, written: &Written, kind: &str) -> Option<Step> {
+        self.steps
+            .iter()
+            .find(|(w, _)| w == written)
+            .map(|(_, s)| s.for_kind(kind))
     }
 }
 
@@ -233,8 +290,8 @@ fn plan<New: Evolvable>(
     if written.schema == desc.schema {
         return Ok(Plan::Keep);
     }
-    if let Some(step) = migration.step(&from) {
-        return Ok(Plan::Migrate(from, step.clone()));
+    if let Some(step) = migration.step(&from, &desc.kind) {
+        return Ok(Plan::Migrate(from, step));
     }
     let new = New::schema_id();
     match &written.schema {
@@ -247,6 +304,62 @@ fn plan<New: Evolvable>(
 }
 
 impl OpenContext<'_> {
+    /// The descriptor of an evolvable state of `kind` with values `T`.
+    fn evolvable_descriptor<T: Evolvable>(
+        name: &str,
+        kind: &str,
+        map_key_type: Option<&str>,
+    ) -> StateDescriptor {
+        StateDescriptor {
+            schema: Some(T::schema_id()),
+            ..Self::descriptor(name, kind, std::any::type_name::<T>(), map_key_type)
+        }
+    }
+
+    /// Decides what the restored state `desc.name` needs and does it:
+    /// nothing, a migration of every value, or a check that every value
+    /// reads as `T` (see [`crate::schema`]).
+    fn prepare_evolvable<T: Evolvable>(
+        &mut self,
+        desc: &StateDescriptor,
+        migration: &Migration<T>,
+    ) -> Result<()> {
+        let name = desc.name.as_str();
+        let written = self
+            .restored
+            .and_then(|(restore, states)| states.iter().find(|w| w.name == name).map(|w| (restore, w)));
+        let Some((restore, w)) = written else {
+            return Ok(());
+        };
+        let plan = plan(self.operator, restore, w, desc, migration)?;
+        let (operator, restore) = (self.operator.to_string(), restore.to_string());
+        let range = self.range;
+        let id = self.store.register_state(name)?;
+        match plan {
+            Plan::Keep => {}
+            Plan::Migrate(from, step) => {
+                let n = rewrite_values(self.store, id, range, &|v| step(v)).map_err(|(key, e)| {
+                    incompatible_value(&operator, &restore, name, &from.to_string(), desc, &key, &e)
+                })?;
+                tracing::info!(operator = %operator, state = name, "migrated {n} values from {from} to {}", T::schema_id());
+            }
+            Plan::Check(from) => {
+                let list = desc.kind == "list";
+                let read = |v: &[u8]| {
+                    let r = match list {
+                        true => postcard::from_bytes::<Vec<Evolving<T>>>(v).map(|_| ()),
+                        false => postcard::from_bytes::<Evolving<T>>(v).map(|_| ()),
+                    };
+                    r.map(|_| None).map_err(|e| e.to_string())
+                };
+                check_values(self.store, id, range, &read).map_err(|(key, e)| {
+                    incompatible_value(&operator, &restore, name, &from.to_string(), desc, &key, &e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// A single evolvable value per key, restored from earlier versions of
     /// its schema that serde reads as `T` (see [`crate::schema`]).
     pub fn evolvable_value_state<T: Evolvable>(&mut self, name: &str) -> Result<EvolvableValueState<T>> {
@@ -260,45 +373,43 @@ impl OpenContext<'_> {
         name: &str,
         migration: Migration<T>,
     ) -> Result<EvolvableValueState<T>> {
-        let desc = StateDescriptor {
-            name: name.to_string(),
-            kind: "value".into(),
-            value_type: std::any::type_name::<T>().to_string(),
-            map_key_type: None,
-            schema: Some(T::schema_id()),
-            ttl_ms: None,
-        };
-        let written = self
-            .restored
-            .and_then(|(restore, states)| states.iter().find(|w| w.name == name).map(|w| (restore, w)));
-        if let Some((restore, w)) = written {
-            let plan = plan(self.operator, restore, w, &desc, &migration)?;
-            let (operator, restore) = (self.operator.to_string(), restore.to_string());
-            let range = self.range;
-            let id = self.store.register_state(name)?;
-            match plan {
-                Plan::Keep => {}
-                Plan::Migrate(from, step) => {
-                    let n = rewrite_values(self.store, id, range, &|v| step(v)).map_err(|(key, e)| {
-                        incompatible_value(&operator, &restore, name, &from.to_string(), &desc, &key, &e)
-                    })?;
-                    tracing::info!(operator = %operator, state = name, "migrated {n} values from {from} to {}", T::schema_id());
-                }
-                Plan::Check(from) => {
-                    let read = |v: &[u8]| {
-                        postcard::from_bytes::<Evolving<T>>(v)
-                            .map(|_| None)
-                            .map_err(|e| e.to_string())
-                    };
-                    check_values(self.store, id, range, &read).map_err(|(key, e)| {
-                        incompatible_value(&operator, &restore, name, &from.to_string(), &desc, &key, &e)
-                    })?;
-                }
-            }
-        }
+        let desc = Self::evolvable_descriptor::<T>(name, "value", None);
+        self.prepare_evolvable(&desc, &migration)?;
         let h = self.register_descriptor::<Evolving<T>>(desc)?;
         Ok(EvolvableValueState {
             inner: ValueState::from_handle(h),
+        })
+    }
+
+    /// A list of evolvable values per key; restored elements written as
+    /// another schema or version go through `migration` one by one (see
+    /// [`crate::schema`]).
+    pub fn evolvable_list_state_with<T: Evolvable>(
+        &mut self,
+        name: &str,
+        migration: Migration<T>,
+    ) -> Result<EvolvableListState<T>> {
+        let desc = Self::evolvable_descriptor::<T>(name, "list", None);
+        self.prepare_evolvable(&desc, &migration)?;
+        let h = self.register_descriptor::<Vec<Evolving<T>>>(desc)?;
+        Ok(EvolvableListState {
+            inner: ListState::from_handle(h),
+        })
+    }
+
+    /// A map per key with evolvable values (the map keys are a fixed
+    /// type); restored values written as another schema or version go
+    /// through `migration` (see [`crate::schema`]).
+    pub fn evolvable_map_state_with<K: Serialize + DeserializeOwned, V: Evolvable>(
+        &mut self,
+        name: &str,
+        migration: Migration<V>,
+    ) -> Result<EvolvableMapState<K, V>> {
+        let desc = Self::evolvable_descriptor::<V>(name, "map", Some(std::any::type_name::<K>()));
+        self.prepare_evolvable(&desc, &migration)?;
+        let (id, what) = self.register_bytes(desc)?;
+        Ok(EvolvableMapState {
+            inner: MapState::from_parts(id, what),
         })
     }
 }
@@ -400,7 +511,7 @@ fn check_values(
 pub(crate) struct ErasedMigration {
     pub schema: SchemaId,
     pub value_type: String,
-    steps: Vec<(Written, Step)>,
+    steps: Vec<(Written, Steps)>,
 }
 
 impl ErasedMigration {
@@ -413,7 +524,7 @@ impl ErasedMigration {
         self.steps
             .iter()
             .find(|(w, _)| *w == from)
-            .map(|(_, s)| s.clone())
+            .map(|(_, s)| s.for_kind(&written.kind))
             .ok_or_else(|| format!("it is {from}, and the migration has no step from it"))
     }
 }
@@ -471,5 +582,83 @@ impl<T: Evolvable> EvolvableValueState<T> {
     /// Removes the current key's value.
     pub fn clear(&self, ctx: &mut crate::KeyedContext<'_>) -> Result<()> {
         self.inner.clear(ctx)
+    }
+}
+
+/// A list of evolvable values per key: [`ListState`]'s access, with each
+/// `T` stored in CBOR.
+pub struct EvolvableListState<T> {
+    inner: ListState<Evolving<T>>,
+}
+
+impl<T> Clone for EvolvableListState<T> {
+    fn clone(&self) -> Self {
+        EvolvableListState {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T: Evolvable> EvolvableListState<T> {
+    /// The current key's list (empty if none).
+    pub fn get(&self, ctx: &mut crate::KeyedContext<'_>) -> Result<Vec<T>> {
+        Ok(self.inner.get(ctx)?.into_iter().map(|e| e.0).collect())
+    }
+
+    /// Appends a value to the current key's list.
+    pub fn add(&self, ctx: &mut crate::KeyedContext<'_>, value: T) -> Result<()> {
+        self.inner.add(ctx, Evolving(value))
+    }
+
+    /// Replaces the current key's list.
+    pub fn update(&self, ctx: &mut crate::KeyedContext<'_>, values: Vec<T>) -> Result<()> {
+        let values: Vec<Evolving<T>> = values.into_iter().map(Evolving).collect();
+        self.inner.update(ctx, &values)
+    }
+
+    /// Removes the current key's list.
+    pub fn clear(&self, ctx: &mut crate::KeyedContext<'_>) -> Result<()> {
+        self.inner.clear(ctx)
+    }
+}
+
+/// A map per key with evolvable values: [`MapState`]'s access, with each
+/// value stored in CBOR.
+pub struct EvolvableMapState<K, V> {
+    inner: MapState<K, Evolving<V>>,
+}
+
+impl<K, V> Clone for EvolvableMapState<K, V> {
+    fn clone(&self) -> Self {
+        EvolvableMapState {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K: Serialize + DeserializeOwned, V: Evolvable> EvolvableMapState<K, V> {
+    /// The value under `map_key` for the current key.
+    pub fn get(&self, ctx: &mut crate::KeyedContext<'_>, map_key: &K) -> Result<Option<V>> {
+        Ok(self.inner.get(ctx, map_key)?.map(|e| e.0))
+    }
+
+    /// Inserts or replaces `map_key -> value` for the current key.
+    pub fn put(&self, ctx: &mut crate::KeyedContext<'_>, map_key: &K, value: V) -> Result<()> {
+        self.inner.put(ctx, map_key, &Evolving(value))
+    }
+
+    /// Removes `map_key` for the current key.
+    pub fn remove(&self, ctx: &mut crate::KeyedContext<'_>, map_key: &K) -> Result<()> {
+        self.inner.remove(ctx, map_key)
+    }
+
+    /// All entries of the current key, in unspecified order.
+    pub fn entries(&self, ctx: &mut crate::KeyedContext<'_>) -> Result<Vec<(K, V)>> {
+        Ok(self
+            .inner
+            .entries(ctx)?
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect())
     }
 }

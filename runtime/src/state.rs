@@ -81,17 +81,12 @@ impl OpenContext<'_> {
         }
     }
 
-    fn register(
-        &mut self,
-        name: &str,
-        kind: &str,
-        value_type: &str,
-        map_key_type: Option<&str>,
-    ) -> Result<(StateId, Arc<str>)> {
-        self.check(&Self::descriptor(name, kind, value_type, map_key_type))?;
-        let id = self.store.register_state(name)?;
+    /// Registers the byte-level state `desc` describes (map state).
+    pub(crate) fn register_bytes(&mut self, desc: StateDescriptor) -> Result<(StateId, Arc<str>)> {
+        self.check(&desc)?;
+        let id = self.store.register_state(&desc.name)?;
         *self.untyped = true;
-        Ok((id, Arc::from(format!("{}/{name}", self.operator))))
+        Ok((id, Arc::from(format!("{}/{}", self.operator, desc.name))))
     }
 
     /// Registers a state whose values are `V` (a value state's `T`, a list
@@ -143,17 +138,13 @@ impl OpenContext<'_> {
         &mut self,
         name: &str,
     ) -> Result<MapState<K, V>> {
-        let (id, what) = self.register(
+        let (id, what) = self.register_bytes(Self::descriptor(
             name,
             "map",
             std::any::type_name::<V>(),
             Some(std::any::type_name::<K>()),
-        )?;
-        Ok(MapState {
-            id,
-            what,
-            _t: PhantomData,
-        })
+        ))?;
+        Ok(MapState::from_parts(id, what))
     }
 }
 
@@ -415,6 +406,16 @@ impl<T> Clone for ListState<T> {
     }
 }
 
+impl<T> ListState<T> {
+    pub(crate) fn from_handle(h: Handle) -> Self {
+        ListState { h, _t: PhantomData }
+    }
+
+    pub(crate) fn id(&self) -> StateId {
+        self.h.id
+    }
+}
+
 impl<T: HeapValue> ListState<T> {
     /// The current key's list (empty if none).
     pub fn get(&self, ctx: &mut KeyedContext<'_>) -> Result<Vec<T>> {
@@ -467,6 +468,16 @@ impl<K, V> Clone for MapState<K, V> {
         MapState {
             id: self.id,
             what: self.what.clone(),
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<K, V> MapState<K, V> {
+    pub(crate) fn from_parts(id: StateId, what: Arc<str>) -> Self {
+        MapState {
+            id,
+            what,
             _t: PhantomData,
         }
     }

@@ -1,6 +1,7 @@
-//! State time-to-live (Flink's `StateTtlConfig`): a value state whose
-//! values expire a set time after they were last written (or read and
-//! written).
+//! State time-to-live (Flink's `StateTtlConfig`): value, list and map
+//! states whose values expire a set time after they were last written (or
+//! read and written). A list's elements and a map's entries expire one by
+//! one, as in Flink.
 //!
 //! Processing time, as Flink's TTL: each value carries the time of its
 //! last write (or access, with [`TtlUpdate::OnReadAndWrite`]) from the
@@ -21,8 +22,9 @@
 //! fine.
 
 use crate::error::Result;
-use crate::state::{OpenContext, ValueState};
+use crate::state::{ListState, MapState, OpenContext, ValueState};
 use crate::KeyedContext;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sluice_core::heap::HeapValue;
 use sluice_core::{KeyGroupRange, KeyedStateStore, StateId};
@@ -130,33 +132,82 @@ fn expired(renewed_ms: u64, ttl_ms: u64, now_ms: u64) -> bool {
     now_ms.saturating_sub(renewed_ms) >= ttl_ms
 }
 
-/// A state's cleanup: which state, how long its values live, the clock.
-#[derive(Debug, Clone)]
+/// What a cleanup does with one stored value.
+pub(crate) enum Verdict {
+    Keep,
+    Delete,
+    Replace(Vec<u8>),
+}
+
+/// How a state's stored values expire, given now and the time-to-live.
+type Judge = Arc<dyn Fn(&[u8], u64, u64) -> Verdict + Send + Sync>;
+
+/// A value or map entry: the renewal time leads it; an unreadable one is
+/// left for the read that reports it.
+fn judge_single(v: &[u8], ttl_ms: u64, now: u64) -> Verdict {
+    match postcard::take_from_bytes::<u64>(v) {
+        Ok((renewed, _)) if expired(renewed, ttl_ms, now) => Verdict::Delete,
+        _ => Verdict::Keep,
+    }
+}
+
+/// A list: its expired elements leave it; an emptied list is removed.
+fn judge_list<T: HeapValue>(v: &[u8], ttl_ms: u64, now: u64) -> Verdict {
+    let Ok(list) = postcard::from_bytes::<Vec<TtlValue<T>>>(v) else {
+        return Verdict::Keep;
+    };
+    let before = list.len();
+    let live: Vec<TtlValue<T>> = list
+        .into_iter()
+        .filter(|e| !expired(e.renewed_ms, ttl_ms, now))
+        .collect();
+    match live.len() {
+        0 => Verdict::Delete,
+        n if n == before => Verdict::Keep,
+        _ => postcard::to_allocvec(&live).map_or(Verdict::Keep, Verdict::Replace),
+    }
+}
+
+/// A state's cleanup: which state, how long its values live, the clock,
+/// and how its values expire.
+#[derive(Clone)]
 pub(crate) struct TtlCleanup {
     id: StateId,
     ttl_ms: u64,
     clock: Arc<dyn TtlClock>,
+    judge: Judge,
+}
+
+impl std::fmt::Debug for TtlCleanup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TtlCleanup")
+            .field("id", &self.id)
+            .field("ttl_ms", &self.ttl_ms)
+            .finish()
+    }
 }
 
 impl TtlCleanup {
-    /// Removes the expired entries of key group `kg`; returns how many.
+    /// Removes the expired entries (and list elements) of key group `kg`;
+    /// returns how many entries it changed or removed.
     pub fn clean_key_group(&self, store: &mut dyn KeyedStateStore, kg: u32) -> sluice_core::Result<u64> {
         let now = self.clock.now_ms();
-        let mut dead: Vec<Vec<u8>> = Vec::new();
+        let mut changed: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         store.scan_prefix(self.id, kg, &[], &mut |k, v| {
-            // The renewal time leads the value; an unreadable one is left
-            // for the read that reports it.
-            if let Ok((renewed, _)) = postcard::take_from_bytes::<u64>(v) {
-                if expired(renewed, self.ttl_ms, now) {
-                    dead.push(k.to_vec());
-                }
+            match (self.judge)(v, self.ttl_ms, now) {
+                Verdict::Keep => {}
+                Verdict::Delete => changed.push((k.to_vec(), None)),
+                Verdict::Replace(new) => changed.push((k.to_vec(), Some(new))),
             }
             Ok(())
         })?;
-        for k in &dead {
-            store.delete(self.id, kg, k)?;
+        for (k, v) in &changed {
+            match v {
+                Some(v) => store.put(self.id, kg, k, v)?,
+                None => store.delete(self.id, kg, k)?,
+            }
         }
-        Ok(dead.len() as u64)
+        Ok(changed.len() as u64)
     }
 
     /// Removes every expired entry of `range`.
@@ -170,6 +221,27 @@ impl TtlCleanup {
 }
 
 impl OpenContext<'_> {
+    fn ttl_descriptor(
+        name: &str,
+        kind: &str,
+        value_type: &str,
+        map_key_type: Option<&str>,
+        config: &StateTtlConfig,
+    ) -> sluice_core::StateDescriptor {
+        let mut desc = Self::descriptor(name, kind, value_type, map_key_type);
+        desc.ttl_ms = Some(config.ttl_ms());
+        desc
+    }
+
+    fn clean_with(&mut self, id: StateId, config: &StateTtlConfig, judge: Judge) {
+        self.ttl.push(TtlCleanup {
+            id,
+            ttl_ms: config.ttl_ms(),
+            clock: config.clock.clone(),
+            judge,
+        });
+    }
+
     /// A single value per key that expires `config.ttl` after its last
     /// renewal (see [`crate::ttl`]).
     pub fn value_state_with_ttl<T: HeapValue>(
@@ -177,16 +249,47 @@ impl OpenContext<'_> {
         name: &str,
         config: StateTtlConfig,
     ) -> Result<TtlValueState<T>> {
-        let mut desc = Self::descriptor(name, "value", std::any::type_name::<T>(), None);
-        desc.ttl_ms = Some(config.ttl_ms());
+        let desc = Self::ttl_descriptor(name, "value", std::any::type_name::<T>(), None, &config);
         let h = self.register_descriptor::<TtlValue<T>>(desc)?;
         let inner = ValueState::from_handle(h);
-        self.ttl.push(TtlCleanup {
-            id: inner.id(),
-            ttl_ms: config.ttl_ms(),
-            clock: config.clock.clone(),
-        });
+        self.clean_with(inner.id(), &config, Arc::new(judge_single));
         Ok(TtlValueState { inner, config })
+    }
+
+    /// A list per key whose elements each expire `config.ttl` after they
+    /// were added (Flink's per-element list TTL; see [`crate::ttl`]).
+    pub fn list_state_with_ttl<T: HeapValue>(
+        &mut self,
+        name: &str,
+        config: StateTtlConfig,
+    ) -> Result<TtlListState<T>> {
+        let desc = Self::ttl_descriptor(name, "list", std::any::type_name::<T>(), None, &config);
+        let h = self.register_descriptor::<Vec<TtlValue<T>>>(desc)?;
+        let inner = ListState::from_handle(h);
+        self.clean_with(inner.id(), &config, Arc::new(judge_list::<T>));
+        Ok(TtlListState { inner, config })
+    }
+
+    /// A map per key whose entries each expire `config.ttl` after their
+    /// last renewal (see [`crate::ttl`]).
+    pub fn map_state_with_ttl<K: Serialize + DeserializeOwned, V: Serialize + DeserializeOwned>(
+        &mut self,
+        name: &str,
+        config: StateTtlConfig,
+    ) -> Result<TtlMapState<K, V>> {
+        let desc = Self::ttl_descriptor(
+            name,
+            "map",
+            std::any::type_name::<V>(),
+            Some(std::any::type_name::<K>()),
+            &config,
+        );
+        let (id, what) = self.register_bytes(desc)?;
+        self.clean_with(id, &config, Arc::new(judge_single));
+        Ok(TtlMapState {
+            inner: MapState::from_parts(id, what),
+            config,
+        })
     }
 }
 
@@ -308,6 +411,7 @@ mod tests {
             id,
             ttl_ms: 100,
             clock: clock.clone(),
+            judge: Arc::new(judge_single),
         };
         assert_eq!(cleanup.clean_key_group(store.as_mut(), 1).unwrap(), 2);
         let mut left = Vec::new();
@@ -329,5 +433,142 @@ mod tests {
             1,
             "new expires at 1001"
         );
+    }
+}
+
+/// A list per key whose elements expire one by one: [`ListState`]'s
+/// access, where expired elements are not returned.
+pub struct TtlListState<T> {
+    inner: ListState<TtlValue<T>>,
+    config: StateTtlConfig,
+}
+
+impl<T> Clone for TtlListState<T> {
+    fn clone(&self) -> Self {
+        TtlListState {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<T: HeapValue> TtlListState<T> {
+    /// The current key's live elements, oldest first (with
+    /// [`TtlUpdate::OnReadAndWrite`], reading renews them).
+    pub fn get(&self, ctx: &mut KeyedContext<'_>) -> Result<Vec<T>> {
+        let (now, ttl) = (self.config.clock.now_ms(), self.config.ttl_ms());
+        let list = self.inner.get(ctx)?;
+        let before = list.len();
+        let mut live: Vec<TtlValue<T>> = list
+            .into_iter()
+            .filter(|e| !expired(e.renewed_ms, ttl, now))
+            .collect();
+        let out: Vec<T> = live.iter().map(|e| e.value.clone()).collect();
+        if self.config.update == TtlUpdate::OnReadAndWrite && !live.is_empty() {
+            live.iter_mut().for_each(|e| e.renewed_ms = now);
+            self.inner.update(ctx, &live)?;
+        } else if live.is_empty() && before > 0 {
+            self.inner.clear(ctx)?;
+        } else if live.len() < before {
+            self.inner.update(ctx, &live)?;
+        }
+        Ok(out)
+    }
+
+    /// Appends a value, stamped now.
+    pub fn add(&self, ctx: &mut KeyedContext<'_>, value: T) -> Result<()> {
+        let now = self.config.clock.now_ms();
+        self.inner.add(
+            ctx,
+            TtlValue {
+                renewed_ms: now,
+                value,
+            },
+        )
+    }
+
+    /// Replaces the current key's list, every element stamped now.
+    pub fn update(&self, ctx: &mut KeyedContext<'_>, values: Vec<T>) -> Result<()> {
+        let now = self.config.clock.now_ms();
+        let values: Vec<TtlValue<T>> = values
+            .into_iter()
+            .map(|value| TtlValue {
+                renewed_ms: now,
+                value,
+            })
+            .collect();
+        self.inner.update(ctx, &values)
+    }
+
+    /// Removes the current key's list.
+    pub fn clear(&self, ctx: &mut KeyedContext<'_>) -> Result<()> {
+        self.inner.clear(ctx)
+    }
+}
+
+/// A map per key whose entries expire one by one: [`MapState`]'s access,
+/// where expired entries are not returned.
+pub struct TtlMapState<K, V> {
+    inner: MapState<K, TtlValue<V>>,
+    config: StateTtlConfig,
+}
+
+impl<K, V> Clone for TtlMapState<K, V> {
+    fn clone(&self) -> Self {
+        TtlMapState {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<K: Serialize + DeserializeOwned, V: Serialize + DeserializeOwned> TtlMapState<K, V> {
+    /// The live value under `map_key` (with [`TtlUpdate::OnReadAndWrite`],
+    /// reading renews it).
+    pub fn get(&self, ctx: &mut KeyedContext<'_>, map_key: &K) -> Result<Option<V>> {
+        let (now, ttl) = (self.config.clock.now_ms(), self.config.ttl_ms());
+        match self.inner.get(ctx, map_key)? {
+            None => Ok(None),
+            Some(e) if expired(e.renewed_ms, ttl, now) => {
+                self.inner.remove(ctx, map_key)?;
+                Ok(None)
+            }
+            Some(mut e) if self.config.update == TtlUpdate::OnReadAndWrite => {
+                e.renewed_ms = now;
+                self.inner.put(ctx, map_key, &e)?;
+                Ok(Some(e.value))
+            }
+            Some(e) => Ok(Some(e.value)),
+        }
+    }
+
+    /// Inserts or replaces `map_key -> value`, stamped now.
+    pub fn put(&self, ctx: &mut KeyedContext<'_>, map_key: &K, value: V) -> Result<()> {
+        let now = self.config.clock.now_ms();
+        self.inner.put(
+            ctx,
+            map_key,
+            &TtlValue {
+                renewed_ms: now,
+                value,
+            },
+        )
+    }
+
+    /// Removes `map_key`.
+    pub fn remove(&self, ctx: &mut KeyedContext<'_>, map_key: &K) -> Result<()> {
+        self.inner.remove(ctx, map_key)
+    }
+
+    /// The live entries of the current key, in unspecified order.
+    pub fn entries(&self, ctx: &mut KeyedContext<'_>) -> Result<Vec<(K, V)>> {
+        let (now, ttl) = (self.config.clock.now_ms(), self.config.ttl_ms());
+        Ok(self
+            .inner
+            .entries(ctx)?
+            .into_iter()
+            .filter(|(_, e)| !expired(e.renewed_ms, ttl, now))
+            .map(|(k, e)| (k, e.value))
+            .collect())
     }
 }

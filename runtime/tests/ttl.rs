@@ -207,3 +207,123 @@ async fn expired_entries_are_left_out_of_checkpoints_and_renewal_times_survive_a
         );
     }
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Op {
+    Add(u64, u64),
+    Put(u64, u64, u64),
+    Read(u64),
+    Advance(u64),
+}
+
+/// A list and a map with a time-to-live; `Read` emits the live list and
+/// the live map entries (sorted).
+#[derive(Clone)]
+struct Kinds {
+    clock: Arc<ManualClock>,
+    list: Option<sluice_runtime::ttl::TtlListState<u64>>,
+    map: Option<sluice_runtime::ttl::TtlMapState<u64, u64>>,
+}
+
+type Seen = (u64, Vec<u64>, Vec<(u64, u64)>);
+
+impl KeyedProcessFunction<u64, Op, Seen> for Kinds {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        let config = StateTtlConfig::new(Duration::from_millis(1000)).with_clock(self.clock.clone());
+        self.list = Some(ctx.list_state_with_ttl("list", config.clone())?);
+        self.map = Some(ctx.map_state_with_ttl("map", config)?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        key: &u64,
+        op: Op,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, Seen>,
+    ) -> Result<()> {
+        let (list, map) = (self.list.as_ref().unwrap(), self.map.as_ref().unwrap());
+        match op {
+            Op::Add(_, v) => list.add(ctx, v),
+            Op::Put(_, k, v) => map.put(ctx, &k, v),
+            Op::Advance(ms) => {
+                self.clock.advance(Duration::from_millis(ms));
+                Ok(())
+            }
+            Op::Read(_) => {
+                let mut entries = map.entries(ctx)?;
+                entries.sort_unstable();
+                out.collect((*key, list.get(ctx)?, entries))
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_elements_and_map_entries_expire_one_by_one_and_leave_checkpoints() {
+    use Op::*;
+    for (name, backend) in backends() {
+        let clock = ManualClock::at(0);
+        let ops = vec![
+            Add(1, 10),
+            Put(1, 7, 70),
+            Put(1, 8, 80),
+            Advance(600),
+            Add(1, 11),
+            Put(1, 8, 81), // renewed at 600
+            Read(1),       // all alive
+            Advance(400),  // 1000: the first element and entry 7 expire
+            Read(1),
+            Add(2, 20), // at 1000: alive at the end
+            Advance(600),
+            // 1600: element 11 and entry 8 (renewed at 600) expire.
+            Read(1),
+        ];
+        let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+        let job = Job::new("ttl-kinds")
+            .with_parallelism(1)
+            .with_state_backend(backend)
+            .with_checkpoint_storage(storage.clone())
+            .with_checkpointing(CheckpointConfig::every(Duration::from_secs(3600)));
+        let sink = CollectSink::new();
+        job.source("ops", VecSource::new(ops, 1), 1)
+            .key_by(|o: &Op| match o {
+                Add(k, _) | Put(k, _, _) | Read(k) => *k,
+                Advance(_) => 0,
+            })
+            .process(
+                "kinds",
+                Kinds {
+                    clock: clock.clone(),
+                    list: None,
+                    map: None,
+                },
+            )
+            .sink(sink.clone())
+            .unwrap();
+        let result = job.start().unwrap().wait().await.unwrap();
+        assert_eq!(
+            sink.items(),
+            vec![
+                (1, vec![10, 11], vec![(7, 70), (8, 81)]),
+                (1, vec![11], vec![(8, 81)]),
+                (1, vec![], vec![]),
+            ],
+            "{name}"
+        );
+        // The final checkpoint (at 1600) holds only key 2's list.
+        let last = result.final_checkpoint.unwrap();
+        let source = RestoreSource::checkpoint(storage.clone(), last).await.unwrap();
+        let op = source
+            .metadata
+            .operators
+            .iter()
+            .find(|o| o.uid.as_str() == "kinds")
+            .unwrap();
+        let entries = read_keyed_entries(storage.as_ref(), "", op).await.unwrap();
+        let states: Vec<(String, u64)> = entries
+            .keys()
+            .map(|(s, _, k)| (s.clone(), postcard::from_bytes::<u64>(k).unwrap()))
+            .collect();
+        assert_eq!(states, vec![("list".to_string(), 2)], "{name}");
+    }
+}

@@ -543,3 +543,190 @@ async fn an_offline_migration_restores_at_another_parallelism_into_redb() {
         "nothing written for a refused plan"
     );
 }
+
+/// v1 with an evolvable list (a balance history) and an evolvable map
+/// (friends' profiles by id).
+#[derive(Clone, Default)]
+struct BagV1 {
+    history: Option<sluice_runtime::schema::EvolvableListState<v1::Balance>>,
+    friends: Option<sluice_runtime::schema::EvolvableMapState<u64, v1::Profile>>,
+}
+
+impl KeyedProcessFunction<u64, (u64, u64), (u64, u64)> for BagV1 {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        self.history = Some(ctx.evolvable_list_state_with("history", Migration::new())?);
+        self.friends = Some(ctx.evolvable_map_state_with("friends", Migration::new())?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        key: &u64,
+        (k, i): (u64, u64),
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, (u64, u64)>,
+    ) -> Result<()> {
+        let history = self.history.as_ref().unwrap();
+        if history.get(ctx)?.len() < 6 {
+            history.add(
+                ctx,
+                v1::Balance {
+                    cents: (i % 23) as i64,
+                },
+            )?;
+        }
+        let friend = i % 3;
+        self.friends.as_ref().unwrap().put(
+            ctx,
+            &friend,
+            v1::Profile {
+                name: format!("friend-{key}-{friend}"),
+                visits: i,
+                legacy: 1,
+            },
+        )?;
+        out.collect((k, i))
+    }
+}
+
+/// What v2 reports per key: the list and the map.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct BagReport {
+    key: u64,
+    history: Vec<v2::Balance>,
+    friends: BTreeMap<u64, v2::Profile>,
+}
+
+#[derive(Clone, Default)]
+struct BagV2 {
+    history: Option<sluice_runtime::schema::EvolvableListState<v2::Balance>>,
+    friends: Option<sluice_runtime::schema::EvolvableMapState<u64, v2::Profile>>,
+}
+
+impl KeyedProcessFunction<u64, BagReport, BagReport> for BagV2 {
+    fn open(&mut self, ctx: &mut OpenContext<'_>) -> Result<()> {
+        let migration = Migration::new().from::<v1::Balance>(v2::migrate);
+        self.history = Some(ctx.evolvable_list_state_with("history", migration)?);
+        self.friends = Some(ctx.evolvable_map_state_with("friends", Migration::new())?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        _key: &u64,
+        mut r: BagReport,
+        ctx: &mut KeyedContext<'_>,
+        out: &mut Collector<'_, BagReport>,
+    ) -> Result<()> {
+        r.history = self.history.as_ref().unwrap().get(ctx)?;
+        r.friends = self.friends.as_ref().unwrap().entries(ctx)?.into_iter().collect();
+        out.collect(r)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evolvable_lists_and_maps_migrate_element_by_element() {
+    let targets: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let job = Job::new("bag")
+        .with_parallelism(2)
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()))
+        .with_checkpointing(CheckpointConfig::every(Duration::from_millis(50)));
+    job.source(
+        "events",
+        SequenceSource::new(EVENTS, 4, |i| (i % KEYS, i)).paced(200, Duration::from_millis(1)),
+        2,
+    )
+    .key_by(|(k, _)| *k)
+    .process("bag", BagV1::default())
+    .sink(DiscardSink::new())
+    .unwrap();
+    let handle = job.start().unwrap();
+    while handle.source_records() < 20_000 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sp = handle
+        .stop_with_savepoint(SavepointLocation::new(targets.clone(), "sp").unwrap())
+        .await
+        .unwrap()
+        .location;
+    handle.wait().await.unwrap();
+
+    // What v1 left: lists of v1 balances, map entries of v1 profiles
+    // (an entry's key: u32 LE length of the key, the key, the map key).
+    let source = RestoreSource::open(&sp).await.unwrap();
+    let op = source
+        .metadata
+        .operators
+        .iter()
+        .find(|o| o.uid.as_str() == "bag")
+        .unwrap();
+    let mut expected: BTreeMap<u64, BagReport> = BTreeMap::new();
+    for ((state, _, k), v) in read_keyed_entries(source.storage.as_ref(), &sp.dir, op)
+        .await
+        .unwrap()
+    {
+        let (key_bytes, rest) = match state.as_str() {
+            "friends" => {
+                let len = u32::from_le_bytes(k[..4].try_into().unwrap()) as usize;
+                (&k[4..4 + len], &k[4 + len..])
+            }
+            _ => (&k[..], &k[..0]),
+        };
+        let key: u64 = postcard::from_bytes(key_bytes).unwrap();
+        let e = expected.entry(key).or_insert_with(|| BagReport {
+            key,
+            history: Vec::new(),
+            friends: BTreeMap::new(),
+        });
+        match state.as_str() {
+            "history" => {
+                let list: Vec<Evolving<v1::Balance>> = postcard::from_bytes(&v).unwrap();
+                e.history = list.into_iter().filter_map(|b| v2::migrate(b.0)).collect();
+            }
+            "friends" => {
+                let p = postcard::from_bytes::<Evolving<v1::Profile>>(&v).unwrap().0;
+                let friend: u64 = postcard::from_bytes(rest).unwrap();
+                e.friends.insert(
+                    friend,
+                    v2::Profile {
+                        display_name: p.name,
+                        visits: p.visits,
+                        tier: String::new(),
+                    },
+                );
+            }
+            other => panic!("unexpected state {other}"),
+        }
+    }
+    assert_eq!(expected.len() as u64, KEYS);
+    assert!(
+        expected.values().any(|r| r.history.len() < 6),
+        "some list elements were dropped by the migration"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::new("bag")
+        .with_parallelism(3)
+        .with_state_backend(Arc::new(RedbStateBackend::new(dir.path()).unwrap()))
+        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()))
+        .from_savepoint(sp)
+        .allow_non_restored_state(true);
+    let probes: Vec<BagReport> = (0..KEYS)
+        .map(|key| BagReport {
+            key,
+            history: Vec::new(),
+            friends: BTreeMap::new(),
+        })
+        .collect();
+    let sink = CollectSink::new();
+    job.source("probes", VecSource::new(probes, 4), 3)
+        .key_by(|r: &BagReport| r.key)
+        .process("bag", BagV2::default())
+        .sink(sink.clone())
+        .unwrap();
+    job.start().unwrap().wait().await.unwrap();
+    let seen: BTreeMap<u64, BagReport> = sink.items().into_iter().map(|r| (r.key, r)).collect();
+    // (An emptied list was removed: it reads as empty, as expected.)
+    for (key, want) in &expected {
+        assert_eq!(&seen[key], want, "key {key}");
+    }
+}
