@@ -40,7 +40,7 @@ impl OpenContext<'_> {
     /// Checks `desc` against this operator's other registrations and (but
     /// for evolvable states, which [`crate::schema`] checks) the restored
     /// checkpoint's.
-    fn check(&mut self, desc: &StateDescriptor) -> Result<()> {
+    pub(crate) fn check(&mut self, desc: &StateDescriptor) -> Result<()> {
         match self.states.iter().find(|d| d.name == desc.name) {
             Some(d) if d != desc => {
                 return Err(RuntimeError::InvalidJob(format!(

@@ -327,6 +327,9 @@ impl OpenContext<'_> {
         desc: &StateDescriptor,
         migration: &Migration<T>,
     ) -> Result<()> {
+        // A second registration of the name with another type is refused
+        // before anything is migrated.
+        self.check(desc)?;
         let name = desc.name.as_str();
         let written = self
             .restored
