@@ -24,7 +24,7 @@
 
 use crate::error::{Result, RuntimeError};
 use crate::savepoint::{RestoreSource, SavepointLocation};
-use crate::schema::{rewrite_values, ErasedMigration, Evolvable, Migration};
+use crate::schema::{rewrite_values, ErasedMigration, Evolvable, Migration, ValueError};
 use sluice_backend_memory::MemoryStateBackend;
 use sluice_core::metadata::{OperatorSnapshot, SubtaskSnapshot, SAVEPOINT_METADATA_FILE};
 use sluice_core::{CheckpointKind, CheckpointMetadata, OperatorUid, StateBackend, StateId, StoreScope};
@@ -108,8 +108,16 @@ impl SavepointRewrite {
         if let Some(w) = finals.windows(2).find(|w| w[0] == w[1]) {
             return Err(bad(format!("two operators would both be called {:?}", w[0])));
         }
-        for (uid, state, m) in &self.migrations {
+        for (i, (uid, state, m)) in self.migrations.iter().enumerate() {
             known(uid)?;
+            if self.migrations[..i]
+                .iter()
+                .any(|(u, s, _)| u == uid && s == state)
+            {
+                return Err(bad(format!(
+                    "state {state:?} of operator {uid:?} is migrated twice"
+                )));
+            }
             if self.drops.contains(uid) {
                 return Err(bad(format!("operator {uid:?} is dropped and its state migrated")));
             }
@@ -209,11 +217,14 @@ pub async fn rewrite_savepoint(
                     .ok_or_else(|| {
                         RuntimeError::InvalidJob(format!("operator {} has no state {state:?}", op.uid))
                     })?;
-                rewrite_values(store.as_mut(), *id, range, &|v| step(v)).map_err(|(key, e)| {
-                    RuntimeError::Storage(sluice_core::Error::Incompatible {
-                        what: format!("state {state:?} of operator {} in {}", op.uid, source.describe()),
-                        reason: format!("the migration cannot read the value of key {key:02x?}: {e}"),
-                    })
+                rewrite_values(store.as_mut(), *id, range, &|v| step(v)).map_err(|e| match e {
+                    ValueError::Store(e) => RuntimeError::Storage(e),
+                    ValueError::Value { key, reason } => {
+                        RuntimeError::Storage(sluice_core::Error::Incompatible {
+                            what: format!("state {state:?} of operator {} in {}", op.uid, source.describe()),
+                            reason: format!("the migration failed on the value of key {key:02x?}: {reason}"),
+                        })
+                    }
                 })?;
             }
             let snapshot = store.snapshot(meta.checkpoint_id)?;

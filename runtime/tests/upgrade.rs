@@ -538,6 +538,22 @@ async fn an_offline_migration_restores_at_another_parallelism_into_redb() {
         err.contains("test.Profile v1") && err.contains("no step"),
         "{err}"
     );
+    let twice = SavepointRewrite::new()
+        .migrate_state(
+            "accounts",
+            "balance",
+            Migration::new().from::<v1::Balance>(v2::migrate),
+        )
+        .migrate_state(
+            "accounts",
+            "balance",
+            Migration::new().from::<v1::Balance>(v2::migrate),
+        );
+    let err = rewrite_savepoint(&sp, &bad, &twice)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("migrated twice"), "{err}");
     assert!(
         targets.list_files("bad").await.unwrap().is_empty(),
         "nothing written for a refused plan"

@@ -289,6 +289,21 @@ fn plan<New: Evolvable>(
             written.kind, desc.kind
         )));
     }
+    if written.map_key_type != desc.map_key_type {
+        return Err(refuse(format!(
+            "its map keys were written as {}, the job's are {}; map keys cannot change (they are part of \
+             the stored keys): register the new state under a new name",
+            written.map_key_type.as_deref().unwrap_or("none"),
+            desc.map_key_type.as_deref().unwrap_or("none")
+        )));
+    }
+    if written.ttl_ms.is_some() {
+        return Err(refuse(
+            "it was written with a time-to-live, the job registers it without one; a time-to-live cannot \
+             be added or removed on restore"
+                .into(),
+        ));
+    }
     let from = Written::of(written);
     if written.schema == desc.schema {
         return Ok(Plan::Keep);
@@ -328,8 +343,13 @@ impl OpenContext<'_> {
         migration: &Migration<T>,
     ) -> Result<()> {
         // A second registration of the name with another type is refused
-        // before anything is migrated.
+        // before anything is migrated; a second one with the same type
+        // finds the values migrated already.
+        let first = !self.states.iter().any(|d| d.name == desc.name);
         self.check(desc)?;
+        if !first {
+            return Ok(());
+        }
         let name = desc.name.as_str();
         let written = self
             .restored
@@ -344,8 +364,17 @@ impl OpenContext<'_> {
         match plan {
             Plan::Keep => {}
             Plan::Migrate(from, step) => {
-                let n = rewrite_values(self.store, id, range, &|v| step(v)).map_err(|(key, e)| {
-                    incompatible_value(&operator, &restore, name, &from.to_string(), desc, &key, &e)
+                let n = rewrite_values(self.store, id, range, &|v| step(v)).map_err(|e| match e {
+                    ValueError::Store(e) => RuntimeError::Storage(e),
+                    ValueError::Value { key, reason } => {
+                        RuntimeError::Storage(sluice_core::Error::Incompatible {
+                            what: format!("state {name:?} of operator {operator} in {restore}"),
+                            reason: format!(
+                                "the migration from {from} failed on the value of key {}: {reason}",
+                                hex(&key)
+                            ),
+                        })
+                    }
                 })?;
                 tracing::info!(operator = %operator, state = name, "migrated {n} values from {from} to {}", T::schema_id());
             }
@@ -358,8 +387,11 @@ impl OpenContext<'_> {
                     };
                     r.map(|_| None).map_err(|e| e.to_string())
                 };
-                check_values(self.store, id, range, &read).map_err(|(key, e)| {
-                    incompatible_value(&operator, &restore, name, &from.to_string(), desc, &key, &e)
+                check_values(self.store, id, range, &read).map_err(|e| match e {
+                    ValueError::Store(e) => RuntimeError::Storage(e),
+                    ValueError::Value { key, reason } => {
+                        incompatible_value(&operator, &restore, name, &from.to_string(), desc, &key, &reason)
+                    }
                 })?;
             }
         }
@@ -461,25 +493,35 @@ fn entries(
 /// What a value rewrite gives: a new value, or `None` to drop the entry.
 type Rewrite<'a> = dyn Fn(&[u8]) -> std::result::Result<Option<Vec<u8>>, String> + 'a;
 
+/// Why a pass over a state's values stopped: the store failed (an error
+/// of its own kind, perhaps passing), or a value was refused.
+pub(crate) enum ValueError {
+    Store(sluice_core::Error),
+    Value { key: Vec<u8>, reason: String },
+}
+
 /// Rewrites every value of state `id` through the byte-level store (a
-/// key group at a time); returns how many values it read, or the first key
-/// whose value `f` refused and why.
+/// key group at a time); returns how many values it read.
 pub(crate) fn rewrite_values(
     store: &mut dyn KeyedStateStore,
     id: StateId,
     range: KeyGroupRange,
     f: &Rewrite<'_>,
-) -> std::result::Result<u64, (Vec<u8>, String)> {
+) -> std::result::Result<u64, ValueError> {
     let mut n = 0;
     for kg in range.iter() {
-        let all = entries(store, id, kg).map_err(|e| (Vec::new(), e.to_string()))?;
+        let all = entries(store, id, kg).map_err(ValueError::Store)?;
         for (k, v) in all {
             n += 1;
-            let written = match f(&v).map_err(|e| (k.clone(), e))? {
+            let new = f(&v).map_err(|reason| ValueError::Value {
+                key: k.clone(),
+                reason,
+            })?;
+            match new {
                 Some(new) => store.put(id, kg, &k, &new),
                 None => store.delete(id, kg, &k),
-            };
-            written.map_err(|e| (k.clone(), e.to_string()))?;
+            }
+            .map_err(ValueError::Store)?;
         }
     }
     Ok(n)
@@ -491,19 +533,22 @@ fn check_values(
     id: StateId,
     range: KeyGroupRange,
     f: &Rewrite<'_>,
-) -> std::result::Result<(), (Vec<u8>, String)> {
+) -> std::result::Result<(), ValueError> {
     for kg in range.iter() {
         let mut failed = None;
         store
             .scan_prefix(id, kg, &[], &mut |k, v| {
                 if failed.is_none() {
-                    if let Err(e) = f(v) {
-                        failed = Some((k.to_vec(), e));
+                    if let Err(reason) = f(v) {
+                        failed = Some(ValueError::Value {
+                            key: k.to_vec(),
+                            reason,
+                        });
                     }
                 }
                 Ok(())
             })
-            .map_err(|e| (Vec::new(), e.to_string()))?;
+            .map_err(ValueError::Store)?;
         if let Some(f) = failed {
             return Err(f);
         }
@@ -523,6 +568,13 @@ pub(crate) struct ErasedMigration {
 impl ErasedMigration {
     /// The step that reads `written`, or the error naming what is missing.
     pub fn step_for(&self, written: &StateDescriptor) -> std::result::Result<Step, String> {
+        if written.ttl_ms.is_some() {
+            return Err(
+                "it has a time-to-live (its values carry their renewal time); migrations do not \
+                        apply to such states"
+                    .into(),
+            );
+        }
         let from = Written::of(written);
         if written.schema.as_ref() == Some(&self.schema) {
             return Err(format!("it is already {}", self.schema));
@@ -542,5 +594,87 @@ impl<New: Evolvable> Migration<New> {
             value_type: std::any::type_name::<New>().to_string(),
             steps: self.steps,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Serialize, Deserialize)]
+    struct V1 {
+        a: u32,
+    }
+    impl Evolvable for V1 {
+        const SCHEMA: &'static str = "t.S";
+        const VERSION: u32 = 1;
+    }
+    #[derive(Clone, Serialize, Deserialize)]
+    struct V2 {
+        a: u64,
+    }
+    impl Evolvable for V2 {
+        const SCHEMA: &'static str = "t.S";
+        const VERSION: u32 = 2;
+    }
+
+    fn desc<T: Evolvable>(kind: &str, map_key: Option<&str>) -> StateDescriptor {
+        OpenContext::evolvable_descriptor::<T>("s", kind, map_key)
+    }
+
+    fn outcome(written: &StateDescriptor, now: &StateDescriptor, m: &Migration<V2>) -> String {
+        match plan("op", "savepoint x", written, now, m) {
+            Ok(Plan::Keep) => "keep".into(),
+            Ok(Plan::Migrate(from, _)) => format!("migrate from {from}"),
+            Ok(Plan::Check(from)) => format!("check {from}"),
+            Err(e) => format!("refused: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_restore_keeps_migrates_checks_or_refuses() {
+        let none = Migration::<V2>::new();
+        let step = Migration::<V2>::new().from::<V1>(|o| Some(V2 { a: u64::from(o.a) }));
+        let now = desc::<V2>("value", None);
+        assert_eq!(outcome(&now, &now, &none), "keep");
+        let old = desc::<V1>("value", None);
+        assert_eq!(outcome(&old, &now, &step), "migrate from schema t.S v1");
+        assert_eq!(outcome(&old, &now, &none), "check schema t.S v1");
+        let mut other = old.clone();
+        other.schema = Some(SchemaId {
+            name: "t.Other".into(),
+            version: 1,
+        });
+        assert!(outcome(&other, &now, &step).contains("no migration reads schema t.Other v1"));
+        let list = desc::<V1>("list", None);
+        assert!(outcome(&list, &now, &step).contains("written as a list state"));
+        // Map keys never change; a time-to-live is not migrated.
+        let map_now = desc::<V2>("map", Some("u64"));
+        let map_old = desc::<V1>("map", Some("alloc::string::String"));
+        assert!(outcome(&map_old, &map_now, &step).contains("map keys were written as alloc::string::String"));
+        let mut ttl = old.clone();
+        ttl.ttl_ms = Some(1000);
+        assert!(outcome(&ttl, &now, &step).contains("time-to-live"));
+        let erased = Migration::<V2>::new()
+            .from::<V1>(|o| Some(V2 { a: u64::from(o.a) }))
+            .erase();
+        assert!(erased.step_for(&ttl).is_err());
+        assert!(erased.step_for(&old).is_ok());
+    }
+
+    #[test]
+    fn a_list_migrates_element_by_element_and_an_emptied_list_goes() {
+        let m = Migration::<V2>::new().from::<V1>(|o| {
+            (o.a % 2 == 0).then(|| V2 {
+                a: u64::from(o.a) * 10,
+            })
+        });
+        let step = m.step(&Written::Schema(V1::schema_id()), "list").unwrap();
+        let old: Vec<Evolving<V1>> = [1, 2, 3, 4].into_iter().map(|a| Evolving(V1 { a })).collect();
+        let new = step(&postcard::to_allocvec(&old).unwrap()).unwrap().unwrap();
+        let new: Vec<Evolving<V2>> = postcard::from_bytes(&new).unwrap();
+        assert_eq!(new.iter().map(|e| e.0.a).collect::<Vec<_>>(), vec![20, 40]);
+        let odd: Vec<Evolving<V1>> = vec![Evolving(V1 { a: 1 })];
+        assert!(step(&postcard::to_allocvec(&odd).unwrap()).unwrap().is_none());
     }
 }
