@@ -231,7 +231,13 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
 
     fn seal(&mut self, i: usize) {
         let batch = std::mem::replace(&mut self.buffers[i], Vec::with_capacity(BATCH_SIZE));
-        if let Some(m) = &self.metrics {
+        // A broadcast record is in every channel's batch (they fill and seal
+        // together): counted once, with the first channel's.
+        if let Some(m) = self
+            .metrics
+            .as_ref()
+            .filter(|_| i == 0 || !matches!(self.partitioner, Partitioner::Broadcast))
+        {
             m.records_out(batch.len() as u64);
         }
         self.enqueue(i, Message::Batch(batch));
@@ -354,24 +360,25 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
     }
 }
 
-/// Adds the time from its start to its drop to a task's backpressured time.
+/// Adds the time from its start to its drop to a task's backpressured time
+/// (a wait in progress shows in the task's counters while it lasts).
 struct BackpressureTimer<'a> {
     metrics: &'a crate::metrics::TaskMetrics,
-    started: std::time::Instant,
+    since: u64,
 }
 
 impl<'a> BackpressureTimer<'a> {
     fn start(metrics: &'a crate::metrics::TaskMetrics) -> Self {
         BackpressureTimer {
             metrics,
-            started: std::time::Instant::now(),
+            since: metrics.wait_started(),
         }
     }
 }
 
 impl Drop for BackpressureTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.backpressured(self.started.elapsed());
+        self.metrics.wait_ended(self.since);
     }
 }
 

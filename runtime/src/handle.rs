@@ -7,6 +7,7 @@ use crate::error::{Result, RuntimeError};
 use crate::metrics::Metrics;
 use crate::savepoint::SavepointLocation;
 use sluice_core::{CheckpointId, CheckpointKind};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -274,9 +275,21 @@ impl JobMonitor {
         s
     }
 
-    /// Statistics of every checkpoint so far (oldest first).
+    /// Statistics of every checkpoint so far (oldest first; the newest
+    /// 10 000).
     pub fn checkpoint_stats(&self) -> Vec<CheckpointStats> {
         self.stats.all()
+    }
+
+    /// Statistics of the newest `limit` checkpoints (oldest first).
+    pub fn recent_checkpoint_stats(&self, limit: usize) -> Vec<CheckpointStats> {
+        self.stats
+            .with(|all| all[all.len().saturating_sub(limit)..].to_vec())
+    }
+
+    /// Runs `f` on the statistics (oldest first) without copying them.
+    pub fn with_checkpoint_stats<R>(&self, f: impl FnOnce(&[CheckpointStats]) -> R) -> R {
+        self.stats.with(f)
     }
 
     /// Records emitted by the sources so far (replays count again).
@@ -388,8 +401,25 @@ impl StatsLog {
         self.lock().clone()
     }
 
+    /// Runs `f` on the entries, oldest first, without copying them.
+    pub fn with<R>(&self, f: impl FnOnce(&[CheckpointStats]) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// Whether checkpoint `id` has no final status yet (or is no longer
+    /// in the log): its end is counted once.
+    fn ends_now(&self, id: CheckpointId) -> bool {
+        self.lock().iter().rev().find(|s| s.id == id).is_none_or(|s| {
+            matches!(
+                s.status,
+                CheckpointStatus::InProgress | CheckpointStatus::Unresolved(_)
+            )
+        })
+    }
+
     /// Adds the entry of a checkpoint just triggered.
     pub fn push(&self, s: CheckpointStats) {
+        self.metrics.checkpoints_triggered.fetch_add(1, Ordering::Relaxed);
         let mut stats = self.lock();
         if stats.len() >= 10_000 {
             stats.remove(0);
@@ -406,7 +436,8 @@ impl StatsLog {
 
     /// Records how checkpoint `id` ended, with its figures.
     pub fn record(&self, id: CheckpointId, st: &CompletedStats, status: CheckpointStatus) {
-        if status == CheckpointStatus::Completed {
+        if status == CheckpointStatus::Completed && self.ends_now(id) {
+            self.metrics.checkpoints_completed.fetch_add(1, Ordering::Relaxed);
             self.metrics.checkpoint_completed(st.duration, &st.alignment);
         }
         self.update(id, |s| {
@@ -424,6 +455,9 @@ impl StatsLog {
 
     /// Marks checkpoint `id` failed.
     pub fn failed(&self, id: CheckpointId, reason: &str, duration: Duration) {
+        if self.ends_now(id) {
+            self.metrics.checkpoints_failed.fetch_add(1, Ordering::Relaxed);
+        }
         self.update(id, |s| {
             s.status = CheckpointStatus::Failed(reason.to_string());
             s.duration = duration;

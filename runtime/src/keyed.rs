@@ -116,7 +116,15 @@ pub(crate) struct KeyedBackend {
     /// incremental cleanup visits.
     ttl: Vec<crate::ttl::TtlCleanup>,
     ttl_cursor: u32,
+    /// Entries the incremental cleanup may visit (grows with the records
+    /// processed), and how many the last step visited.
+    ttl_budget: u64,
+    ttl_last_visit: u64,
 }
+
+/// Entries the incremental TTL cleanup visits per record processed, on
+/// average.
+pub(crate) const TTL_VISITS_PER_RECORD: u64 = 4;
 
 /// The size of a subtask's incremental chain, as written: changes files
 /// since the last full snapshot, their bytes, and the base's bytes. An
@@ -184,6 +192,8 @@ impl KeyedBackend {
             chain: Arc::default(),
             ttl: Vec::new(),
             ttl_cursor: 0,
+            ttl_budget: 0,
+            ttl_last_visit: 0,
         }
     }
 
@@ -292,11 +302,18 @@ impl KeyedBackend {
         })
     }
 
-    /// Incremental cleanup of states with a time-to-live: the expired
-    /// entries of the next key group (called once per batch).
+    /// Incremental cleanup of states with a time-to-live, called before
+    /// each batch of `records`: the expired entries of the next key group,
+    /// when the records processed since the last step paid for as many
+    /// entries as that step visited (about [`TTL_VISITS_PER_RECORD`] per
+    /// record, as Flink bounds its incremental cleanup).
     #[inline]
-    pub fn clean_expired_step(&mut self) -> Result<()> {
-        if self.ttl.is_empty() || self.range.is_empty() {
+    pub fn clean_expired_step(&mut self, records: usize) -> Result<()> {
+        if self.ttl.is_empty() {
+            return Ok(());
+        }
+        self.ttl_budget = (self.ttl_budget + records as u64 * TTL_VISITS_PER_RECORD).min(1 << 32);
+        if self.ttl_budget < self.ttl_last_visit {
             return Ok(());
         }
         let kg = self.range.start + self.ttl_cursor % self.range.len() as u32;
@@ -304,9 +321,12 @@ impl KeyedBackend {
         let Some(store) = self.store.as_mut() else {
             return Ok(());
         };
+        let mut visited = 0;
         for t in &self.ttl {
-            t.clean_key_group(store.as_mut(), kg)?;
+            visited += t.clean_key_group(store.as_mut(), kg)?.0;
         }
+        self.ttl_last_visit = visited;
+        self.ttl_budget = self.ttl_budget.saturating_sub(visited);
         Ok(())
     }
 
@@ -461,7 +481,7 @@ where
     fn process_batch(&mut self, batch: Vec<I>) -> Result<()> {
         // First encode every key and hint the store (independent lookups
         // whose cache misses overlap), then process with the entries in cache.
-        self.backend.clean_expired_step()?;
+        self.backend.clean_expired_step(batch.len())?;
         let key_fn = &self.key_fn;
         self.backend.prepare_batch(batch.iter().map(|r| key_fn(r)))?;
         for (i, record) in batch.into_iter().enumerate() {
@@ -534,7 +554,7 @@ where
     }
 
     fn process_batch(&mut self, batch: Vec<Either<I1, I2>>) -> Result<()> {
-        self.backend.clean_expired_step()?;
+        self.backend.clean_expired_step(batch.len())?;
         for r in batch {
             self.process(r)?;
         }

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 /// as long as the job: a restarted attempt counts on.
 #[derive(Debug)]
 pub struct TaskMetrics {
+    /// The task's vertex in the job graph (names need not be unique).
+    pub vertex: u32,
     /// The task's name (its operators, as in the job graph).
     pub task: String,
     /// The subtask's index.
@@ -33,14 +35,18 @@ pub struct TaskMetrics {
     pub(crate) records_in: AtomicU64,
     pub(crate) records_out: AtomicU64,
     pub(crate) backpressured_ns: AtomicU64,
+    /// When the wait for channel capacity in progress started
+    /// ([`mono_ns`]); 0: not waiting.
+    waiting_since_ns: AtomicU64,
     pub(crate) start_delay_ns: AtomicU64,
     pub(crate) alignment_ns: AtomicU64,
     pub(crate) positions: Mutex<Vec<SplitPosition>>,
 }
 
 impl TaskMetrics {
-    fn new(task: &str, subtask: u32, parallelism: u32, is_source: bool) -> Self {
+    fn new(vertex: u32, task: &str, subtask: u32, parallelism: u32, is_source: bool) -> Self {
         TaskMetrics {
+            vertex,
             task: task.to_string(),
             subtask,
             parallelism,
@@ -48,6 +54,7 @@ impl TaskMetrics {
             records_in: AtomicU64::new(0),
             records_out: AtomicU64::new(0),
             backpressured_ns: AtomicU64::new(0),
+            waiting_since_ns: AtomicU64::new(0),
             start_delay_ns: AtomicU64::new(0),
             alignment_ns: AtomicU64::new(0),
             positions: Mutex::new(Vec::new()),
@@ -66,10 +73,28 @@ impl TaskMetrics {
         self.records_out.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The task waited `d` for channel capacity with output queued.
-    pub(crate) fn backpressured(&self, d: Duration) {
+    /// The task starts waiting for channel capacity with output queued;
+    /// returns the start for [`Self::wait_ended`].
+    pub(crate) fn wait_started(&self) -> u64 {
+        let now = mono_ns();
+        self.waiting_since_ns.store(now, Ordering::Relaxed);
+        now
+    }
+
+    /// The wait that began at `since` ended (or was interrupted).
+    pub(crate) fn wait_ended(&self, since: u64) {
+        self.waiting_since_ns.store(0, Ordering::Relaxed);
         self.backpressured_ns
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(mono_ns().saturating_sub(since), Ordering::Relaxed);
+    }
+
+    /// Backpressured time so far, the wait in progress included.
+    fn backpressured_total_ns(&self) -> u64 {
+        let done = self.backpressured_ns.load(Ordering::Relaxed);
+        match self.waiting_since_ns.load(Ordering::Relaxed) {
+            0 => done,
+            since => done + mono_ns().saturating_sub(since),
+        }
     }
 
     /// The task's last checkpoint: its start delay (trigger to first
@@ -91,13 +116,14 @@ impl TaskMetrics {
     /// The counters now.
     pub fn snapshot(&self) -> TaskCounters {
         TaskCounters {
+            vertex: self.vertex,
             task: self.task.clone(),
             subtask: self.subtask,
             parallelism: self.parallelism,
             is_source: self.is_source,
             records_in: self.records_in.load(Ordering::Relaxed),
             records_out: self.records_out.load(Ordering::Relaxed),
-            backpressured_ms: self.backpressured_ns.load(Ordering::Relaxed) / 1_000_000,
+            backpressured_ms: self.backpressured_total_ns() / 1_000_000,
             start_delay_ms: self.start_delay_ns.load(Ordering::Relaxed) as f64 / 1e6,
             alignment_ms: self.alignment_ns.load(Ordering::Relaxed) as f64 / 1e6,
             positions: self
@@ -111,9 +137,18 @@ impl TaskMetrics {
     }
 }
 
+/// Nanoseconds since the first call in this process, plus one (0 is
+/// "not waiting").
+fn mono_ns() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
 /// A task's counters at one moment ([`TaskMetrics::snapshot`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskCounters {
+    /// The task's vertex in the job graph.
+    pub vertex: u32,
     /// The task's name.
     pub task: String,
     /// The subtask's index.
@@ -146,6 +181,12 @@ pub struct Metrics {
     pub(crate) checkpoint_duration: Histogram,
     /// Alignments of every task in completed checkpoints, in seconds.
     pub(crate) checkpoint_alignment: Histogram,
+    /// Checkpoints (and savepoints) triggered, completed and failed since
+    /// the job started (monotonic; the statistics log keeps only the
+    /// newest entries).
+    pub(crate) checkpoints_triggered: AtomicU64,
+    pub(crate) checkpoints_completed: AtomicU64,
+    pub(crate) checkpoints_failed: AtomicU64,
 }
 
 /// Bucket bounds in seconds, 1 ms to about 33 s.
@@ -160,6 +201,9 @@ impl Default for Metrics {
             tasks: Mutex::new(Vec::new()),
             checkpoint_duration: Histogram::new(second_buckets()),
             checkpoint_alignment: Histogram::new(second_buckets()),
+            checkpoints_triggered: AtomicU64::new(0),
+            checkpoints_completed: AtomicU64::new(0),
+            checkpoints_failed: AtomicU64::new(0),
         }
     }
 }
@@ -169,16 +213,17 @@ impl Metrics {
     /// attempt, shared by later ones).
     pub(crate) fn task(
         &self,
+        vertex: u32,
         task: &str,
         subtask: u32,
         parallelism: u32,
         is_source: bool,
     ) -> Arc<TaskMetrics> {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = tasks.iter().find(|t| t.task == task && t.subtask == subtask) {
+        if let Some(t) = tasks.iter().find(|t| t.vertex == vertex && t.subtask == subtask) {
             return t.clone();
         }
-        let t = Arc::new(TaskMetrics::new(task, subtask, parallelism, is_source));
+        let t = Arc::new(TaskMetrics::new(vertex, task, subtask, parallelism, is_source));
         tasks.push(t.clone());
         t
     }
@@ -187,6 +232,16 @@ impl Metrics {
     pub fn tasks(&self) -> Vec<TaskCounters> {
         let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).clone();
         tasks.iter().map(|t| t.snapshot()).collect()
+    }
+
+    /// Checkpoints (and savepoints) since the job started: triggered,
+    /// completed, failed.
+    pub fn checkpoint_counts(&self) -> (u64, u64, u64) {
+        (
+            self.checkpoints_triggered.load(Ordering::Relaxed),
+            self.checkpoints_completed.load(Ordering::Relaxed),
+            self.checkpoints_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// Records a completed checkpoint in the histograms.
@@ -260,7 +315,7 @@ impl RateSampler {
             .map(|c| {
                 let before = st.last.as_ref().and_then(|(at, prev)| {
                     prev.iter()
-                        .find(|p| p.task == c.task && p.subtask == c.subtask)
+                        .find(|p| p.vertex == c.vertex && p.subtask == c.subtask)
                         .map(|p| (now.duration_since(*at).as_secs_f64(), p))
                 });
                 let rate = |a: u64, b: u64, secs: f64| {
@@ -332,29 +387,37 @@ mod tests {
     #[test]
     fn a_restarted_task_counts_on_in_the_same_counters() {
         let m = Metrics::default();
-        let a = m.task("keyed x", 1, 2, false);
+        let a = m.task(1, "keyed x", 1, 2, false);
         a.records_in(10);
-        let b = m.task("keyed x", 1, 2, false);
+        let b = m.task(1, "keyed x", 1, 2, false);
         b.records_in(5);
         assert!(Arc::ptr_eq(&a, &b));
-        let other = m.task("keyed x", 0, 2, false);
+        let other = m.task(1, "keyed x", 0, 2, false);
         other.records_in(1);
-        let counts: Vec<(u32, u64)> = m.tasks().iter().map(|t| (t.subtask, t.records_in)).collect();
-        assert_eq!(counts, vec![(1, 15), (0, 1)]);
+        // Another task of the same name (two `rebalance` exchanges) counts apart.
+        let same_name = m.task(2, "keyed x", 1, 2, false);
+        same_name.records_in(100);
+        let counts: Vec<(u32, u32, u64)> = m
+            .tasks()
+            .iter()
+            .map(|t| (t.vertex, t.subtask, t.records_in))
+            .collect();
+        assert_eq!(counts, vec![(1, 1, 15), (1, 0, 1), (2, 1, 100)]);
     }
 
     #[test]
     fn rates_are_the_counters_growth_over_the_time_between_samples() {
         let m = Arc::new(Metrics::default());
-        let src = m.task("source s", 0, 1, true);
-        let keyed = m.task("keyed k", 0, 1, false);
+        let src = m.task(0, "source s", 0, 1, true);
+        let keyed = m.task(1, "keyed k", 0, 1, false);
         let sampler = RateSampler::new(m.clone(), 3);
+        // Taken before the first sample: the sampled interval lies inside.
+        let before = Instant::now();
         let first = sampler.sample();
         assert!(first.tasks.iter().all(|t| t.records_in_per_second == 0.0));
-        let before = Instant::now();
         src.records_in(1000);
         keyed.records_in(500);
-        keyed.backpressured(Duration::from_secs(5));
+        keyed.backpressured_ns.fetch_add(5_000_000_000, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(50));
         let second = sampler.sample();
         let secs = before.elapsed().as_secs_f64();
@@ -370,5 +433,30 @@ mod tests {
             sampler.sample();
         }
         assert_eq!(sampler.history().len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod wait_tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_in_progress_counts_before_it_ends() {
+        let m = Metrics::default();
+        let t = m.task(0, "source s", 0, 1, true);
+        let since = t.wait_started();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            m.tasks()[0].backpressured_ms >= 30,
+            "a long stall shows while it lasts"
+        );
+        t.wait_ended(since);
+        let after = m.tasks()[0].backpressured_ms;
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            m.tasks()[0].backpressured_ms,
+            after,
+            "nothing counts after the wait"
+        );
     }
 }

@@ -11,11 +11,13 @@
 //! expires at the same wall-clock time it would have without the restart.
 //!
 //! An expired value is never returned (Flink's `NeverReturnExpired`), and
-//! it is removed: when it is read, a key group at a time while records are
-//! processed (one key group per batch), and from every snapshot — each
-//! checkpoint and savepoint first removes the subtask's expired entries
-//! (a scan of the state's entries; the removals are changes, so
-//! incremental checkpoints and chain folding drop them too).
+//! it is removed: when it is read; a key group at a time while records are
+//! processed, at most about four entries visited per record processed
+//! (Flink's incremental cleanup, bounded the same way); and from every
+//! snapshot — each checkpoint and savepoint first removes the subtask's
+//! expired entries (a scan of the state's entries — on the memory backend
+//! that encodes each value —; the removals are changes, so incremental
+//! checkpoints and chain folding drop them too).
 //!
 //! Adding or removing a time-to-live on a state that was restored is
 //! refused (its stored values change shape); changing the duration is
@@ -189,11 +191,18 @@ impl std::fmt::Debug for TtlCleanup {
 
 impl TtlCleanup {
     /// Removes the expired entries (and list elements) of key group `kg`;
-    /// returns how many entries it changed or removed.
-    pub fn clean_key_group(&self, store: &mut dyn KeyedStateStore, kg: u32) -> sluice_core::Result<u64> {
+    /// returns how many entries it visited, and how many it changed or
+    /// removed.
+    pub fn clean_key_group(
+        &self,
+        store: &mut dyn KeyedStateStore,
+        kg: u32,
+    ) -> sluice_core::Result<(u64, u64)> {
         let now = self.clock.now_ms();
         let mut changed: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut visited = 0u64;
         store.scan_prefix(self.id, kg, &[], &mut |k, v| {
+            visited += 1;
             match (self.judge)(v, self.ttl_ms, now) {
                 Verdict::Keep => {}
                 Verdict::Delete => changed.push((k.to_vec(), None)),
@@ -207,14 +216,14 @@ impl TtlCleanup {
                 None => store.delete(self.id, kg, k)?,
             }
         }
-        Ok(changed.len() as u64)
+        Ok((visited, changed.len() as u64))
     }
 
     /// Removes every expired entry of `range`.
     pub fn clean(&self, store: &mut dyn KeyedStateStore, range: KeyGroupRange) -> sluice_core::Result<u64> {
         let mut n = 0;
         for kg in range.iter() {
-            n += self.clean_key_group(store, kg)?;
+            n += self.clean_key_group(store, kg)?.1;
         }
         Ok(n)
     }
@@ -413,7 +422,7 @@ mod tests {
             clock: clock.clone(),
             judge: Arc::new(judge_single),
         };
-        assert_eq!(cleanup.clean_key_group(store.as_mut(), 1).unwrap(), 2);
+        assert_eq!(cleanup.clean_key_group(store.as_mut(), 1).unwrap(), (3, 2));
         let mut left = Vec::new();
         store
             .scan_prefix(id, 1, &[], &mut |k, _| {
@@ -560,15 +569,24 @@ impl<K: Serialize + DeserializeOwned, V: Serialize + DeserializeOwned> TtlMapSta
         self.inner.remove(ctx, map_key)
     }
 
-    /// The live entries of the current key, in unspecified order.
+    /// The live entries of the current key, in unspecified order; expired
+    /// ones are removed (with [`TtlUpdate::OnReadAndWrite`], live ones are
+    /// renewed).
     pub fn entries(&self, ctx: &mut KeyedContext<'_>) -> Result<Vec<(K, V)>> {
         let (now, ttl) = (self.config.clock.now_ms(), self.config.ttl_ms());
-        Ok(self
-            .inner
-            .entries(ctx)?
-            .into_iter()
-            .filter(|(_, e)| !expired(e.renewed_ms, ttl, now))
-            .map(|(k, e)| (k, e.value))
-            .collect())
+        let renew = self.config.update == TtlUpdate::OnReadAndWrite;
+        let mut live = Vec::new();
+        for (k, mut e) in self.inner.entries(ctx)? {
+            if expired(e.renewed_ms, ttl, now) {
+                self.inner.remove(ctx, &k)?;
+                continue;
+            }
+            if renew {
+                e.renewed_ms = now;
+                self.inner.put(ctx, &k, &e)?;
+            }
+            live.push((k, e.value));
+        }
+        Ok(live)
     }
 }

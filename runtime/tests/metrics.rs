@@ -312,6 +312,27 @@ async fn metrics_match_the_jobs_statistics_and_its_storage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkpoint_history_has_per_task_detail() {
     let (_, monitor, _, _) = run(false).await;
+    let (status, body) = get_once(&monitor, "/checkpoints?limit=2").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<u64> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_u64().unwrap())
+        .collect();
+    let newest: Vec<u64> = monitor
+        .checkpoint_stats()
+        .iter()
+        .rev()
+        .take(2)
+        .rev()
+        .map(|s| s.id.0)
+        .collect();
+    assert_eq!(ids, newest, "the newest two");
+    let (status, body) = get_once(&monitor, "/checkpoints?limit=lots").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("limit"), "{body}");
     let (status, body) = get_once(&monitor, "/checkpoints").await;
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -403,5 +424,84 @@ async fn another_address_than_loopback_needs_a_token_and_every_request_must_carr
         .unwrap();
         assert_eq!(status, 401, "{body}");
     }
+    server.abort();
+}
+
+/// Sends `request` (HTTP/1.1 text) to `addr`; returns the status code.
+async fn raw(addr: SocketAddr, request: String) -> u16 {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {answer:?}"))
+    })
+    .await
+    .unwrap()
+}
+
+fn request(method: &str, path: &str, host: &str, extra: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_a_web_page_could_make_are_refused() {
+    let (_, monitor, _, _) = run(false).await;
+    let (addr, server) = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        monitor.clone(),
+        no_targets(),
+        None,
+    )
+    .await
+    .unwrap();
+    let own = format!("127.0.0.1:{}", addr.port());
+    // The API's own host, by address or name: answered.
+    assert_eq!(raw(addr, request("GET", "/job", &own, "", "")).await, 200);
+    let by_name = format!("localhost:{}", addr.port());
+    assert_eq!(raw(addr, request("GET", "/job", &by_name, "", "")).await, 200);
+    // DNS rebinding: another host name reaching the loopback port.
+    let evil = format!("evil.example:{}", addr.port());
+    assert_eq!(raw(addr, request("GET", "/job", &evil, "", "")).await, 403);
+    assert_eq!(raw(addr, request("GET", "/metrics", &evil, "", "")).await, 403);
+    // A page on another origin.
+    let other = "Origin: http://evil.example\r\n";
+    assert_eq!(raw(addr, request("GET", "/job", &own, other, "")).await, 403);
+    let same = format!("Origin: http://{own}\r\n");
+    assert_eq!(raw(addr, request("GET", "/job", &own, &same, "")).await, 200);
+    // A form or no-cors POST (not JSON) never reaches an action.
+    let text = "Content-Type: text/plain\r\n";
+    assert_eq!(raw(addr, request("POST", "/cancel", &own, text, "{}")).await, 415);
+    assert_eq!(
+        raw(addr, request("POST", "/checkpoints", &own, "", "")).await,
+        415
+    );
+    // JSON reaches it (the job has ended: 409, not cancelled twice).
+    let json = "Content-Type: application/json\r\n";
+    assert_eq!(raw(addr, request("POST", "/cancel", &own, json, "{}")).await, 409);
+    server.abort();
+
+    // With a token: the scheme is case-insensitive, any host is fine.
+    let (addr, server) = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        monitor,
+        no_targets(),
+        Some("t0ken".into()),
+    )
+    .await
+    .unwrap();
+    let auth = "Authorization: bearer t0ken\r\n";
+    let host = format!("sluice.internal:{}", addr.port());
+    assert_eq!(raw(addr, request("GET", "/job", &host, auth, "")).await, 200);
+    let longer = "Authorization: Bearer t0kenX\r\n";
+    assert_eq!(raw(addr, request("GET", "/job", &host, longer, "")).await, 401);
     server.abort();
 }

@@ -152,6 +152,7 @@ impl Attempt<'_> {
                     writers: self.writers.clone(),
                     metrics: self.ctx.metrics.clone(),
                     task_metrics: self.ctx.metrics.task(
+                        v as u32,
                         &vertex.name,
                         s,
                         vertex.parallelism,

@@ -13,6 +13,13 @@
 //! `params` can send; use letters, digits, `-`, `_` and `.`). There is no
 //! TLS: beyond a trusted network, put a TLS-terminating proxy in front.
 //!
+//! Against web pages in the operator's browser (cross-site requests, DNS
+//! rebinding), every request is also refused when it carries an `Origin`
+//! other than the API's own, when it names another host than a loopback
+//! one while the API has no token, and — for `POST` — when its body is
+//! not declared `application/json` (send `{}` for the actions without
+//! arguments).
+//!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
 //! | `GET /` | | the dashboard (HTML) |
@@ -20,7 +27,7 @@
 //! | `GET /job` | | [`JobStatus`](crate::JobStatus) |
 //! | `GET /tasks` | | every task's counters and rates ([`crate::metrics::Sample`]) |
 //! | `GET /timeline` | | job throughput and backpressure, one point a second, the last 10 minutes |
-//! | `GET /checkpoints` | | counts, latest completed, history (oldest first) with per-task detail |
+//! | `GET /checkpoints[?limit=N]` | | counts, latest completed, history (oldest first; the newest N) with per-task detail |
 //! | `POST /checkpoints` | | `{"id": n}` once checkpoint `n` completed |
 //! | `POST /savepoints` | `{"target": "s3://b/p", "stop": false}` | `{"id": n, "location": "…"}` once complete |
 //! | `POST /stop` | `{"target": "…"}` | as `/savepoints` with `"stop": true`; the job then ends |
@@ -38,7 +45,7 @@ use crate::error::RuntimeError;
 use crate::handle::{CheckpointStats, CheckpointStatus, JobMonitor, JobState};
 use crate::metrics::RateSampler;
 use crate::savepoint::SavepointLocation;
-use axum::extract::{Request, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -148,40 +155,118 @@ fn token_byte(b: u8) -> bool {
 }
 
 /// Equal in time independent of where they differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Equal, in a time that depends on the longer input only (the caller's
+/// guess, not the token).
+fn same(guess: &[u8], token: &[u8]) -> bool {
+    let n = guess.len().max(token.len());
+    let diff = (0..n).fold(guess.len() ^ token.len(), |acc, i| {
+        acc | usize::from(guess.get(i).copied().unwrap_or(0) ^ token.get(i).copied().unwrap_or(0))
+    });
+    diff == 0
 }
 
-/// With a token configured, refuses every request that does not carry it.
-async fn authorize(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
-    let Some(token) = &api.token else {
-        return next.run(req).await;
-    };
-    let bearer = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let query = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
-    if bearer
-        .or(query)
-        .is_some_and(|t| same(t.as_bytes(), token.as_bytes()))
-    {
-        return next.run(req).await;
+/// The host part of a `Host` header or an `Origin` URL's authority.
+fn host_of(authority: &str) -> &str {
+    let a = authority.rsplit('@').next().unwrap_or(authority);
+    match a.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => a.split(':').next().unwrap_or(a),
     }
-    let mut r = error(
-        StatusCode::UNAUTHORIZED,
-        "this job's REST API needs its token: send `Authorization: Bearer TOKEN` or add `?token=TOKEN`",
-    )
-    .into_response();
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    r
+}
+
+/// Refuses what a web page in the operator's browser could send or read
+/// (cross-site requests, DNS rebinding), with or without a token: a
+/// request naming another host than a loopback one when the API has no
+/// token, an `Origin` other than the API's own, and a `POST` whose body is
+/// not declared JSON (which a page cannot send cross-site without the
+/// browser asking first, and this API never agrees).
+fn refuse_cross_site(api: &Api, req: &Request) -> Option<Response> {
+    let headers = req.headers();
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if api.token.is_none() {
+        let loopback = host.map(host_of).is_none_or(|h| {
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        });
+        if !loopback {
+            return Some(
+                error(
+                    StatusCode::FORBIDDEN,
+                    "this REST API answers only requests to a loopback address (it has no token)",
+                )
+                .into_response(),
+            );
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        let own = origin
+            .split_once("://")
+            .map(|(_, authority)| authority.trim_end_matches('/'));
+        if own.is_none() || own != host {
+            return Some(
+                error(
+                    StatusCode::FORBIDDEN,
+                    format!("a request from the web page at {origin} is refused"),
+                )
+                .into_response(),
+            );
+        }
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if req.method() == axum::http::Method::POST && !json {
+        return Some(
+            error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send actions with `Content-Type: application/json` (a body of `{}` will do)",
+            )
+            .into_response(),
+        );
+    }
+    None
+}
+
+/// Refuses cross-site requests ([`refuse_cross_site`]); with a token
+/// configured, refuses every request that does not carry it.
+async fn authorize(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &api.token {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
+        let query = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+        if !bearer
+            .or(query)
+            .is_some_and(|t| same(t.as_bytes(), token.as_bytes()))
+        {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "this job's REST API needs its token: send `Authorization: Bearer TOKEN` or add `?token=TOKEN`",
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+    }
+    if let Some(refused) = refuse_cross_site(&api, &req) {
+        return refused;
+    }
+    next.run(req).await
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
@@ -257,30 +342,47 @@ fn stats_json(s: &CheckpointStats) -> Value {
     })
 }
 
-async fn checkpoints(State(api): State<Arc<Api>>) -> Reply {
-    let stats = api.monitor.checkpoint_stats();
-    let count = |f: &dyn Fn(&CheckpointStats) -> bool| stats.iter().filter(|s| f(s)).count();
-    let completed: Vec<&CheckpointStats> = stats
-        .iter()
-        .filter(|s| s.status == CheckpointStatus::Completed)
-        .collect();
-    let mut durations: Vec<u64> = completed.iter().map(|s| s.duration.as_millis() as u64).collect();
-    durations.sort_unstable();
-    let pct = |p: usize| durations.get((durations.len() * p / 100).min(durations.len().saturating_sub(1)));
-    let body = json!({
-        "counts": {
-            "completed": completed.len(),
-            "failed": count(&|s| matches!(s.status, CheckpointStatus::Failed(_))),
-            "in_progress": count(&|s| s.status == CheckpointStatus::InProgress),
-        },
-        "summary": {
-            "duration_p50_ms": pct(50),
-            "duration_p99_ms": pct(99),
-            "duration_max_ms": durations.last(),
-            "state_size_last": completed.last().map(|s| s.state_size),
-        },
-        "latest_completed": completed.last().map(|s| stats_json(s)),
-        "history": stats.iter().map(stats_json).collect::<Vec<_>>(),
+/// `limit=N` of a query string, if given.
+fn limit_of(query: Option<&str>) -> std::result::Result<Option<usize>, String> {
+    let Some(v) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit="))) else {
+        return Ok(None);
+    };
+    v.parse()
+        .map(Some)
+        .map_err(|_| format!("limit={v:?}: give a number of checkpoints, e.g. limit=100"))
+}
+
+async fn checkpoints(State(api): State<Arc<Api>>, RawQuery(query): RawQuery) -> Reply {
+    let limit = match limit_of(query.as_deref()) {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let (_, completed, failed) = api.monitor.metrics().checkpoint_counts();
+    // Read in place: the log holds up to 10 000 entries with per-task
+    // detail; only the history asked for is copied out.
+    let body = api.monitor.with_checkpoint_stats(|stats| {
+        let done = || stats.iter().filter(|s| s.status == CheckpointStatus::Completed);
+        let mut durations: Vec<u64> = done().map(|s| s.duration.as_millis() as u64).collect();
+        durations.sort_unstable();
+        let pct =
+            |p: usize| durations.get((durations.len() * p / 100).min(durations.len().saturating_sub(1)));
+        let latest = done().next_back();
+        let shown = &stats[stats.len().saturating_sub(limit.unwrap_or(stats.len()))..];
+        json!({
+            "counts": {
+                "completed": completed,
+                "failed": failed,
+                "in_progress": stats.iter().filter(|s| s.status == CheckpointStatus::InProgress).count(),
+            },
+            "summary": {
+                "duration_p50_ms": pct(50),
+                "duration_p99_ms": pct(99),
+                "duration_max_ms": durations.last(),
+                "state_size_last": latest.map(|s| s.state_size),
+            },
+            "latest_completed": latest.map(stats_json),
+            "history": shown.iter().map(stats_json).collect::<Vec<_>>(),
+        })
     });
     (StatusCode::OK, Json(body))
 }

@@ -47,8 +47,11 @@ where
     f
 }
 
-fn task_labels(task: &str, subtask: u32) -> Labels {
+/// Flink's task labels; `task_id` is the task's vertex in the job graph
+/// (names need not be unique).
+fn task_labels(vertex: u32, task: &str, subtask: u32) -> Labels {
     vec![
+        ("task_id".to_string(), vertex.to_string()),
         ("task_name".to_string(), task.to_string()),
         ("subtask_index".to_string(), subtask.to_string()),
     ]
@@ -58,7 +61,22 @@ fn task_labels(task: &str, subtask: u32) -> Labels {
 /// (per-second figures are zero without one).
 pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
     let status = monitor.status();
-    let stats = monitor.checkpoint_stats();
+    let metrics = monitor.metrics();
+    let (triggered, completed, failed) = metrics.checkpoint_counts();
+    // The newest completed checkpoint and the ones in progress, read in
+    // place (the log can hold 10 000 entries with per-task detail).
+    let (last, in_progress) = monitor.with_checkpoint_stats(|all| {
+        let last = all
+            .iter()
+            .rev()
+            .find(|s| s.status == CheckpointStatus::Completed)
+            .map(|s| (s.duration, s.written_size, s.state_size, s.operators.clone()));
+        let running = all
+            .iter()
+            .filter(|s| s.status == CheckpointStatus::InProgress)
+            .count();
+        (last, running as i64)
+    });
     let mut registry = Registry::with_labels(std::iter::once((
         std::borrow::Cow::Borrowed("job_name"),
         std::borrow::Cow::Owned(status.name.clone()),
@@ -66,25 +84,18 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
     let r = &mut registry;
 
     // Job scope: checkpoints and restarts.
-    let completed: Vec<_> = stats
-        .iter()
-        .filter(|s| s.status == CheckpointStatus::Completed)
-        .collect();
-    let count = |f: &dyn Fn(&CheckpointStatus) -> bool| stats.iter().filter(|s| f(&s.status)).count() as i64;
-    let failed = count(&|s| matches!(s, CheckpointStatus::Failed(_)));
-    let in_progress = count(&|s| *s == CheckpointStatus::InProgress);
     let job = "flink_jobmanager_job_";
     int_gauge(
         r,
         &format!("{job}numberOfCompletedCheckpoints"),
         "Checkpoints (and savepoints) completed",
-        completed.len() as i64,
+        completed as i64,
     );
     int_gauge(
         r,
         &format!("{job}numberOfFailedCheckpoints"),
         "Checkpoints that failed",
-        failed,
+        failed as i64,
     );
     int_gauge(
         r,
@@ -96,37 +107,45 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
         r,
         &format!("{job}totalNumberOfCheckpoints"),
         "Checkpoints triggered",
-        stats.len() as i64,
+        triggered as i64,
     );
-    let last = completed.last();
     int_gauge(
         r,
         &format!("{job}lastCheckpointDuration"),
         "Duration of the last completed checkpoint in milliseconds (-1: none yet)",
-        last.map_or(-1, |s| s.duration.as_millis() as i64),
+        last.as_ref().map_or(-1, |s| s.0.as_millis() as i64),
     );
     int_gauge(
         r,
         &format!("{job}lastCheckpointSize"),
         "Bytes the last completed checkpoint wrote (incremental: its changes; -1: none yet)",
-        last.map_or(-1, |s| s.written_size as i64),
+        last.as_ref().map_or(-1, |s| s.1 as i64),
     );
     int_gauge(
         r,
         &format!("{job}lastCheckpointFullSize"),
         "Bytes of state the last completed checkpoint references (-1: none yet)",
-        last.map_or(-1, |s| s.state_size as i64),
+        last.as_ref().map_or(-1, |s| s.2 as i64),
     );
+    // A restart that restored a checkpoint, else the start from a
+    // savepoint or checkpoint.
+    let restored_ms = status
+        .restart_history
+        .iter()
+        .rev()
+        .find(|e| e.restored_from.is_some())
+        .map(|e| e.time_ms as i64)
+        .or_else(|| {
+            status
+                .restored_from
+                .as_ref()
+                .map(|_| crate::master::now_ms().saturating_sub(status.uptime_ms) as i64)
+        });
     int_gauge(
         r,
         &format!("{job}lastCheckpointRestoreTimestamp"),
-        "When the job last restored a checkpoint, ms since the Unix epoch (-1: never)",
-        status
-            .restart_history
-            .iter()
-            .rev()
-            .find(|e| e.restored_from.is_some())
-            .map_or(-1, |e| e.time_ms as i64),
+        "When the job last restored a checkpoint or savepoint, ms since the Unix epoch (-1: never)",
+        restored_ms.unwrap_or(-1),
     );
     int_gauge(
         r,
@@ -157,7 +176,6 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
             .get_or_create(&vec![("state".to_string(), name)])
             .set(i64::from(s == status.state));
     }
-    let metrics = monitor.metrics();
     r.register(
         "sluice_checkpoint_duration_seconds",
         "Durations of completed checkpoints (trigger to commit)",
@@ -173,7 +191,7 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
         "sluice_operator_state_size_bytes",
         "Bytes of keyed state of each operator in the last completed checkpoint",
     );
-    for (uid, size) in last.map(|s| s.operators.as_slice()).unwrap_or_default() {
+    for (uid, size) in last.as_ref().map(|s| s.3.as_slice()).unwrap_or_default() {
         state_size
             .get_or_create(&vec![("operator_name".to_string(), uid.clone())])
             .set(*size as i64);
@@ -222,7 +240,7 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
         "The read position of each split of a source task",
     );
     for c in monitor.task_counters() {
-        let l = task_labels(&c.task, c.subtask);
+        let l = task_labels(c.vertex, &c.task, c.subtask);
         rec_in.get_or_create(&l).set(c.records_in as i64);
         rec_out.get_or_create(&l).set(c.records_out as i64);
         delay.get_or_create(&l).set((c.start_delay_ms * 1e6) as i64);
@@ -230,7 +248,7 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
         let rate = rates.and_then(|s| {
             s.tasks
                 .iter()
-                .find(|x| x.counters.task == c.task && x.counters.subtask == c.subtask)
+                .find(|x| x.counters.vertex == c.vertex && x.counters.subtask == c.subtask)
         });
         in_rate
             .get_or_create(&l)
