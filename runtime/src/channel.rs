@@ -610,3 +610,43 @@ impl<T> InputGate<T> {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// Records out after `n` records through a writer over 3 channels.
+    fn records_out(partitioner: Partitioner<u64>, n: u64) -> (u64, Vec<usize>) {
+        let metrics = Metrics::default();
+        let task = metrics.task(0, "t", 0, 1, true);
+        let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..3).map(|_| channel::<u64>(64)).unzip();
+        let mut w = OutputWriter::new(senders, partitioner, 0, 128, Arc::from("t")).with_metrics(Some(task));
+        for i in 0..n {
+            w.push(i);
+        }
+        w.flush_partial();
+        let received = receivers
+            .iter_mut()
+            .map(|r| {
+                let mut n = 0;
+                while let Ok(Message::Batch(b)) = r.data.try_recv() {
+                    n += b.len();
+                }
+                n
+            })
+            .collect();
+        (metrics.tasks()[0].records_out, received)
+    }
+
+    #[test]
+    fn records_out_count_each_record_once() {
+        let n = 2 * BATCH_SIZE as u64 + 17;
+        let (out, received) = records_out(Partitioner::Broadcast, n);
+        assert_eq!(received, vec![n as usize; 3], "every channel got every record");
+        assert_eq!(out, n, "a broadcast record counts once");
+        let (out, received) = records_out(Partitioner::Rebalance, n);
+        assert_eq!(received.iter().sum::<usize>(), n as usize);
+        assert_eq!(out, n);
+    }
+}
