@@ -134,6 +134,13 @@ impl std::fmt::Display for SchemaId {
     }
 }
 
+impl SubtaskSnapshot {
+    /// Its keyed state files: the base, then its changes files in order.
+    pub fn state_files(&self) -> impl Iterator<Item = &StateFileHandle> {
+        self.keyed_state.iter().chain(&self.keyed_changes)
+    }
+}
+
 /// The snapshot of one operator (all its subtasks).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorSnapshot {
@@ -376,7 +383,7 @@ impl CheckpointMetadata {
         self.operators
             .iter()
             .flat_map(|o| &o.subtasks)
-            .flat_map(|s| s.keyed_state.iter().chain(&s.keyed_changes))
+            .flat_map(SubtaskSnapshot::state_files)
     }
 
     /// Total size in bytes of the state the checkpoint references: every

@@ -342,7 +342,7 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
                 Err(mpsc::error::TrySendError::Full(())) => {
                     // Backpressure: the time until the channel has room
                     // counts (also when the wait is interrupted).
-                    let _timer = self.metrics.as_deref().map(BackpressureTimer::start);
+                    let _timer = self.metrics.as_deref().map(crate::metrics::WaitTimer::start);
                     self.senders[i]
                         .data
                         .reserve()
@@ -357,28 +357,6 @@ impl<T: Clone + Send + 'static> OutputWriter<T> {
             }
         }
         Ok(())
-    }
-}
-
-/// Adds the time from its start to its drop to a task's backpressured time
-/// (a wait in progress shows in the task's counters while it lasts).
-struct BackpressureTimer<'a> {
-    metrics: &'a crate::metrics::TaskMetrics,
-    since: u64,
-}
-
-impl<'a> BackpressureTimer<'a> {
-    fn start(metrics: &'a crate::metrics::TaskMetrics) -> Self {
-        BackpressureTimer {
-            metrics,
-            since: metrics.wait_started(),
-        }
-    }
-}
-
-impl Drop for BackpressureTimer<'_> {
-    fn drop(&mut self) {
-        self.metrics.wait_ended(self.since);
     }
 }
 

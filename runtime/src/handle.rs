@@ -294,9 +294,7 @@ impl JobMonitor {
 
     /// Records emitted by the sources so far (replays count again).
     pub fn source_records(&self) -> u64 {
-        self.metrics
-            .source_records
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.metrics.source_records()
     }
 
     /// Every task's counters now (records in and out, backpressured time,
@@ -406,15 +404,20 @@ impl StatsLog {
         f(&self.lock())
     }
 
-    /// Whether checkpoint `id` has no final status yet (or is no longer
-    /// in the log): its end is counted once.
-    fn ends_now(&self, id: CheckpointId) -> bool {
-        self.lock().iter().rev().find(|s| s.id == id).is_none_or(|s| {
-            matches!(
-                s.status,
-                CheckpointStatus::InProgress | CheckpointStatus::Unresolved(_)
-            )
-        })
+    /// Changes the entry of checkpoint `id` as it ends; returns whether
+    /// it had no final status yet (or is no longer in the log), so that
+    /// each end is counted once.
+    fn end(&self, id: CheckpointId, f: impl FnOnce(&mut CheckpointStats)) -> bool {
+        let mut stats = self.lock();
+        let Some(s) = stats.iter_mut().rev().find(|s| s.id == id) else {
+            return true;
+        };
+        let open = matches!(
+            s.status,
+            CheckpointStatus::InProgress | CheckpointStatus::Unresolved(_)
+        );
+        f(s);
+        open
     }
 
     /// Adds the entry of a checkpoint just triggered.
@@ -436,11 +439,8 @@ impl StatsLog {
 
     /// Records how checkpoint `id` ended, with its figures.
     pub fn record(&self, id: CheckpointId, st: &CompletedStats, status: CheckpointStatus) {
-        if status == CheckpointStatus::Completed && self.ends_now(id) {
-            self.metrics.checkpoints_completed.fetch_add(1, Ordering::Relaxed);
-            self.metrics.checkpoint_completed(st.duration, &st.alignment);
-        }
-        self.update(id, |s| {
+        let completed = status == CheckpointStatus::Completed;
+        let ends = self.end(id, |s| {
             s.operators = st.operators.clone();
             s.channel_state_size = st.channel;
             s.status = status;
@@ -451,16 +451,20 @@ impl StatsLog {
             s.sync_max = st.sync_max;
             s.async_max = st.async_max;
         });
+        if completed && ends {
+            self.metrics.checkpoints_completed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.checkpoint_completed(st.duration, &st.alignment);
+        }
     }
 
     /// Marks checkpoint `id` failed.
     pub fn failed(&self, id: CheckpointId, reason: &str, duration: Duration) {
-        if self.ends_now(id) {
-            self.metrics.checkpoints_failed.fetch_add(1, Ordering::Relaxed);
-        }
-        self.update(id, |s| {
+        let ends = self.end(id, |s| {
             s.status = CheckpointStatus::Failed(reason.to_string());
             s.duration = duration;
         });
+        if ends {
+            self.metrics.checkpoints_failed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }

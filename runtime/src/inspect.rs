@@ -6,6 +6,7 @@
 
 use crate::error::{Result, RuntimeError};
 use crate::savepoint::RestoreSource;
+use crate::schema::hex;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use sluice_core::{OperatorUid, StateDescriptor};
@@ -206,15 +207,6 @@ fn decode_state_value(d: &StateDescriptor, bytes: &[u8]) -> Value {
         false => d.value_type.clone(),
     };
     value_or_hex(Some(&value_type), bytes)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// Calls `line` with one JSON object per keyed-state entry of operator

@@ -75,14 +75,14 @@ impl TaskMetrics {
 
     /// The task starts waiting for channel capacity with output queued;
     /// returns the start for [`Self::wait_ended`].
-    pub(crate) fn wait_started(&self) -> u64 {
+    fn wait_started(&self) -> u64 {
         let now = mono_ns();
         self.waiting_since_ns.store(now, Ordering::Relaxed);
         now
     }
 
     /// The wait that began at `since` ended (or was interrupted).
-    pub(crate) fn wait_ended(&self, since: u64) {
+    fn wait_ended(&self, since: u64) {
         self.waiting_since_ns.store(0, Ordering::Relaxed);
         self.backpressured_ns
             .fetch_add(mono_ns().saturating_sub(since), Ordering::Relaxed);
@@ -137,6 +137,28 @@ impl TaskMetrics {
     }
 }
 
+/// Adds the time from its start to its drop to a task's backpressured time
+/// (a wait in progress shows in the task's counters while it lasts).
+pub(crate) struct WaitTimer<'a> {
+    metrics: &'a TaskMetrics,
+    since: u64,
+}
+
+impl<'a> WaitTimer<'a> {
+    pub(crate) fn start(metrics: &'a TaskMetrics) -> Self {
+        WaitTimer {
+            metrics,
+            since: metrics.wait_started(),
+        }
+    }
+}
+
+impl Drop for WaitTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.wait_ended(self.since);
+    }
+}
+
 /// Nanoseconds since the first call in this process, plus one (0 is
 /// "not waiting").
 fn mono_ns() -> u64 {
@@ -174,8 +196,6 @@ pub struct TaskCounters {
 /// Job-wide counters and histograms, shared by all tasks and attempts.
 #[derive(Debug)]
 pub struct Metrics {
-    /// Records emitted by sources (replays count again).
-    pub source_records: AtomicU64,
     tasks: Mutex<Vec<Arc<TaskMetrics>>>,
     /// Durations of completed checkpoints, in seconds.
     pub(crate) checkpoint_duration: Histogram,
@@ -197,7 +217,6 @@ fn second_buckets() -> impl Iterator<Item = f64> {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            source_records: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
             checkpoint_duration: Histogram::new(second_buckets()),
             checkpoint_alignment: Histogram::new(second_buckets()),
@@ -226,6 +245,16 @@ impl Metrics {
         let t = Arc::new(TaskMetrics::new(vertex, task, subtask, parallelism, is_source));
         tasks.push(t.clone());
         t
+    }
+
+    /// Records read by the source tasks so far (replays count again).
+    pub fn source_records(&self) -> u64 {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks
+            .iter()
+            .filter(|t| t.is_source)
+            .map(|t| t.records_in.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Every task's counters now, in the order the tasks started.

@@ -222,7 +222,10 @@ pub async fn rewrite_savepoint(
                     ValueError::Value { key, reason } => {
                         RuntimeError::Storage(sluice_core::Error::Incompatible {
                             what: format!("state {state:?} of operator {} in {}", op.uid, source.describe()),
-                            reason: format!("the migration failed on the value of key {key:02x?}: {reason}"),
+                            reason: format!(
+                                "the migration failed on the value of key {}: {reason}",
+                                crate::schema::hex(&key)
+                            ),
                         })
                     }
                 })?;

@@ -233,7 +233,7 @@ pub async fn read_keyed_entries(
 ) -> sluice_core::Result<std::collections::BTreeMap<EntryKey, Vec<u8>>> {
     let mut entries = std::collections::BTreeMap::new();
     for st in &op.subtasks {
-        for file in st.keyed_state.iter().chain(&st.keyed_changes) {
+        for file in st.state_files() {
             let file = StateFileHandle {
                 path: join(base, &file.path),
                 ..file.clone()
@@ -284,11 +284,7 @@ pub async fn copy_savepoint(src: &SavepointLocation, dst: &SavepointLocation) ->
         .into());
     }
     for op in &source.metadata.operators {
-        for file in op
-            .subtasks
-            .iter()
-            .flat_map(|st| st.keyed_state.iter().chain(&st.keyed_changes))
-        {
+        for file in op.subtasks.iter().flat_map(|st| st.state_files()) {
             let bytes = source.storage.read_file(&source.path_of(file)).await?;
             sluice_core::format::verify_snapshot_file(&src.join(&file.path), &bytes, file.crc32)?;
             dst.storage.write_file(&dst.join(&file.path), bytes).await?;

@@ -150,7 +150,6 @@ impl Attempt<'_> {
                     control: ctl_rx,
                     events: events.clone(),
                     writers: self.writers.clone(),
-                    metrics: self.ctx.metrics.clone(),
                     task_metrics: self.ctx.metrics.task(
                         v as u32,
                         &vertex.name,

@@ -408,7 +408,7 @@ impl Coordinator {
                 };
                 let written: u64 = parts
                     .iter()
-                    .flat_map(|a| a.snapshot.keyed_state.iter().chain(&a.snapshot.keyed_changes))
+                    .flat_map(|a| a.snapshot.state_files())
                     .map(|f| f.size)
                     .sum::<u64>()
                     + channel_state.as_ref().map_or(0, |c| c.size);
@@ -474,7 +474,7 @@ impl Coordinator {
                     let size = o
                         .subtasks
                         .iter()
-                        .flat_map(|s| s.keyed_state.iter().chain(&s.keyed_changes))
+                        .flat_map(|s| s.state_files())
                         .map(|f| f.size)
                         .sum();
                     (o.uid.to_string(), size)

@@ -243,10 +243,7 @@ async fn authorize(State(api): State<Arc<Api>>, req: Request, next: Next) -> Res
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, t)| t.trim());
-        let query = req
-            .uri()
-            .query()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+        let query = query_param(req.uri().query(), "token");
         if !bearer
             .or(query)
             .is_some_and(|t| same(t.as_bytes(), token.as_bytes()))
@@ -342,9 +339,16 @@ fn stats_json(s: &CheckpointStats) -> Value {
     })
 }
 
+/// The (first) value of parameter `name` in a query string.
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
 /// `limit=N` of a query string, if given.
 fn limit_of(query: Option<&str>) -> std::result::Result<Option<usize>, String> {
-    let Some(v) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit="))) else {
+    let Some(v) = query_param(query, "limit") else {
         return Ok(None);
     };
     v.parse()

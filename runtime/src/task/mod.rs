@@ -12,7 +12,7 @@ pub(crate) mod source_task;
 
 use crate::barriers::handler::BarrierHandler;
 use crate::error::Result;
-use crate::metrics::{Metrics, TaskMetrics};
+use crate::metrics::TaskMetrics;
 use crate::operator::{InitContext, Operator};
 use crate::savepoint::SavepointLocation;
 use sluice_core::metadata::SubtaskSnapshot;
@@ -92,7 +92,6 @@ pub(crate) struct TaskRuntime {
     pub control: mpsc::UnboundedReceiver<Control>,
     pub events: mpsc::UnboundedSender<TaskEvent>,
     pub writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    pub metrics: Arc<Metrics>,
     /// This task's counters.
     pub task_metrics: Arc<TaskMetrics>,
     pub savepoints: SavepointTargets,

@@ -12,7 +12,6 @@ use crate::source::{Source, SplitReader};
 use serde::Serialize;
 use sluice_core::{CheckpointBarrier, CheckpointId, OperatorUid, SplitPosition};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -191,7 +190,6 @@ pub(crate) async fn run_source_task<T: Serialize + Send + 'static>(
         let mut out = Collector::new(chain.as_mut());
         *more = reader.read(batch_size, &mut out)?;
         let emitted = out.emitted;
-        rt.metrics.source_records.fetch_add(emitted, Ordering::Relaxed);
         rt.task_metrics.records_in(emitted);
         let at = positions(&readers);
         rt.task_metrics.set_positions(&at);
