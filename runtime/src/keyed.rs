@@ -410,11 +410,9 @@ impl KeyedBackend {
     pub fn snapshot(&mut self, barrier: &CheckpointBarrier, parts: &mut SnapshotParts) -> Result<()> {
         let id = barrier.checkpoint_id;
         // Expired entries stay out of every snapshot.
-        if !self.ttl.is_empty() {
-            let (range, ttl) = (self.range, self.ttl.clone());
-            let store = self.store()?;
-            for t in &ttl {
-                t.clean(store.as_mut(), range)?;
+        if let Some(store) = self.store.as_mut() {
+            for t in &self.ttl {
+                t.clean(store.as_mut(), self.range)?;
             }
         }
         let fold = match &self.incremental {

@@ -172,7 +172,6 @@ fn judge_list<T: HeapValue>(v: &[u8], ttl_ms: u64, now: u64) -> Verdict {
 
 /// A state's cleanup: which state, how long its values live, the clock,
 /// and how its values expire.
-#[derive(Clone)]
 pub(crate) struct TtlCleanup {
     id: StateId,
     ttl_ms: u64,
