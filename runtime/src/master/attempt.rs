@@ -20,6 +20,10 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{error, info};
 
+/// How long a closed-channel failure waits for the root cause (see
+/// `Attempt::root_cause`).
+const ROOT_CAUSE_GRACE: Duration = Duration::from_millis(500);
+
 /// What every attempt of a job needs, fixed for the job's life.
 pub(crate) struct JobContext {
     pub name: String,
@@ -246,31 +250,24 @@ impl Attempt<'_> {
                     }
                 }
                 Step::TaskDone(Ok((id, Err(e)))) => {
-                    let name = self
-                        .task_of
-                        .get(&id)
-                        .map(|i| infos[*i].name.as_str())
-                        .unwrap_or("?");
-                    error!("task {name} failed: {e}");
-                    return Err(e);
+                    let named = Named {
+                        task_of: &self.task_of,
+                        infos,
+                    };
+                    let first = named.error(id, e);
+                    let later = |r: TaskResult| match r {
+                        Ok((_, Ok(()))) => None,
+                        Ok((id, Err(e))) => Some(named.error(id, e)),
+                        Err(join) => Some(named.panic(join)),
+                    };
+                    return Err(root_cause(&mut self.tasks, first, later).await);
                 }
                 Step::TaskDone(Err(join)) => {
-                    let name = self
-                        .task_of
-                        .get(&join.id())
-                        .map(|i| infos[*i].name.clone())
-                        .unwrap_or_default();
-                    let message = if join.is_panic() {
-                        let p = join.into_panic();
-                        p.downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "non-string panic".into())
-                    } else {
-                        "task was cancelled".into()
+                    let named = Named {
+                        task_of: &self.task_of,
+                        infos,
                     };
-                    error!("task {name} panicked: {message}");
-                    return Err(RuntimeError::Panic { task: name, message });
+                    return Err(named.panic(join));
                 }
                 Step::Event(TaskEvent::SourceExhausted { task }) => {
                     exhausted[task] = true;
@@ -331,5 +328,122 @@ impl Attempt<'_> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Task failures, logged with the task's name.
+struct Named<'a> {
+    task_of: &'a HashMap<tokio::task::Id, usize>,
+    infos: &'a [TaskInfo],
+}
+
+impl Named<'_> {
+    fn name(&self, id: tokio::task::Id) -> &str {
+        self.task_of
+            .get(&id)
+            .map(|i| self.infos[*i].name.as_str())
+            .unwrap_or("?")
+    }
+
+    /// A task's error.
+    fn error(&self, id: tokio::task::Id, e: RuntimeError) -> RuntimeError {
+        error!("task {} failed: {e}", self.name(id));
+        e
+    }
+
+    /// A task that panicked (or was aborted), as an error.
+    fn panic(&self, join: tokio::task::JoinError) -> RuntimeError {
+        let task = self.name(join.id()).to_string();
+        let message = if join.is_panic() {
+            let p = join.into_panic();
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".into())
+        } else {
+            "task was cancelled".into()
+        };
+        error!("task {task} panicked: {message}");
+        RuntimeError::Panic { task, message }
+    }
+}
+
+/// What a task's join yields.
+type TaskResult = std::result::Result<(tokio::task::Id, Result<()>), tokio::task::JoinError>;
+
+/// The failure an attempt reports, given the `first` task error. A task
+/// that saw a channel close is usually a consequence: the task at fault
+/// dropped its end as it failed, and its own report may arrive a moment
+/// later. So for a closed channel, wait briefly (up to [`ROOT_CAUSE_GRACE`])
+/// for another task's error that is not one, and report that — the root
+/// cause, as Flink does. `describe` turns a task's result into its error
+/// (`None` for a task that ended well).
+async fn root_cause(
+    tasks: &mut JoinSet<Result<()>>,
+    first: RuntimeError,
+    mut describe: impl FnMut(TaskResult) -> Option<RuntimeError>,
+) -> RuntimeError {
+    if !matches!(first, RuntimeError::ChannelClosed { .. }) {
+        return first;
+    }
+    let deadline = tokio::time::Instant::now() + ROOT_CAUSE_GRACE;
+    while let Ok(Some(r)) = tokio::time::timeout_at(deadline, tasks.join_next_with_id()).await {
+        match describe(r) {
+            Some(e) if !matches!(e, RuntimeError::ChannelClosed { .. }) => return e,
+            _ => {}
+        }
+    }
+    first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(task: &str) -> RuntimeError {
+        RuntimeError::ChannelClosed { task: task.into() }
+    }
+
+    fn describe(r: TaskResult) -> Option<RuntimeError> {
+        match r {
+            Ok((_, Ok(()))) => None,
+            Ok((_, Err(e))) => Some(e),
+            Err(join) => Some(RuntimeError::Panic {
+                task: "?".into(),
+                message: join.to_string(),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_channel_gives_way_to_the_failure_that_closed_it() {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async { Ok(()) });
+        tasks.spawn(async { Err(closed("b")) });
+        tasks.spawn(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(RuntimeError::Injected("the root cause".into()))
+        });
+        let e = root_cause(&mut tasks, closed("a"), describe).await;
+        assert!(
+            matches!(&e, RuntimeError::Injected(m) if m == "the root cause"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_root_cause_is_reported_at_once_and_a_lone_closed_channel_stays() {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async { Err(RuntimeError::Injected("later".into())) });
+        let e = root_cause(&mut tasks, RuntimeError::Injected("first".into()), describe).await;
+        assert!(matches!(&e, RuntimeError::Injected(m) if m == "first"), "{e}");
+        // Nothing else fails within the grace: the closed channel is the answer.
+        let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+        tasks.spawn(std::future::pending());
+        let e = root_cause(&mut tasks, closed("a"), describe).await;
+        assert!(
+            matches!(&e, RuntimeError::ChannelClosed { task } if task == "a"),
+            "{e}"
+        );
     }
 }
