@@ -43,27 +43,21 @@ mod storage;
 
 pub use storage::MemoryCheckpointStorage;
 
-use rustc_hash::FxHashMap;
-use sluice_core::heap::{ChangeLog, KeyRef, ShortKey, TableView, Tracking, TypedAccess, TypedTable};
+use sluice_core::bytemap::{ByteMap, ChangedKeys, EpochChanges};
+use sluice_core::heap::{ChangeLog, KeyRef, TableView, Tracking, TypedAccess, TypedTable};
 use sluice_core::state::{ChangeSetVisitor, KeyValueVisitor, SnapshotVisitor};
 use sluice_core::{
     ChangeSnapshot, CheckpointId, Error, KeyGroupRange, KeyedStateStore, LoadBatch, Result, StateBackend,
     StateId, StateSnapshot, StoreScope,
 };
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Values up to 16 bytes are stored inline in the table (no pointer to
 /// chase on a lookup): the common case of sums and counters.
 type Bytes16 = smallvec::SmallVec<[u8; 16]>;
 
-/// The entries of one (state, key group): short keys inline, longer ones
-/// boxed.
-#[derive(Clone, Default)]
-struct Map {
-    short: FxHashMap<ShortKey, Slot>,
-    long: FxHashMap<Box<[u8]>, Slot>,
-}
+/// The entries of one (state, key group).
+type Map = ByteMap<Slot>;
 
 /// A value, and the epoch (of change tracking) that last wrote it: a key
 /// is recorded as changed at its first write of an epoch only, by a
@@ -75,52 +69,15 @@ struct Slot {
     epoch: u64,
 }
 
-impl Map {
-    #[inline]
-    fn get(&self, key: &[u8]) -> Option<&Bytes16> {
-        let slot = if key.len() <= ShortKey::MAX {
-            self.short.get(&ShortKey::new(key))
-        } else {
-            self.long.get(key)
-        };
-        slot.map(|s| &s.value)
-    }
-
-    /// Writes `value`, stamped with `epoch`; true if the key was not written
-    /// in `epoch` before (it is new, or last written in another epoch).
-    #[inline]
-    fn put(&mut self, key: &[u8], value: &[u8], epoch: u64) -> bool {
-        let slot = if key.len() <= ShortKey::MAX {
-            self.short.entry(ShortKey::new(key)).or_default()
-        } else {
-            match self.long.get_mut(key) {
-                Some(v) => v,
-                None => self.long.entry(key.into()).or_default(),
-            }
-        };
-        slot.value.clear();
-        slot.value.extend_from_slice(value);
-        std::mem::replace(&mut slot.epoch, epoch) != epoch
-    }
-
-    fn contains_key(&self, key: &[u8]) -> bool {
-        self.get(key).is_some()
-    }
-
-    fn remove(&mut self, key: &[u8]) {
-        if key.len() <= ShortKey::MAX {
-            self.short.remove(&ShortKey::new(key));
-        } else {
-            self.long.remove(key);
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&[u8], &Slot)> {
-        self.short
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v))
-            .chain(self.long.iter().map(|(k, v)| (&k[..], v)))
-    }
+/// Writes `value` of `key` into `map`, stamped with `epoch`; true if the
+/// key was not written in `epoch` before (it is new, or last written in
+/// another epoch).
+#[inline]
+fn put(map: &mut Map, key: &[u8], value: &[u8], epoch: u64) -> bool {
+    let slot = map.get_or_insert_with(key, Slot::default);
+    slot.value.clear();
+    slot.value.extend_from_slice(value);
+    std::mem::replace(&mut slot.epoch, epoch) != epoch
 }
 
 /// The heap state backend.
@@ -144,7 +101,7 @@ impl StateBackend for MemoryStateBackend {
             range: scope.key_groups,
             names: Vec::new(),
             states: Vec::new(),
-            changes: scope.track_changes.then(Changes::default),
+            changes: scope.track_changes.then(EpochChanges::default),
         }))
     }
 }
@@ -160,7 +117,7 @@ enum Table {
 impl Table {
     fn len(&self) -> usize {
         match self {
-            Table::Bytes(groups) => groups.iter().map(|m| m.short.len() + m.long.len()).sum(),
+            Table::Bytes(groups) => groups.iter().map(|m| m.len()).sum(),
             Table::Typed(t) => t.len(),
         }
     }
@@ -187,55 +144,7 @@ struct MemoryStore {
     /// By state id.
     states: Vec<Table>,
     /// The keys written since each snapshot, when tracking changes.
-    changes: Option<Changes>,
-}
-
-/// Change tracking: the open epoch's keys and the closed epochs', by the
-/// snapshot that closed them.
-struct Changes {
-    /// The open epoch's number (values written in it carry it; never 0,
-    /// the stamp of values written without tracking).
-    epoch: u64,
-    open: ChangeLog,
-    /// Epochs by the checkpoint whose snapshot ended them.
-    closed: BTreeMap<CheckpointId, Arc<ChangeLog>>,
-    /// Snapshots (or the restore) incremental snapshots may be relative to.
-    bases: std::collections::BTreeSet<CheckpointId>,
-}
-
-impl Default for Changes {
-    fn default() -> Self {
-        Changes {
-            epoch: 1,
-            open: ChangeLog::default(),
-            closed: BTreeMap::new(),
-            bases: Default::default(),
-        }
-    }
-}
-
-impl Changes {
-    /// Keys remembered before tracking gives up (the base's completion is
-    /// overdue): the next snapshot is then full.
-    const MAX_KEYS: usize = 1 << 26;
-
-    /// Ends the open epoch at snapshot `id`; the next records up to a
-    /// quarter of the `stored` keys (beyond, the snapshot after it is full
-    /// anyway: see `snapshot_changes`).
-    fn close(&mut self, id: CheckpointId, stored: usize) {
-        self.epoch += 1;
-        let next = ChangeLog::with_limit(stored / 4 + 1024);
-        self.closed
-            .insert(id, Arc::new(std::mem::replace(&mut self.open, next)));
-        self.bases.insert(id);
-        let kept: usize = self.closed.values().map(|d| d.len()).sum();
-        if kept > Self::MAX_KEYS {
-            // Forget everything but this snapshot: later ones are relative to it.
-            self.closed.clear();
-            self.bases.clear();
-            self.bases.insert(id);
-        }
-    }
+    changes: Option<EpochChanges>,
 }
 
 impl MemoryStore {
@@ -294,9 +203,11 @@ impl MemoryStore {
         let g = self.group(key_group)?;
         match (&mut self.states[s], value) {
             (Table::Bytes(groups), Some(v)) => {
-                Arc::make_mut(&mut groups[g]).put(key, v, 0);
+                put(Arc::make_mut(&mut groups[g]), key, v, 0);
             }
-            (Table::Bytes(groups), None) => Arc::make_mut(&mut groups[g]).remove(key),
+            (Table::Bytes(groups), None) => {
+                Arc::make_mut(&mut groups[g]).remove(key);
+            }
             (Table::Typed(t), Some(v)) => {
                 t.put_encoded(key_group, key, v, 0)?;
             }
@@ -377,8 +288,8 @@ impl KeyedStateStore for MemoryStore {
         out.clear();
         match &self.states[s] {
             Table::Bytes(groups) => match groups[g].get(key) {
-                Some(v) => {
-                    out.extend_from_slice(v);
+                Some(slot) => {
+                    out.extend_from_slice(&slot.value);
                     Ok(true)
                 }
                 None => Ok(false),
@@ -393,7 +304,7 @@ impl KeyedStateStore for MemoryStore {
         let g = self.group(key_group)?;
         let epoch = self.changes.as_ref().map_or(0, |c| c.epoch);
         let fresh = match &mut self.states[s] {
-            Table::Bytes(groups) => Arc::make_mut(&mut groups[g]).put(key, value, epoch),
+            Table::Bytes(groups) => put(Arc::make_mut(&mut groups[g]), key, value, epoch),
             Table::Typed(t) => t.put_encoded(key_group, key, value, epoch)?,
         };
         if let Some(c) = self.changes.as_mut().filter(|_| fresh) {
@@ -407,7 +318,7 @@ impl KeyedStateStore for MemoryStore {
         let g = self.group(key_group)?;
         let existed = match &mut self.states[s] {
             Table::Bytes(groups) => {
-                let existed = groups[g].contains_key(key);
+                let existed = groups[g].get(key).is_some();
                 if existed {
                     Arc::make_mut(&mut groups[g]).remove(key);
                 }
@@ -462,7 +373,7 @@ impl KeyedStateStore for MemoryStore {
                 match state {
                     Table::Bytes(groups) => {
                         if let Some(map) = groups.get(g as usize) {
-                            std::hint::black_box(map.get(key.bytes).map(|v| v.len()));
+                            std::hint::black_box(map.get(key.bytes).map(|s| s.value.len()));
                         }
                     }
                     // Typed states are reached with the key's hash in
@@ -486,21 +397,12 @@ impl KeyedStateStore for MemoryStore {
         checkpoint: CheckpointId,
         base: CheckpointId,
     ) -> Result<Option<Box<dyn ChangeSnapshot>>> {
-        let Some(c) = self.changes.as_ref() else {
-            return Ok(None);
-        };
-        if !c.bases.contains(&base) {
-            // The caller takes a full snapshot, which ends the epoch.
-            return Ok(None);
-        }
+        let stored = self.stored();
         // A quarter of the keys or more changed: a full snapshot is not much
         // larger and cheaper to write (a scan of the maps instead of a
         // lookup per changed key; measured break-even near 15 %).
-        let changed: usize =
-            c.open.len() + c.closed.range(base.next()..).map(|(_, e)| e.len()).sum::<usize>();
-        let overflowed = c.open.overflowed() || c.closed.range(base.next()..).any(|(_, e)| e.overflowed());
-        let stored = self.stored();
-        if overflowed || changed.saturating_mul(4) > stored {
+        if !self.changes.as_ref().is_some_and(|c| c.worth_it(base, stored)) {
+            // The caller takes a full snapshot, which ends the epoch.
             return Ok(None);
         }
         let view = self.view();
@@ -511,11 +413,7 @@ impl KeyedStateStore for MemoryStore {
         // The epochs since `base` (shared, not copied: which keys changed is
         // worked out in the asynchronous part), read against the
         // copy-on-write view.
-        let epochs = c
-            .closed
-            .range(base.next()..=checkpoint)
-            .map(|(_, e)| e.clone())
-            .collect();
+        let epochs = c.since(base, checkpoint);
         Ok(Some(Box::new(MemoryChanges {
             view,
             epochs,
@@ -525,19 +423,13 @@ impl KeyedStateStore for MemoryStore {
 
     fn checkpoint_complete(&mut self, checkpoint: CheckpointId) {
         if let Some(c) = self.changes.as_mut() {
-            // Later incremental snapshots are relative to `checkpoint` or newer.
-            c.closed = c.closed.split_off(&checkpoint.next());
-            c.bases = c.bases.split_off(&checkpoint);
+            c.complete(checkpoint);
         }
     }
 
     fn restored(&mut self, checkpoint: CheckpointId) {
         if let Some(c) = self.changes.as_mut() {
-            // The restore's writes are the base, not changes.
-            let epoch = c.epoch;
-            *c = Changes::default();
-            c.epoch = epoch + 1;
-            c.bases.insert(checkpoint);
+            c.restored(checkpoint);
         }
     }
 }
@@ -551,26 +443,6 @@ struct MemoryChanges {
     /// Their keys, sorted by key group and deduplicated, built at the first
     /// visit (in the asynchronous part).
     index: std::sync::OnceLock<ChangedKeys>,
-}
-
-/// The keys changed in some epochs, sorted by (key group, state, key).
-struct ChangedKeys {
-    short: Vec<(u32, StateId, ShortKey)>,
-    long: Vec<(u32, StateId, Box<[u8]>)>,
-}
-
-impl ChangedKeys {
-    fn of(epochs: &[Arc<ChangeLog>]) -> Self {
-        let mut short: Vec<(u32, StateId, ShortKey)> =
-            epochs.iter().flat_map(|e| e.short.iter().copied()).collect();
-        short.sort_unstable_by(|a, b| (a.0, a.1, a.2.as_slice()).cmp(&(b.0, b.1, b.2.as_slice())));
-        short.dedup_by(|a, b| (a.0, a.1, a.2.as_slice()) == (b.0, b.1, b.2.as_slice()));
-        let mut long: Vec<(u32, StateId, Box<[u8]>)> =
-            epochs.iter().flat_map(|e| e.long.iter().cloned()).collect();
-        long.sort_unstable();
-        long.dedup();
-        ChangedKeys { short, long }
-    }
 }
 
 impl ChangeSnapshot for MemoryChanges {
@@ -588,20 +460,10 @@ impl ChangeSnapshot for MemoryChanges {
         }
         let keys = self.index.get_or_init(|| ChangedKeys::of(&self.epochs));
         let g = (key_group - self.view.range.start) as usize;
-        let short = {
-            let from = keys.short.partition_point(|e| e.0 < key_group);
-            let to = keys.short.partition_point(|e| e.0 <= key_group);
-            keys.short[from..to].iter().map(|(_, s, k)| (*s, k.as_slice()))
-        };
-        let long = {
-            let from = keys.long.partition_point(|e| e.0 < key_group);
-            let to = keys.long.partition_point(|e| e.0 <= key_group);
-            keys.long[from..to].iter().map(|(_, s, k)| (*s, &k[..]))
-        };
         let mut buf = Vec::new();
-        for (s, k) in short.chain(long) {
+        for (s, k) in keys.of_group(key_group) {
             let value = match &self.view.states[s as usize] {
-                View::Bytes(groups) => groups[g].get(k).map(|v| &v[..]),
+                View::Bytes(groups) => groups[g].get(k).map(|s| &s.value[..]),
                 View::Typed(t) => t.get_encoded(key_group, k, &mut buf)?.then_some(&buf[..]),
             };
             visit(s, k, value)?;

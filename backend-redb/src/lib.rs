@@ -4,9 +4,10 @@
 //!
 //! - [`RedbStateBackend`]: keyed working state in one redb file per
 //!   subtask, larger than memory, behind a bounded in-memory write buffer
-//!   and read cache. Its synchronous snapshot step flushes the buffer and
-//!   opens a read transaction (an MVCC view); the asynchronous step streams
-//!   the canonical format from that view while writes go on.
+//!   (copy-on-write maps per key group) and read cache. Its synchronous
+//!   snapshot step shares the buffer's maps and opens a read transaction
+//!   (an MVCC view); the asynchronous step streams the canonical format
+//!   from that view while writes go on.
 //! - [`RedbCheckpointStorage`]: checkpoints in one local redb file, with a
 //!   durable, atomic metadata commit.
 //!
@@ -24,6 +25,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod buffer;
 mod state;
 mod storage;
 

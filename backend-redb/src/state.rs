@@ -6,28 +6,34 @@
 //! `state id (u16 BE) | key group (u32 BE) | key`, so one state's key group
 //! is one contiguous range.
 //!
-//! Writes go to a bounded in-memory buffer of dirty entries and tombstones.
-//! A checkpoint's synchronous step *freezes* the buffer (it becomes an
-//! immutable layer; a new buffer takes the writes) and opens a read
-//! transaction: the snapshot is that MVCC view with the frozen layers on
-//! top, which the asynchronous step merges and encodes while processing
-//! goes on. Reads look in the buffer, the frozen layers (newest first), a
-//! bounded read cache, then redb. The buffer and the layers are flushed
-//! into redb in one write transaction when together they exceed the write
-//! buffer size, or when there are [`MAX_LAYERS`] layers.
+//! Writes go to a bounded in-memory write buffer of entries and tombstones,
+//! one copy-on-write map per (state, key group) (see `buffer.rs`). A
+//! checkpoint's synchronous step shares the buffer's maps and opens a read
+//! transaction: the snapshot is that MVCC view with the maps on top, which
+//! the asynchronous step encodes while processing goes on (the first write
+//! into a key group the snapshot still holds copies that key group). Reads
+//! look in the buffer, a bounded read cache, then redb. The buffer is
+//! flushed into redb in one write transaction when it exceeds its size.
+//!
+//! Incremental snapshots track which keys each epoch between two snapshots
+//! wrote ([`EpochChanges`]); the changes since a base are those keys, read
+//! from the snapshot's view (a key in neither the maps nor redb was
+//! deleted).
 
+use crate::buffer::{self, WriteBuffer, ENTRY_OVERHEAD};
 use crate::corrupt_or_storage;
 use redb::{
     Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
 };
 use rustc_hash::FxHashMap;
+use sluice_core::bytemap::{ChangedKeys, EpochChanges};
+use sluice_core::heap::ChangeLog;
 use sluice_core::state::{ChangeSetVisitor, KeyValueVisitor, SnapshotVisitor};
 use sluice_core::{
     ChangeSnapshot, CheckpointId, Error, KeyGroupRange, KeyedStateStore, LoadBatch, LoadEntry, Result,
     StateBackend, StateId, StateSnapshot, StoreScope,
 };
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,20 +44,6 @@ const HEADER: usize = 6;
 /// Every this many buffer flushes, one is durable so that redb can reuse
 /// the pages that earlier transactions freed.
 const DURABLE_EVERY: u64 = 8;
-/// Frozen layers kept before they are flushed into redb (each one costs
-/// reads of keys not in the newer ones a lookup).
-pub const MAX_LAYERS: usize = 8;
-/// Heap bytes an entry of a write buffer or the read cache costs beyond its
-/// key and value bytes (the hash table's slot, and an allocation each for
-/// key and value): counted so that the configured bounds are the memory
-/// really used.
-const ENTRY_OVERHEAD: usize = 96;
-
-/// Dirty entries (`None`: a tombstone) by full key.
-type Dirty = FxHashMap<Vec<u8>, Option<Vec<u8>>>;
-
-/// Dirty entries sorted by full key.
-type SortedDirty = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// Memory bounds of the redb state backend.
 #[derive(Debug, Clone)]
@@ -146,17 +138,14 @@ impl StateBackend for RedbStateBackend {
             name,
             range: scope.key_groups,
             names: Vec::new(),
-            buffer: FxHashMap::default(),
-            buffer_bytes: 0,
-            frozen: Vec::new(),
-            frozen_bytes: 0,
+            buffer: WriteBuffer::new(scope.key_groups),
             cache: FxHashMap::default(),
             cache_bytes: 0,
             reader: None,
             full: Vec::with_capacity(64),
             flushes: 0,
             config: self.config.clone(),
-            tracking: scope.track_changes.then(Tracking::default),
+            changes: scope.track_changes.then(EpochChanges::default),
         }))
     }
 }
@@ -167,63 +156,15 @@ struct RedbStore {
     name: String,
     range: KeyGroupRange,
     names: Vec<String>,
-    buffer: Dirty,
-    buffer_bytes: usize,
-    /// Buffers frozen by snapshots, oldest first; not in redb yet.
-    frozen: Vec<Arc<Dirty>>,
-    frozen_bytes: usize,
+    buffer: WriteBuffer,
     cache: FxHashMap<Vec<u8>, Vec<u8>>,
     cache_bytes: usize,
     reader: Option<ReadOnlyTable<&'static [u8], &'static [u8]>>,
     full: Vec<u8>,
     flushes: u64,
     config: RedbStateConfig,
-    /// The changes since recent snapshots, when tracking them.
-    tracking: Option<Tracking>,
-}
-
-/// Change tracking for incremental snapshots: the write buffers of each
-/// epoch (between two snapshots), kept as the shared layers they already
-/// are — a buffer flushed into redb mid-epoch stays here as a part.
-#[derive(Default)]
-struct Tracking {
-    /// Parts of the open epoch flushed before its end.
-    open: Vec<Arc<Dirty>>,
-    /// Closed epochs by the snapshot that ended them, their parts oldest first.
-    closed: BTreeMap<CheckpointId, Vec<Arc<Dirty>>>,
-    /// Snapshots (or the restore) incremental snapshots may be relative to.
-    bases: std::collections::BTreeSet<CheckpointId>,
-    /// Approximate bytes the parts hold.
-    bytes: usize,
-}
-
-impl Tracking {
-    /// Bytes of changes kept before tracking gives up (the base's
-    /// completion is overdue): the next snapshot is then full.
-    const MAX_BYTES: usize = 128 << 20;
-
-    /// Ends the open epoch at snapshot `id`, with `last` (the buffer frozen
-    /// by the snapshot) as its newest part.
-    fn close(&mut self, id: CheckpointId, last: Option<Arc<Dirty>>) {
-        let mut parts = std::mem::take(&mut self.open);
-        parts.extend(last);
-        self.bytes += parts.iter().map(|p| dirty_bytes(p)).sum::<usize>();
-        self.closed.insert(id, parts);
-        self.bases.insert(id);
-        if self.bytes > Self::MAX_BYTES {
-            self.closed.clear();
-            self.bases.clear();
-            self.bases.insert(id);
-            self.bytes = 0;
-        }
-    }
-}
-
-/// Approximate heap bytes of a layer.
-fn dirty_bytes(d: &Dirty) -> usize {
-    d.iter()
-        .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + ENTRY_OVERHEAD)
-        .sum()
+    /// The keys changed since recent snapshots, when tracking changes.
+    changes: Option<EpochChanges>,
 }
 
 impl Drop for RedbStore {
@@ -280,6 +221,13 @@ impl RedbStore {
             .ok_or_else(|| Error::storage(&self.name, "no read transaction"))
     }
 
+    /// Entries stored (in redb and the buffer; an upper bound of the keys).
+    fn stored(&mut self) -> Result<usize> {
+        let buffered = self.buffer.len();
+        let rows = self.reader()?.len().map_err(|e| Error::storage(&self.name, e))?;
+        Ok(buffered + usize::try_from(rows).unwrap_or(usize::MAX))
+    }
+
     fn cache_insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
         let size = key.len() + value.len() + ENTRY_OVERHEAD;
         if self.cache_bytes + size > self.config.read_cache_bytes {
@@ -310,63 +258,47 @@ impl RedbStore {
         Ok(tx)
     }
 
-    /// Writes the frozen layers and the buffer in one transaction.
+    /// Writes the buffer into redb in one transaction, in key order (the
+    /// inserts walk the B-tree in order instead of at random); the written
+    /// values go to the read cache.
     fn flush(&mut self, durable: bool) -> Result<()> {
-        if self.buffer.is_empty() && self.frozen.is_empty() && !durable {
+        if self.buffer.is_empty() && !durable {
             return Ok(());
         }
         let name = self.name.clone();
         let tx = self.write_tx(durable)?;
-        // Newer layers win; sorted, the inserts walk the B-tree in order
-        // instead of at random.
-        let layers: Vec<Arc<Dirty>> = if let Some(t) = self.tracking.as_mut() {
-            // The open epoch's buffer stays a tracked part: share it.
-            let buffer = Arc::new(std::mem::take(&mut self.buffer));
-            if !buffer.is_empty() {
-                t.open.push(buffer.clone());
-            }
-            let mut layers = std::mem::take(&mut self.frozen);
-            layers.push(buffer);
-            layers
-        } else {
-            let mut layers = std::mem::take(&mut self.frozen);
-            layers.push(Arc::new(std::mem::take(&mut self.buffer)));
-            layers
-        };
-        // Merged by reference (the layers are shared with change tracking:
-        // no copy of every entry), newest wins, sorted so that the inserts
-        // walk the B-tree in order instead of at random.
-        let dirty = merge_layers_ref(&layers);
-        self.buffer_bytes = 0;
-        self.frozen_bytes = 0;
+        let groups = self.buffer.take();
+        let dirty = buffer::sorted(&groups, self.range);
         {
             let mut table = tx.open_table(STATE).map_err(|e| Error::storage(&name, e))?;
-            for (k, v) in &dirty {
-                match v {
+            for (s, key_group, k, d) in &dirty {
+                compose(&mut self.full, *s, *key_group, k);
+                match &d.value {
                     Some(v) => {
-                        table.insert(*k, *v).map_err(|e| Error::storage(&name, e))?;
+                        table
+                            .insert(self.full.as_slice(), v.as_slice())
+                            .map_err(|e| Error::storage(&name, e))?;
                     }
                     None => {
-                        table.remove(*k).map_err(|e| Error::storage(&name, e))?;
+                        table
+                            .remove(self.full.as_slice())
+                            .map_err(|e| Error::storage(&name, e))?;
                     }
                 }
             }
         }
         tx.commit().map_err(|e| Error::storage(&name, e))?;
         self.reader = None;
-        let written: Vec<(Vec<u8>, Option<Vec<u8>>)> = dirty
-            .into_iter()
-            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
-            .collect();
-        drop(layers);
-        for (k, v) in written {
-            match v {
-                Some(v) => self.cache_insert(k, v),
+        let mut full = Vec::new();
+        for (s, key_group, k, d) in dirty {
+            compose(&mut full, s, key_group, k);
+            match &d.value {
+                Some(v) => self.cache_insert(full.clone(), v.to_vec()),
                 None => {
-                    if let Some(old) = self.cache.remove(&k) {
+                    if let Some(old) = self.cache.remove(&full) {
                         self.cache_bytes = self
                             .cache_bytes
-                            .saturating_sub(k.len() + old.len() + ENTRY_OVERHEAD);
+                            .saturating_sub(full.len() + old.len() + ENTRY_OVERHEAD);
                     }
                 }
             }
@@ -374,33 +306,42 @@ impl RedbStore {
         Ok(())
     }
 
-    fn buffer_write(&mut self, value: Option<&[u8]>) -> Result<()> {
-        let added = self.full.len() + value.map_or(0, |v| v.len()) + ENTRY_OVERHEAD;
-        match self.buffer.get_mut(self.full.as_slice()) {
-            Some(slot) => match (slot, value) {
-                (Some(old), Some(v)) => {
-                    old.clear();
-                    old.extend_from_slice(v);
-                }
-                (slot, v) => *slot = v.map(|v| v.to_vec()),
-            },
-            None => {
-                self.buffer.insert(self.full.clone(), value.map(|v| v.to_vec()));
-                self.buffer_bytes += added;
-            }
+    /// Buffers a write (`None`: a deletion) of a checked key; flushes when
+    /// the buffer is full.
+    fn buffer_write(
+        &mut self,
+        state: StateId,
+        key_group: u32,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<()> {
+        let epoch = self.changes.as_ref().map_or(0, |c| c.epoch);
+        let fresh = self.buffer.write(state, key_group, key, value, epoch);
+        if let Some(c) = self.changes.as_mut().filter(|_| fresh) {
+            c.open.mark(key_group, state, key);
         }
-        if self.buffer_bytes + self.frozen_bytes > self.config.write_buffer_bytes {
+        if self.buffer.bytes() > self.config.write_buffer_bytes {
             self.flush(false)?;
         }
         Ok(())
     }
 
-    /// The newest dirty entry of the full key `self.full`, if any.
-    fn dirty(&self) -> Option<&Option<Vec<u8>>> {
-        let key = self.full.as_slice();
-        self.buffer
-            .get(key)
-            .or_else(|| self.frozen.iter().rev().find_map(|l| l.get(key)))
+    /// The snapshot's view: the buffer's maps on a read transaction.
+    fn view(&self) -> Result<View> {
+        let read = self
+            .db()?
+            .begin_read()
+            .map_err(|e| Error::storage(&self.name, e))?;
+        let table = read
+            .open_table(STATE)
+            .map_err(|e| Error::storage(&self.name, e))?;
+        Ok(View {
+            table,
+            groups: self.buffer.view(),
+            names: self.names.clone(),
+            range: self.range,
+            name: self.name.clone(),
+        })
     }
 }
 
@@ -416,15 +357,15 @@ impl KeyedStateStore for RedbStore {
             });
         }
         self.names.push(name.to_string());
+        self.buffer.add_state();
         Ok((self.names.len() - 1) as StateId)
     }
 
     fn get(&mut self, state: StateId, key_group: u32, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
         self.check(state, key_group)?;
-        compose(&mut self.full, state, key_group, key);
         out.clear();
-        if let Some(entry) = self.dirty() {
-            return Ok(match entry {
+        if let Some(d) = self.buffer.get(state, key_group, key) {
+            return Ok(match &d.value {
                 Some(v) => {
                     out.extend_from_slice(v);
                     true
@@ -432,6 +373,7 @@ impl KeyedStateStore for RedbStore {
                 None => false,
             });
         }
+        compose(&mut self.full, state, key_group, key);
         if let Some(v) = self.cache.get(self.full.as_slice()) {
             out.extend_from_slice(v);
             return Ok(true);
@@ -458,14 +400,12 @@ impl KeyedStateStore for RedbStore {
 
     fn put(&mut self, state: StateId, key_group: u32, key: &[u8], value: &[u8]) -> Result<()> {
         self.check(state, key_group)?;
-        compose(&mut self.full, state, key_group, key);
-        self.buffer_write(Some(value))
+        self.buffer_write(state, key_group, key, Some(value))
     }
 
     fn delete(&mut self, state: StateId, key_group: u32, key: &[u8]) -> Result<()> {
         self.check(state, key_group)?;
-        compose(&mut self.full, state, key_group, key);
-        self.buffer_write(None)
+        self.buffer_write(state, key_group, key, None)
     }
 
     fn scan_prefix(
@@ -480,34 +420,29 @@ impl KeyedStateStore for RedbStore {
         compose(&mut start, state, key_group, prefix);
         let mut end = Vec::new();
         compose(&mut end, state, key_group + 1, &[]);
-        let name = self.name.clone();
-        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        for row in self
-            .reader()?
+        // redb's rows the buffer does not shadow (its newer values and
+        // tombstones), then the buffer's values.
+        self.reader()?;
+        let table = self
+            .reader
+            .as_ref()
+            .ok_or_else(|| Error::storage(&self.name, "no read transaction"))?;
+        for row in table
             .range(start.as_slice()..end.as_slice())
-            .map_err(|e| corrupt_or_storage(&name, e))?
+            .map_err(|e| corrupt_or_storage(&self.name, e))?
         {
-            let (k, v) = row.map_err(|e| corrupt_or_storage(&name, e))?;
+            let (k, v) = row.map_err(|e| corrupt_or_storage(&self.name, e))?;
             if !k.value().starts_with(&start) {
                 break;
             }
-            merged.insert(k.value().to_vec(), Some(v.value().to_vec()));
-        }
-        for layer in self
-            .frozen
-            .iter()
-            .map(|l| l.as_ref())
-            .chain(std::iter::once(&self.buffer))
-        {
-            for (k, v) in layer {
-                if k.starts_with(&start) {
-                    merged.insert(k.clone(), v.clone());
-                }
+            let key = &k.value()[HEADER..];
+            if self.buffer.get(state, key_group, key).is_none() {
+                visit(key, v.value())?;
             }
         }
-        for (k, v) in merged {
-            if let Some(v) = v {
-                visit(&k[HEADER..], &v)?;
+        for (k, d) in self.buffer.group(state, key_group).iter() {
+            if let Some(v) = d.value.as_deref().filter(|_| k.starts_with(prefix)) {
+                visit(k, v)?;
             }
         }
         Ok(())
@@ -516,22 +451,13 @@ impl KeyedStateStore for RedbStore {
     fn prefetch(&mut self, _key: &sluice_core::heap::KeyRef<'_>) {}
 
     fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
-        self.end_epoch(checkpoint)?;
-        let read = self
-            .db()?
-            .begin_read()
-            .map_err(|e| Error::storage(&self.name, e))?;
-        let table = read
-            .open_table(STATE)
-            .map_err(|e| Error::storage(&self.name, e))?;
-        Ok(Box::new(RedbSnapshot {
-            table,
-            layers: self.frozen.clone(),
-            merged: std::sync::OnceLock::new(),
-            names: self.names.clone(),
-            range: self.range,
-            name: self.name.clone(),
-        }))
+        if self.changes.is_some() {
+            let stored = self.stored()?;
+            if let Some(c) = self.changes.as_mut() {
+                c.close(checkpoint, stored);
+            }
+        }
+        Ok(Box::new(self.view()?))
     }
 
     fn snapshot_changes(
@@ -539,43 +465,28 @@ impl KeyedStateStore for RedbStore {
         checkpoint: CheckpointId,
         base: CheckpointId,
     ) -> Result<Option<Box<dyn ChangeSnapshot>>> {
-        let Some(t) = self.tracking.as_ref().filter(|t| t.bases.contains(&base)) else {
-            // The caller takes a full snapshot, which ends the epoch.
-            return Ok(None);
-        };
-        // A quarter of the entries or more changed: a full snapshot is not
-        // much larger and cheaper to write (a merge-join with redb's rows
-        // instead of merging every write buffer since the base).
-        let parts = t
-            .open
-            .iter()
-            .chain(t.closed.range(base.next()..).flat_map(|(_, p)| p));
-        let changed = self.buffer.len() + parts.map(|p| p.len()).sum::<usize>();
-        let buffered = self.buffer.len() + self.frozen.iter().map(|l| l.len()).sum::<usize>();
-        let stored = self.reader()?.len().map_err(|e| Error::storage(&self.name, e))?;
-        if (changed as u64).saturating_mul(4) > stored + buffered as u64 {
+        if self.changes.is_none() {
             return Ok(None);
         }
-        self.end_epoch(checkpoint)?;
-        let Some(t) = self.tracking.as_ref() else {
-            return Ok(None);
-        };
-        if !t.bases.contains(&base) {
-            // Tracking gave up while ending the epoch (too much kept).
+        let stored = self.stored()?;
+        // A quarter of the keys or more changed (or the changes since
+        // `base` are not known): the caller takes a full snapshot, which
+        // ends the epoch.
+        if !self.changes.as_ref().is_some_and(|c| c.worth_it(base, stored)) {
             return Ok(None);
         }
-        // The epochs after `base`, oldest first (newer parts win), merged
-        // in the asynchronous part.
-        let parts: Vec<Arc<Dirty>> = t
-            .closed
-            .range(base.next()..=checkpoint)
-            .flat_map(|(_, parts)| parts.iter().cloned())
-            .collect();
+        let view = self.view()?;
+        let Some(c) = self.changes.as_mut() else {
+            return Ok(None);
+        };
+        c.close(checkpoint, stored);
+        // The epochs since `base` (shared: which keys changed is worked out
+        // in the asynchronous part), read against the view.
+        let epochs = c.since(base, checkpoint);
         Ok(Some(Box::new(RedbChanges {
-            parts,
-            merged: std::sync::OnceLock::new(),
-            names: self.names.clone(),
-            range: self.range,
+            view,
+            epochs,
+            index: std::sync::OnceLock::new(),
         })))
     }
 
@@ -664,123 +575,42 @@ impl KeyedStateStore for RedbStore {
     }
 
     fn checkpoint_complete(&mut self, checkpoint: CheckpointId) {
-        if let Some(t) = self.tracking.as_mut() {
-            // Later incremental snapshots are relative to `checkpoint` or newer.
-            t.closed = t.closed.split_off(&checkpoint.next());
-            t.bases = t.bases.split_off(&checkpoint);
-            t.bytes = t.closed.values().flatten().map(|p| dirty_bytes(p)).sum();
+        if let Some(c) = self.changes.as_mut() {
+            c.complete(checkpoint);
         }
     }
 
     fn restored(&mut self, checkpoint: CheckpointId) {
-        if self.tracking.is_some() {
-            // The restore's writes are the base, not changes: into redb, and
-            // tracking starts over.
-            let _ = self.flush(false);
-            self.tracking = Some(Tracking::default());
-            if let Some(t) = self.tracking.as_mut() {
-                t.bases.insert(checkpoint);
-            }
+        if let Some(c) = self.changes.as_mut() {
+            // The restore's writes are the base, not changes.
+            c.restored(checkpoint);
         }
     }
 }
 
-impl RedbStore {
-    /// The synchronous step shared by full and incremental snapshots: the
-    /// buffer becomes a frozen layer (cheap; unless there are too many,
-    /// then everything goes into redb first) and, when tracking, the last
-    /// part of epoch `checkpoint`.
-    fn end_epoch(&mut self, checkpoint: CheckpointId) -> Result<()> {
-        let mut last = None;
-        if !self.buffer.is_empty() {
-            let layer = Arc::new(std::mem::take(&mut self.buffer));
-            last = Some(layer.clone());
-            self.frozen.push(layer);
-            self.frozen_bytes += std::mem::take(&mut self.buffer_bytes);
-        }
-        if let Some(t) = self.tracking.as_mut() {
-            t.close(checkpoint, last);
-        }
-        if self.frozen.len() > MAX_LAYERS {
-            self.flush(false)?;
-        }
-        Ok(())
-    }
-}
-
-/// Write buffers, oldest first, merged by reference (the newest entry of
-/// a key wins) and sorted by key.
-fn merge_layers_ref(layers: &[Arc<Dirty>]) -> Vec<(&[u8], Option<&[u8]>)> {
-    let mut newest: FxHashMap<&[u8], Option<&[u8]>> = FxHashMap::default();
-    for layer in layers.iter().rev() {
-        for (k, v) in layer.iter() {
-            newest.entry(k.as_slice()).or_insert(v.as_deref());
-        }
-    }
-    let mut m: Vec<(&[u8], Option<&[u8]>)> = newest.into_iter().collect();
-    m.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    m
-}
-
-/// Write buffers, oldest first, merged (the newest entry of a key wins)
-/// and sorted by key.
-fn merge_layers(layers: &[Arc<Dirty>]) -> SortedDirty {
-    merge_layers_ref(layers)
-        .into_iter()
-        .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
-        .collect()
-}
-
-/// The changes of a [`RedbStore`] since a base: its epochs' write buffers
-/// merged (newest wins), sorted by key.
-struct RedbChanges {
-    /// The write buffers since the base, oldest first.
-    parts: Vec<Arc<Dirty>>,
-    /// They merged (newest wins) and sorted, built at the first visit.
-    merged: std::sync::OnceLock<SortedDirty>,
-    names: Vec<String>,
-    range: KeyGroupRange,
-}
-
-impl ChangeSnapshot for RedbChanges {
-    fn key_groups(&self) -> KeyGroupRange {
-        self.range
-    }
-
-    fn state_names(&self) -> Vec<String> {
-        self.names.clone()
-    }
-
-    fn visit_key_group(&self, key_group: u32, visit: &mut ChangeSetVisitor<'_>) -> Result<()> {
-        let merged = self.merged.get_or_init(|| merge_layers(&self.parts));
-        for s in 0..self.names.len() as StateId {
-            let (mut start, mut end) = (Vec::new(), Vec::new());
-            compose(&mut start, s, key_group, &[]);
-            compose(&mut end, s, key_group + 1, &[]);
-            let from = merged.partition_point(|(k, _)| k.as_slice() < start.as_slice());
-            let to = merged.partition_point(|(k, _)| k.as_slice() < end.as_slice());
-            for (k, v) in &merged[from..to] {
-                visit(s, &k[HEADER..], v.as_deref())?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A read transaction's view of a [`RedbStore`] with the layers frozen at
-/// the snapshot on top.
-struct RedbSnapshot {
+/// A read transaction's view of a [`RedbStore`] with the buffer's maps,
+/// as they were at the snapshot, on top.
+struct View {
     table: ReadOnlyTable<&'static [u8], &'static [u8]>,
-    layers: Vec<Arc<Dirty>>,
-    /// The layers merged (newest wins) and sorted by key (built on first
-    /// use, by the asynchronous step).
-    merged: std::sync::OnceLock<SortedDirty>,
+    groups: buffer::Groups,
     names: Vec<String>,
     range: KeyGroupRange,
     name: String,
 }
 
-impl StateSnapshot for RedbSnapshot {
+impl View {
+    fn check(&self, key_group: u32) -> Result<usize> {
+        if !self.range.contains(key_group) {
+            return Err(Error::InvalidArgument {
+                what: format!("key group {key_group}"),
+                reason: format!("outside the snapshot's range {}", self.range),
+            });
+        }
+        Ok((key_group - self.range.start) as usize)
+    }
+}
+
+impl StateSnapshot for View {
     fn key_groups(&self) -> KeyGroupRange {
         self.range
     }
@@ -790,45 +620,76 @@ impl StateSnapshot for RedbSnapshot {
     }
 
     fn visit_key_group(&self, key_group: u32, visit: &mut SnapshotVisitor<'_>) -> Result<()> {
-        if !self.range.contains(key_group) {
-            return Err(Error::InvalidArgument {
-                what: format!("key group {key_group}"),
-                reason: format!("outside the snapshot's range {}", self.range),
-            });
-        }
-        let merged = self.merged.get_or_init(|| merge_layers(&self.layers));
-        for s in 0..self.names.len() as StateId {
+        let g = self.check(key_group)?;
+        for (s, groups) in self.groups.iter().enumerate() {
+            let s = s as StateId;
+            let map = &groups[g];
             let (mut start, mut end) = (Vec::new(), Vec::new());
             compose(&mut start, s, key_group, &[]);
             compose(&mut end, s, key_group + 1, &[]);
-            // A merge of two sorted runs: redb's rows and the layers'
-            // entries, the layers winning (a tombstone hides the row).
-            let from = merged.partition_point(|(k, _)| k.as_slice() < start.as_slice());
-            let to = merged.partition_point(|(k, _)| k.as_slice() < end.as_slice());
-            let mut layer = merged[from..to].iter().map(|(k, v)| (k, v)).peekable();
+            // redb's rows the buffer does not shadow, then the buffer's
+            // values (a tombstone hides the row).
             for row in self
                 .table
                 .range(start.as_slice()..end.as_slice())
                 .map_err(|e| corrupt_or_storage(&self.name, e))?
             {
                 let (k, v) = row.map_err(|e| corrupt_or_storage(&self.name, e))?;
-                let key = k.value();
-                while let Some((lk, lv)) = layer.next_if(|(lk, _)| lk.as_slice() < key) {
-                    if let Some(lv) = lv {
-                        visit(s, &lk[HEADER..], lv)?;
-                    }
-                }
-                match layer.next_if(|(lk, _)| lk.as_slice() == key) {
-                    Some((_, Some(lv))) => visit(s, &key[HEADER..], lv)?,
-                    Some((_, None)) => {}
-                    None => visit(s, &key[HEADER..], v.value())?,
+                let key = &k.value()[HEADER..];
+                if map.get(key).is_none() {
+                    visit(s, key, v.value())?;
                 }
             }
-            for (lk, lv) in layer {
-                if let Some(lv) = lv {
-                    visit(s, &lk[HEADER..], lv)?;
+            for (k, d) in map.iter() {
+                if let Some(v) = &d.value {
+                    visit(s, k, v)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// The changes of a [`RedbStore`] since a base: the keys written since,
+/// read from the snapshot's view.
+struct RedbChanges {
+    view: View,
+    /// The epochs since the base.
+    epochs: Vec<Arc<ChangeLog>>,
+    /// Their keys, sorted and deduplicated, built at the first visit (in
+    /// the asynchronous part).
+    index: std::sync::OnceLock<ChangedKeys>,
+}
+
+impl ChangeSnapshot for RedbChanges {
+    fn key_groups(&self) -> KeyGroupRange {
+        self.view.range
+    }
+
+    fn state_names(&self) -> Vec<String> {
+        self.view.names.clone()
+    }
+
+    fn visit_key_group(&self, key_group: u32, visit: &mut ChangeSetVisitor<'_>) -> Result<()> {
+        if !self.view.range.contains(key_group) {
+            return Ok(());
+        }
+        let g = self.view.check(key_group)?;
+        let keys = self.index.get_or_init(|| ChangedKeys::of(&self.epochs));
+        let mut full = Vec::new();
+        for (s, k) in keys.of_group(key_group) {
+            if let Some(d) = self.view.groups[s as usize][g].get(k) {
+                visit(s, k, d.value.as_deref())?;
+                continue;
+            }
+            compose(&mut full, s, key_group, k);
+            let row = self
+                .view
+                .table
+                .get(full.as_slice())
+                .map_err(|e| corrupt_or_storage(&self.view.name, e))?;
+            // In neither the buffer nor redb: deleted since the base.
+            visit(s, k, row.as_ref().map(|v| v.value()))?;
         }
         Ok(())
     }

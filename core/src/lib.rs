@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod barrier;
+pub mod bytemap;
 pub mod channel_state;
 pub mod error;
 pub mod format;

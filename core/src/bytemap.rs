@@ -1,0 +1,252 @@
+//! Building blocks for state backends that keep byte-keyed entries in
+//! memory: [`ByteMap`] (short keys inline, one hash probe without a pointer
+//! to chase), [`EpochChanges`] (change tracking for incremental snapshots:
+//! which keys each epoch between two snapshots wrote) and [`ChangedKeys`]
+//! (the keys changed since a base, sorted by key group).
+//!
+//! ```
+//! use sluice_core::bytemap::ByteMap;
+//!
+//! let mut m: ByteMap<u64> = ByteMap::default();
+//! *m.get_or_insert_with(b"short", || 0) += 1;
+//! *m.get_or_insert_with(&[7u8; 40], || 0) += 2; // a long key
+//! assert_eq!(m.get(b"short"), Some(&1));
+//! assert_eq!(m.get(&[7u8; 40]), Some(&2));
+//! assert_eq!(m.len(), 2);
+//! assert_eq!(m.remove(b"short"), Some(1));
+//! assert_eq!(m.get(b"short"), None);
+//! ```
+
+use crate::heap::{ChangeLog, ShortKey};
+use crate::{CheckpointId, StateId};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// A hash map from byte keys to `V`: keys of up to [`ShortKey::MAX`]
+/// bytes inline in the table, longer ones boxed.
+#[derive(Clone)]
+pub struct ByteMap<V> {
+    short: FxHashMap<ShortKey, V>,
+    long: FxHashMap<Box<[u8]>, V>,
+}
+
+impl<V> Default for ByteMap<V> {
+    fn default() -> Self {
+        ByteMap {
+            short: FxHashMap::default(),
+            long: FxHashMap::default(),
+        }
+    }
+}
+
+impl<V> ByteMap<V> {
+    /// The value of `key`.
+    #[inline]
+    pub fn get(&self, key: &[u8]) -> Option<&V> {
+        if key.len() <= ShortKey::MAX {
+            self.short.get(&ShortKey::new(key))
+        } else {
+            self.long.get(key)
+        }
+    }
+
+    /// The value of `key`, inserted with `make` if missing.
+    #[inline]
+    pub fn get_or_insert_with(&mut self, key: &[u8], make: impl FnOnce() -> V) -> &mut V {
+        if key.len() <= ShortKey::MAX {
+            self.short.entry(ShortKey::new(key)).or_insert_with(make)
+        } else if self.long.contains_key(key) {
+            // Found: no boxed copy of the key.
+            self.long.get_mut(key).expect("the key was just found")
+        } else {
+            self.long.entry(key.into()).or_insert_with(make)
+        }
+    }
+
+    /// Removes `key`, returning its value.
+    pub fn remove(&mut self, key: &[u8]) -> Option<V> {
+        if key.len() <= ShortKey::MAX {
+            self.short.remove(&ShortKey::new(key))
+        } else {
+            self.long.remove(key)
+        }
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
+        self.short
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v))
+            .chain(self.long.iter().map(|(k, v)| (&k[..], v)))
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.short.len() + self.long.len()
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Change tracking for incremental snapshots: the open epoch's changed
+/// keys and the closed epochs', by the snapshot that closed them.
+///
+/// A store stamps each value with the epoch that last wrote it and calls
+/// [`ChangeLog::mark`] on `open` at the first write of a key in an epoch;
+/// a snapshot closes the epoch ([`EpochChanges::close`]); an incremental
+/// snapshot relative to a base reads the keys of the epochs closed after
+/// it ([`EpochChanges::since`]).
+pub struct EpochChanges {
+    /// The open epoch's number (values written in it carry it; never 0,
+    /// the stamp of values written without tracking).
+    pub epoch: u64,
+    /// The keys changed in the open epoch.
+    pub open: ChangeLog,
+    /// Epochs by the checkpoint whose snapshot ended them.
+    closed: BTreeMap<CheckpointId, Arc<ChangeLog>>,
+    /// Snapshots (or the restore) incremental snapshots may be relative to.
+    bases: BTreeSet<CheckpointId>,
+}
+
+impl Default for EpochChanges {
+    fn default() -> Self {
+        EpochChanges {
+            epoch: 1,
+            open: ChangeLog::default(),
+            closed: BTreeMap::new(),
+            bases: BTreeSet::new(),
+        }
+    }
+}
+
+impl EpochChanges {
+    /// Keys remembered before tracking gives up (the base's completion is
+    /// overdue): the next snapshot is then full.
+    const MAX_KEYS: usize = 1 << 26;
+
+    /// Ends the open epoch at snapshot `id`; the next records up to a
+    /// quarter of the `stored` keys (beyond, the snapshot after it is full
+    /// anyway: see [`EpochChanges::worth_it`]).
+    pub fn close(&mut self, id: CheckpointId, stored: usize) {
+        self.epoch += 1;
+        let next = ChangeLog::with_limit(stored / 4 + 1024);
+        self.closed
+            .insert(id, Arc::new(std::mem::replace(&mut self.open, next)));
+        self.bases.insert(id);
+        let kept: usize = self.closed.values().map(|d| d.len()).sum();
+        if kept > Self::MAX_KEYS {
+            // Forget everything but this snapshot: later ones are relative to it.
+            self.closed.clear();
+            self.bases.clear();
+            self.bases.insert(id);
+        }
+    }
+
+    /// Whether an incremental snapshot relative to `base` is possible
+    /// (the changes since it are known) and worth it: less than a quarter
+    /// of `stored` keys changed (beyond, a full snapshot is not much larger
+    /// and cheaper to write).
+    pub fn worth_it(&self, base: CheckpointId, stored: usize) -> bool {
+        if !self.bases.contains(&base) {
+            return false;
+        }
+        let closed = self.closed.range(base.next()..).map(|(_, e)| e);
+        let changed = self.open.len() + closed.clone().map(|e| e.len()).sum::<usize>();
+        let overflowed = self.open.overflowed() || closed.clone().any(|e| e.overflowed());
+        !overflowed && changed.saturating_mul(4) <= stored
+    }
+
+    /// The epochs closed after `base` up to `checkpoint` (shared, not
+    /// copied).
+    pub fn since(&self, base: CheckpointId, checkpoint: CheckpointId) -> Vec<Arc<ChangeLog>> {
+        self.closed
+            .range(base.next()..=checkpoint)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// `checkpoint` completed: later incremental snapshots are relative to
+    /// it or newer.
+    pub fn complete(&mut self, checkpoint: CheckpointId) {
+        self.closed = self.closed.split_off(&checkpoint.next());
+        self.bases = self.bases.split_off(&checkpoint);
+    }
+
+    /// The store was restored from `checkpoint`: the restore's writes are
+    /// the base, not changes; tracking starts over in a new epoch.
+    pub fn restored(&mut self, checkpoint: CheckpointId) {
+        let epoch = self.epoch;
+        *self = EpochChanges::default();
+        self.epoch = epoch + 1;
+        self.bases.insert(checkpoint);
+    }
+}
+
+/// The keys changed in some epochs, sorted by (key group, state, key) and
+/// deduplicated.
+pub struct ChangedKeys {
+    short: Vec<(u32, StateId, ShortKey)>,
+    long: Vec<(u32, StateId, Box<[u8]>)>,
+}
+
+impl ChangedKeys {
+    /// The keys of `epochs`.
+    pub fn of(epochs: &[Arc<ChangeLog>]) -> Self {
+        let mut short: Vec<(u32, StateId, ShortKey)> =
+            epochs.iter().flat_map(|e| e.short.iter().copied()).collect();
+        short.sort_unstable_by(|a, b| (a.0, a.1, a.2.as_slice()).cmp(&(b.0, b.1, b.2.as_slice())));
+        short.dedup_by(|a, b| (a.0, a.1, a.2.as_slice()) == (b.0, b.1, b.2.as_slice()));
+        let mut long: Vec<(u32, StateId, Box<[u8]>)> =
+            epochs.iter().flat_map(|e| e.long.iter().cloned()).collect();
+        long.sort_unstable();
+        long.dedup();
+        ChangedKeys { short, long }
+    }
+
+    /// The changed keys of `key_group`, as (state, key): short keys first,
+    /// then long ones.
+    pub fn of_group(&self, key_group: u32) -> impl Iterator<Item = (StateId, &[u8])> {
+        let short = {
+            let from = self.short.partition_point(|e| e.0 < key_group);
+            let to = self.short.partition_point(|e| e.0 <= key_group);
+            self.short[from..to].iter().map(|(_, s, k)| (*s, k.as_slice()))
+        };
+        let long = {
+            let from = self.long.partition_point(|e| e.0 < key_group);
+            let to = self.long.partition_point(|e| e.0 <= key_group);
+            self.long[from..to].iter().map(|(_, s, k)| (*s, &k[..]))
+        };
+        short.chain(long)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_since_a_base_are_the_later_epochs_keys_once_each() {
+        let mut c = EpochChanges::default();
+        c.open.mark(3, 0, b"a");
+        c.close(CheckpointId(1), 100);
+        c.open.mark(3, 0, b"b");
+        c.open.mark(3, 0, b"b");
+        c.open.mark(2, 1, &[9u8; 30]);
+        c.close(CheckpointId(2), 100);
+        assert!(c.worth_it(CheckpointId(1), 100));
+        assert!(!c.worth_it(CheckpointId(1), 3), "more than a quarter changed");
+        assert!(!c.worth_it(CheckpointId(7), 100), "not a base");
+        let keys = ChangedKeys::of(&c.since(CheckpointId(1), CheckpointId(2)));
+        assert_eq!(keys.of_group(3).collect::<Vec<_>>(), vec![(0, &b"b"[..])]);
+        assert_eq!(keys.of_group(2).collect::<Vec<_>>(), vec![(1, &[9u8; 30][..])]);
+        c.complete(CheckpointId(2));
+        assert!(!c.worth_it(CheckpointId(1), 100), "subsumed");
+        c.restored(CheckpointId(5));
+        assert!(c.worth_it(CheckpointId(5), 100));
+        assert!(c.epoch > 3, "a restore starts a new epoch");
+    }
+}
