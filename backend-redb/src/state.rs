@@ -10,7 +10,8 @@
 //! one copy-on-write map per (state, key group) (see `buffer.rs`). A
 //! checkpoint's synchronous step shares the buffer's maps and opens a read
 //! transaction: the snapshot is that MVCC view with the maps on top, which
-//! the asynchronous step encodes while processing goes on (the first write
+//! the asynchronous step merges with redb's rows (sorted by key within
+//! each key group) and encodes while processing goes on (the first write
 //! into a key group the snapshot still holds copies that key group). Reads
 //! look in the buffer, a bounded read cache, then redb. The buffer is
 //! flushed into redb in one write transaction when it exceeds its size.
@@ -627,8 +628,14 @@ impl StateSnapshot for View {
             let (mut start, mut end) = (Vec::new(), Vec::new());
             compose(&mut start, s, key_group, &[]);
             compose(&mut end, s, key_group + 1, &[]);
-            // redb's rows the buffer does not shadow, then the buffer's
-            // values (a tombstone hides the row).
+            // A merge of two sorted runs, redb's rows and the map's
+            // entries, the map winning (a tombstone hides the row): the
+            // snapshot is sorted by key within each key group, so that a
+            // restore into redb appends in order (about three times faster
+            // than inserts at random).
+            let mut entries: Vec<(&[u8], &Option<_>)> = map.iter().map(|(k, d)| (k, &d.value)).collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            let mut entries = entries.into_iter().peekable();
             for row in self
                 .table
                 .range(start.as_slice()..end.as_slice())
@@ -636,13 +643,20 @@ impl StateSnapshot for View {
             {
                 let (k, v) = row.map_err(|e| corrupt_or_storage(&self.name, e))?;
                 let key = &k.value()[HEADER..];
-                if map.get(key).is_none() {
-                    visit(s, key, v.value())?;
+                while let Some((ek, ev)) = entries.next_if(|(ek, _)| *ek < key) {
+                    if let Some(ev) = ev {
+                        visit(s, ek, ev)?;
+                    }
+                }
+                match entries.next_if(|(ek, _)| *ek == key) {
+                    Some((_, Some(ev))) => visit(s, key, ev)?,
+                    Some((_, None)) => {}
+                    None => visit(s, key, v.value())?,
                 }
             }
-            for (k, d) in map.iter() {
-                if let Some(v) = &d.value {
-                    visit(s, k, v)?;
+            for (ek, ev) in entries {
+                if let Some(ev) = ev {
+                    visit(s, ek, ev)?;
                 }
             }
         }

@@ -275,7 +275,7 @@ fn a_file_that_is_not_a_checkpoint_store_is_refused_and_left_untouched() {
 /// the layer limit), must hold exactly the state at its moment, and reads
 /// must see the newest value through the layers.
 #[test]
-fn layered_snapshots_hold_exactly_the_state_at_their_moment() {
+fn snapshots_hold_exactly_the_state_at_their_moment_sorted_by_key() {
     use sluice_core::{OperatorUid, StoreScope};
     use std::collections::BTreeMap;
     let dir = tempfile::tempdir().unwrap();
@@ -332,11 +332,20 @@ fn layered_snapshots_hold_exactly_the_state_at_their_moment() {
         for (i, (snap, want)) in snapshots.iter().enumerate() {
             let mut got: BTreeMap<(u16, u32, Vec<u8>), Vec<u8>> = BTreeMap::new();
             for g in range.iter() {
+                // Sorted by (state, key) within a key group: a restore into
+                // redb then appends in order instead of inserting at random.
+                let mut last: Option<(u16, Vec<u8>)> = None;
                 snap.visit_key_group(g, &mut |s, k, v| {
                     assert!(
                         got.insert((s, g, k.to_vec()), v.to_vec()).is_none(),
                         "a key twice"
                     );
+                    let this = (s, k.to_vec());
+                    assert!(
+                        last.as_ref().is_none_or(|l| *l < this),
+                        "out of order: {last:?} then {this:?}"
+                    );
+                    last = Some(this);
                     Ok(())
                 })
                 .unwrap();
