@@ -8,7 +8,7 @@ use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_core::metadata::read_checkpoint_metadata;
 use sluice_core::CheckpointStorage;
 use sluice_runtime::prelude::*;
-use sluice_runtime::rest::{serve, TargetResolver};
+use sluice_runtime::rest::{serve, serve_until, TargetResolver};
 use sluice_runtime::workload::{self, InjectedFailure, RunningSum};
 use sluice_runtime::{CheckpointStatus, JobMonitor};
 use std::collections::BTreeMap;
@@ -504,4 +504,63 @@ async fn requests_a_web_page_could_make_are_refused() {
     let longer = "Authorization: Bearer t0kenX\r\n";
     assert_eq!(raw(addr, request("GET", "/job", &host, longer, "")).await, 401);
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_answers_the_request_in_flight() {
+    let job = Job::new("shutdown-test")
+        .with_parallelism(1)
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()));
+    workload::keyed_sum_stream(
+        &job,
+        u64::MAX / 2,
+        100,
+        1,
+        1,
+        Some(100_000),
+        RunningSum::default(),
+    )
+    .unwrap()
+    .sink(DiscardSink::new())
+    .unwrap();
+    let handle = job.start().unwrap();
+    // A savepoint target that takes a while to resolve (and is refused).
+    let slow: TargetResolver = Arc::new(|_target: String| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Err(RuntimeError::InvalidJob("no targets here".into()))
+        })
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) = serve_until(
+        "127.0.0.1:0".parse().unwrap(),
+        handle.monitor(),
+        slow,
+        None,
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    let own = format!("127.0.0.1:{}", addr.port());
+    let json = "Content-Type: application/json\r\n";
+    let body = r#"{"target": "somewhere"}"#;
+    let asked = tokio::spawn(raw(addr, request("POST", "/savepoints", &own, json, body)));
+    // Shut down while the request is being answered: the server waits for
+    // it (a process that ends when the server's task does, as the CLI,
+    // would otherwise drop the answer), it gets its answer (the resolver's
+    // refusal), and then the server ends.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!server.is_finished(), "the server ended with a request in flight");
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server ends once the answer is sent")
+        .unwrap();
+    assert_eq!(asked.await.unwrap(), 400);
+    handle.cancel();
+    let _ = handle.wait().await;
 }

@@ -92,6 +92,19 @@ pub async fn serve(
     resolve: TargetResolver,
     token: Option<String>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_until(addr, monitor, resolve, token, std::future::pending()).await
+}
+
+/// [`serve`] until `shutdown` completes, then gracefully: the returned
+/// task ends once the requests in flight are answered (a stop-with-savepoint
+/// request gets its answer although the job ended with it).
+pub async fn serve_until(
+    addr: SocketAddr,
+    monitor: JobMonitor,
+    resolve: TargetResolver,
+    token: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     match token.as_deref() {
         Some(t) if t.is_empty() || !t.bytes().all(token_byte) => {
             return Err(std::io::Error::new(
@@ -141,7 +154,7 @@ pub async fn serve(
             }
         };
         tokio::select! {
-            r = axum::serve(listener, app) => if let Err(e) = r {
+            r = axum::serve(listener, app).with_graceful_shutdown(shutdown) => if let Err(e) = r {
                 tracing::warn!("REST API on {local} stopped: {e}");
             },
             _ = sample => {}

@@ -13,12 +13,29 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Stops the REST server when the job is done.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The REST server of a running job: stopped gracefully by
+/// [`RestServer::finish`] (the answers in flight are sent, such as a
+/// stop-with-savepoint's, whose job has just ended), else aborted when
+/// dropped.
+struct RestServer {
+    task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
-impl Drop for AbortOnDrop {
+impl RestServer {
+    /// Stops taking requests and waits (a few seconds at most) for the
+    /// answers in flight.
+    async fn finish(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+    }
+}
+
+impl Drop for RestServer {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
@@ -128,7 +145,7 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let handle = job.start().map_err(|e| e.to_string())?;
-        let _rest = match rest_addr {
+        let rest = match rest_addr {
             Some(addr) => {
                 let s3 = s3_options(a.s3_endpoint.as_deref());
                 let resolve: sluice_runtime::rest::TargetResolver = Arc::new(move |target: String| {
@@ -136,9 +153,14 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
                     Box::pin(async move { Ok(location::open_location(&target, &s3).await?) })
                 });
                 let token = a.rest_token.clone().filter(|t| !t.is_empty());
-                let (bound, task) = sluice_runtime::rest::serve(addr, handle.monitor(), resolve, token.clone())
-                    .await
-                    .map_err(|e| format!("--rest {addr}: cannot serve: {e}"))?;
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let shutdown = async move {
+                    let _ = stopped.await;
+                };
+                let (bound, task) =
+                    sluice_runtime::rest::serve_until(addr, handle.monitor(), resolve, token.clone(), shutdown)
+                        .await
+                        .map_err(|e| format!("--rest {addr}: cannot serve: {e}"))?;
                 match token {
                     Some(_) => println!(
                         "sluice: REST API, metrics and dashboard on http://{bound} (token required: open http://{bound}/?token=TOKEN)"
@@ -147,7 +169,7 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
                         "sluice: REST API, metrics and dashboard on http://{bound} (loopback only, no token)"
                     ),
                 }
-                Some(AbortOnDrop(task))
+                Some(RestServer { task, stop: Some(stop) })
             }
             None => None,
         };
@@ -170,6 +192,9 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         };
         drop(join);
         let elapsed = started.elapsed();
+        if let Some(rest) = rest {
+            rest.finish().await;
+        }
         let result = result.map_err(|e| format!("job failed: {e}"))?;
         if let Some(from) = &result.restored_from_savepoint {
             println!("started from {from}");
