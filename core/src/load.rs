@@ -139,15 +139,28 @@ pub async fn load_chain(
     store: &mut dyn KeyedStateStore,
     ids: &mut HashMap<String, StateId>,
 ) -> Result<u64> {
+    load_chain_in(storage, files, range, store, ids, (BATCH_BYTES, BATCH_ENTRIES)).await
+}
+
+/// [`load_chain`] in batches of about `(bytes, entries)`.
+async fn load_chain_in(
+    storage: &dyn CheckpointStorage,
+    files: &[StateFileHandle],
+    range: KeyGroupRange,
+    store: &mut dyn KeyedStateStore,
+    ids: &mut HashMap<String, StateId>,
+    (batch_bytes, batch_entries): (usize, usize),
+) -> Result<u64> {
     // Sized once for what the files hold (a batch's vectors doubling as
     // they grow would take twice the memory at the peak).
     let entries: u64 = files.iter().map(|f| f.entries).sum();
     let bytes: u64 = files.iter().map(|f| f.size).sum();
     let mut batch = LoadBatch {
-        data: Vec::with_capacity(bytes.min(BATCH_BYTES as u64) as usize + 4096),
-        rows: Vec::with_capacity(entries.min(BATCH_ENTRIES as u64) as usize),
+        data: Vec::with_capacity(bytes.min((batch_bytes as u64).saturating_mul(5) / 4) as usize + 4096),
+        rows: Vec::with_capacity(entries.min((batch_entries as u64).saturating_mul(5) / 4) as usize),
     };
     let mut n = 0;
+    let mut last_kg = None;
     for file in files {
         n += read_changes(storage, file, range, &mut |name, kg, k, v| {
             let id = match ids.get(name) {
@@ -158,15 +171,156 @@ pub async fn load_chain(
                     id
                 }
             };
-            batch.push(id, kg, k, v);
-            if batch.bytes() >= BATCH_BYTES || batch.len() >= BATCH_ENTRIES {
+            // A full batch goes to the store at the next key group's first
+            // entry: a batch holds whole key groups, so that a store that
+            // sorts it (redb) finds nothing of the batch before inside its
+            // key range and appends in order instead of inserting at random
+            // (a file's key group need not be sorted). A key group of more
+            // than four batches is cut anyway, to bound memory.
+            let full = batch.bytes() >= batch_bytes || batch.len() >= batch_entries;
+            let huge = batch.bytes() >= batch_bytes.saturating_mul(4)
+                || batch.len() >= batch_entries.saturating_mul(4);
+            if (full && last_kg != Some(kg)) || huge {
                 store.load(&batch)?;
                 batch.clear();
             }
+            batch.push(id, kg, k, v);
+            last_kg = Some(kg);
             Ok(())
         })
         .await?;
     }
     store.load(&batch)?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::encode_snapshot;
+    use crate::state::{KeyValueVisitor, SnapshotVisitor, StateSnapshot};
+    use crate::{Bytes, CheckpointId, Error};
+    use std::ops::Range;
+    use std::sync::Mutex;
+
+    /// One state; `per_group` keys in every key group, in descending order
+    /// (as a hash map might give them).
+    struct Unsorted {
+        range: KeyGroupRange,
+        per_group: u32,
+    }
+
+    impl StateSnapshot for Unsorted {
+        fn key_groups(&self) -> KeyGroupRange {
+            self.range
+        }
+        fn state_names(&self) -> Vec<String> {
+            vec!["s".into()]
+        }
+        fn visit_key_group(&self, _kg: u32, visit: &mut SnapshotVisitor<'_>) -> Result<()> {
+            for i in (0..self.per_group).rev() {
+                visit(0, &i.to_be_bytes(), b"v")?;
+            }
+            Ok(())
+        }
+    }
+
+    /// A storage of one file.
+    #[derive(Debug, Default)]
+    struct OneFile(Mutex<Bytes>);
+
+    #[async_trait::async_trait]
+    impl CheckpointStorage for OneFile {
+        fn describe(&self) -> String {
+            "one file".into()
+        }
+        async fn write_file(&self, _path: &str, data: Bytes) -> Result<()> {
+            *self.0.lock().unwrap() = data;
+            Ok(())
+        }
+        async fn read(&self, _path: &str, r: Option<Range<u64>>) -> Result<Bytes> {
+            let f = self.0.lock().unwrap().clone();
+            Ok(match r {
+                Some(r) => f.slice(r.start as usize..r.end as usize),
+                None => f,
+            })
+        }
+        async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
+            self.write_file(path, data).await
+        }
+        async fn list_files(&self, _dir: &str) -> Result<Vec<crate::FileListing>> {
+            Ok(vec![])
+        }
+        async fn delete_file(&self, _path: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn delete_dir(&self, _dir: &str) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A store that records the key groups of each batch it is given.
+    #[derive(Default)]
+    struct Batches(Vec<Vec<u32>>);
+
+    impl KeyedStateStore for Batches {
+        fn register_state(&mut self, _name: &str) -> Result<StateId> {
+            Ok(0)
+        }
+        fn get(&mut self, _: StateId, _: u32, _: &[u8], _: &mut Vec<u8>) -> Result<bool> {
+            Ok(false)
+        }
+        fn put(&mut self, _: StateId, _: u32, _: &[u8], _: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn delete(&mut self, _: StateId, _: u32, _: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn scan_prefix(&mut self, _: StateId, _: u32, _: &[u8], _: &mut KeyValueVisitor<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn snapshot(&mut self, _: CheckpointId) -> Result<Box<dyn StateSnapshot>> {
+            Err(Error::storage("batches", "no snapshots"))
+        }
+        fn load(&mut self, batch: &LoadBatch) -> Result<()> {
+            let mut groups: Vec<u32> = batch.iter().map(|e| e.key_group).collect();
+            groups.dedup();
+            self.0.push(groups);
+            Ok(())
+        }
+    }
+
+    fn batches(range: KeyGroupRange, per_group: u32, entries: usize) -> Vec<Vec<u32>> {
+        let storage = OneFile::default();
+        let file = encode_snapshot(&Unsorted { range, per_group }).unwrap();
+        let handle = file.handle("f.kst");
+        let mut store = Batches::default();
+        futures::executor::block_on(async {
+            storage.write_file("f.kst", file.bytes.clone()).await.unwrap();
+            let n = load_chain_in(
+                &storage,
+                &[handle],
+                range,
+                &mut store,
+                &mut HashMap::new(),
+                (usize::MAX, entries),
+            )
+            .await
+            .unwrap();
+            assert_eq!(n, u64::from(per_group) * range.len() as u64);
+        });
+        store.0
+    }
+
+    #[test]
+    fn a_batch_holds_whole_key_groups_unless_one_is_huge() {
+        let range = KeyGroupRange::new(0, 9).unwrap();
+        // Batches of about 500 entries, key groups of 300: a batch ends at a
+        // key group's end (two groups, 600 entries), never inside one.
+        let got = batches(range, 300, 500);
+        assert_eq!(got, (0..5).map(|i| vec![2 * i, 2 * i + 1]).collect::<Vec<_>>());
+        // A key group of more than four batches is cut at four.
+        let got = batches(KeyGroupRange::new(0, 0).unwrap(), 2_500, 500);
+        assert_eq!(got, vec![vec![0], vec![0]]);
+    }
 }
