@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod buffer;
+mod snapshot;
 mod state;
 mod storage;
 
