@@ -409,11 +409,13 @@ impl KeyedStateStore for MemoryStore {
         let Some(c) = self.changes.as_mut() else {
             return Ok(None);
         };
-        c.close(checkpoint, stored);
         // The epochs since `base` (shared, not copied: which keys changed is
         // worked out in the asynchronous part), read against the
         // copy-on-write view.
-        let epochs = c.since(base, checkpoint);
+        let Some(epochs) = c.close_since(base, checkpoint, stored) else {
+            // Tracking gave up while ending the epoch (too many keys kept).
+            return Ok(None);
+        };
         Ok(Some(Box::new(MemoryChanges {
             view,
             epochs,

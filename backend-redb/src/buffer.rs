@@ -97,15 +97,17 @@ impl WriteBuffer {
             added = true;
             Dirty::default()
         });
-        let old = slot.value.as_ref().map_or(0, |v| v.len());
+        let old = heap_bytes(&slot.value);
         match (&mut slot.value, value) {
-            (Some(old), Some(v)) => {
+            // Reused in place, unless that would keep a much larger
+            // allocation than the new value needs.
+            (Some(old), Some(v)) if !old.spilled() || old.capacity() <= 2 * v.len() => {
                 old.clear();
                 old.extend_from_slice(v);
             }
             (slot, v) => *slot = v.map(Bytes16::from_slice),
         }
-        let new = value.map_or(0, <[u8]>::len);
+        let new = heap_bytes(&slot.value);
         if added {
             self.len += 1;
             self.bytes += key.len() + new + ENTRY_OVERHEAD;
@@ -143,6 +145,14 @@ impl WriteBuffer {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// The bytes a value holds: its allocation's capacity when it is not
+/// inline, so that the bound counts what the allocator really gave.
+fn heap_bytes(value: &Option<Bytes16>) -> usize {
+    value
+        .as_ref()
+        .map_or(0, |v| if v.spilled() { v.capacity() } else { v.len() })
 }
 
 /// The entries of `groups` (of the key groups `range`) sorted by
@@ -183,10 +193,30 @@ mod tests {
         );
         assert_eq!(b.len(), 2);
         assert_eq!(b.bytes(), 1 + 30 + 4 + 2 * ENTRY_OVERHEAD);
+        // A large value overwritten by a small one: the count follows the
+        // allocation, which is not kept.
+        b.write(0, 5, b"big", Some(&[7u8; 4096]), 2);
+        let with_big = b.bytes();
+        let cap = b
+            .get(0, 5, b"big")
+            .and_then(|d| d.value.as_ref())
+            .map_or(0, |v| v.capacity());
+        assert!(cap >= 4096 && with_big >= cap + 3 + 3 * ENTRY_OVERHEAD);
+        b.write(0, 5, b"big", Some(b"s"), 2);
+        assert_eq!(
+            b.bytes(),
+            with_big - cap + 1,
+            "the 4 KiB allocation is released and uncounted"
+        );
+        assert!(b
+            .get(0, 5, b"big")
+            .and_then(|d| d.value.as_ref())
+            .is_some_and(|v| !v.spilled()));
+        b.write(0, 5, b"big", None, 2);
         let taken = b.take();
         assert!(b.is_empty() && b.bytes() == 0);
         let all = sorted(&taken, KeyGroupRange::new(4, 5).unwrap());
         let keys: Vec<(u32, &[u8])> = all.iter().map(|e| (e.1, e.2)).collect();
-        assert_eq!(keys, vec![(4, &b"k"[..]), (5, &[1u8; 30][..])]);
+        assert_eq!(keys, vec![(4, &b"k"[..]), (5, &[1u8; 30][..]), (5, &b"big"[..])]);
     }
 }

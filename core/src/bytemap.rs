@@ -110,23 +110,32 @@ pub struct EpochChanges {
     closed: BTreeMap<CheckpointId, Arc<ChangeLog>>,
     /// Snapshots (or the restore) incremental snapshots may be relative to.
     bases: BTreeSet<CheckpointId>,
+    /// Keys remembered before tracking gives up.
+    max_keys: usize,
 }
 
 impl Default for EpochChanges {
     fn default() -> Self {
-        EpochChanges {
-            epoch: 1,
-            open: ChangeLog::default(),
-            closed: BTreeMap::new(),
-            bases: BTreeSet::new(),
-        }
+        EpochChanges::with_max_keys(Self::MAX_KEYS)
     }
 }
 
 impl EpochChanges {
     /// Keys remembered before tracking gives up (the base's completion is
     /// overdue): the next snapshot is then full.
-    const MAX_KEYS: usize = 1 << 26;
+    pub const MAX_KEYS: usize = 1 << 26;
+
+    /// Tracking that remembers up to `max_keys` keys of closed epochs
+    /// (the default is [`EpochChanges::MAX_KEYS`]).
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        EpochChanges {
+            epoch: 1,
+            open: ChangeLog::default(),
+            closed: BTreeMap::new(),
+            bases: BTreeSet::new(),
+            max_keys,
+        }
+    }
 
     /// Ends the open epoch at snapshot `id`; the next records up to a
     /// quarter of the `stored` keys (beyond, the snapshot after it is full
@@ -138,7 +147,7 @@ impl EpochChanges {
             .insert(id, Arc::new(std::mem::replace(&mut self.open, next)));
         self.bases.insert(id);
         let kept: usize = self.closed.values().map(|d| d.len()).sum();
-        if kept > Self::MAX_KEYS {
+        if kept > self.max_keys {
             // Forget everything but this snapshot: later ones are relative to it.
             self.closed.clear();
             self.bases.clear();
@@ -158,6 +167,20 @@ impl EpochChanges {
         let changed = self.open.len() + closed.clone().map(|e| e.len()).sum::<usize>();
         let overflowed = self.open.overflowed() || closed.clone().any(|e| e.overflowed());
         !overflowed && changed.saturating_mul(4) <= stored
+    }
+
+    /// Ends the open epoch at `checkpoint` (as [`EpochChanges::close`])
+    /// and returns the epochs since `base` — or `None` when tracking gave
+    /// up while closing (more than its maximum of keys kept): the caller
+    /// then takes a full snapshot instead.
+    pub fn close_since(
+        &mut self,
+        base: CheckpointId,
+        checkpoint: CheckpointId,
+        stored: usize,
+    ) -> Option<Vec<Arc<ChangeLog>>> {
+        self.close(checkpoint, stored);
+        self.bases.contains(&base).then(|| self.since(base, checkpoint))
     }
 
     /// The epochs closed after `base` up to `checkpoint` (shared, not
@@ -248,5 +271,25 @@ mod tests {
         c.restored(CheckpointId(5));
         assert!(c.worth_it(CheckpointId(5), 100));
         assert!(c.epoch > 3, "a restore starts a new epoch");
+    }
+
+    #[test]
+    fn tracking_that_gives_up_while_closing_asks_for_a_full_snapshot() {
+        let mut c = EpochChanges::with_max_keys(3);
+        c.close(CheckpointId(1), 1000);
+        for k in 0..4u32 {
+            c.open.mark(0, 0, &k.to_be_bytes());
+        }
+        assert!(
+            c.worth_it(CheckpointId(1), 1000),
+            "few keys changed, before closing"
+        );
+        // Closing keeps 4 keys, more than 3: everything before is forgotten.
+        assert!(c.close_since(CheckpointId(1), CheckpointId(2), 1000).is_none());
+        c.open.mark(0, 0, b"k");
+        let since2 = c
+            .close_since(CheckpointId(2), CheckpointId(3), 1000)
+            .expect("2 is a base");
+        assert_eq!(ChangedKeys::of(&since2).of_group(0).count(), 1);
     }
 }
