@@ -379,12 +379,14 @@ impl KeyedStateStore for RedbStore {
             out.extend_from_slice(v);
             return Ok(true);
         }
-        let full = std::mem::take(&mut self.full);
-        let name = self.name.clone();
-        let found = match self
-            .reader()?
-            .get(full.as_slice())
-            .map_err(|e| corrupt_or_storage(&name, e))?
+        self.reader()?;
+        let table = self
+            .reader
+            .as_ref()
+            .ok_or_else(|| Error::storage(&self.name, "no read transaction"))?;
+        let found = match table
+            .get(self.full.as_slice())
+            .map_err(|e| corrupt_or_storage(&self.name, e))?
         {
             Some(v) => {
                 out.extend_from_slice(v.value());
@@ -393,9 +395,8 @@ impl KeyedStateStore for RedbStore {
             None => false,
         };
         if found {
-            self.cache_insert(full.clone(), out.clone());
+            self.cache_insert(self.full.clone(), out.clone());
         }
-        self.full = full;
         Ok(found)
     }
 
