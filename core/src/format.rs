@@ -705,7 +705,7 @@ fn section<'b>(path: &str, row: &Row, bytes: &'b [u8], start: u64) -> Result<&'b
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::StateId;
     use std::collections::BTreeMap;
@@ -733,7 +733,7 @@ mod tests {
 
     /// A storage that holds one file and counts the bytes read.
     #[derive(Debug, Default)]
-    struct Counting {
+    pub(crate) struct Counting {
         file: Mutex<Bytes>,
         read: AtomicU64,
         requests: AtomicU64,

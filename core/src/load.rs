@@ -198,66 +198,9 @@ async fn load_chain_in(
 mod tests {
     use super::*;
     use crate::format::encode_snapshot;
-    use crate::state::{KeyValueVisitor, SnapshotVisitor, StateSnapshot};
-    use crate::{Bytes, CheckpointId, Error};
-    use std::ops::Range;
-    use std::sync::Mutex;
-
-    /// One state; `per_group` keys in every key group, in descending order
-    /// (as a hash map might give them).
-    struct Unsorted {
-        range: KeyGroupRange,
-        per_group: u32,
-    }
-
-    impl StateSnapshot for Unsorted {
-        fn key_groups(&self) -> KeyGroupRange {
-            self.range
-        }
-        fn state_names(&self) -> Vec<String> {
-            vec!["s".into()]
-        }
-        fn visit_key_group(&self, _kg: u32, visit: &mut SnapshotVisitor<'_>) -> Result<()> {
-            for i in (0..self.per_group).rev() {
-                visit(0, &i.to_be_bytes(), b"v")?;
-            }
-            Ok(())
-        }
-    }
-
-    /// A storage of one file.
-    #[derive(Debug, Default)]
-    struct OneFile(Mutex<Bytes>);
-
-    #[async_trait::async_trait]
-    impl CheckpointStorage for OneFile {
-        fn describe(&self) -> String {
-            "one file".into()
-        }
-        async fn write_file(&self, _path: &str, data: Bytes) -> Result<()> {
-            *self.0.lock().unwrap() = data;
-            Ok(())
-        }
-        async fn read(&self, _path: &str, r: Option<Range<u64>>) -> Result<Bytes> {
-            let f = self.0.lock().unwrap().clone();
-            Ok(match r {
-                Some(r) => f.slice(r.start as usize..r.end as usize),
-                None => f,
-            })
-        }
-        async fn commit_file(&self, path: &str, data: Bytes) -> Result<()> {
-            self.write_file(path, data).await
-        }
-        async fn list_files(&self, _dir: &str) -> Result<Vec<crate::FileListing>> {
-            Ok(vec![])
-        }
-        async fn delete_file(&self, _path: &str) -> Result<()> {
-            Ok(())
-        }
-        async fn delete_dir(&self, _dir: &str) -> Result<()> {
-            Ok(())
-        }
-    }
+    use crate::format::tests::Counting;
+    use crate::state::{KeyValueVisitor, StateSnapshot};
+    use crate::{CheckpointId, Error, MapSnapshot};
 
     /// A store that records the key groups of each batch it is given.
     #[derive(Default)]
@@ -291,8 +234,14 @@ mod tests {
     }
 
     fn batches(range: KeyGroupRange, per_group: u32, entries: usize) -> Vec<Vec<u32>> {
-        let storage = OneFile::default();
-        let file = encode_snapshot(&Unsorted { range, per_group }).unwrap();
+        let storage = Counting::default();
+        let mut snap = MapSnapshot::new(range, vec!["s".into()]);
+        for kg in range.iter() {
+            for i in 0..per_group {
+                snap.insert(kg, 0, i.to_be_bytes().to_vec(), b"v".to_vec());
+            }
+        }
+        let file = encode_snapshot(&snap).unwrap();
         let handle = file.handle("f.kst");
         let mut store = Batches::default();
         futures::executor::block_on(async {
