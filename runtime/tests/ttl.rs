@@ -1,13 +1,17 @@
 //! State time-to-live in a running job, with a clock the test controls:
 //! expired values are never returned (on create-and-write and on
 //! read-and-write), expired entries are left out of checkpoints, and the
-//! renewal times survive a restore. The commands run in order (one split,
+//! renewal times survive a restore, and expired entries never read again
+//! are cleaned while the job processes other records. The commands run in order (one split,
 //! parallelism 1); the function moves the clock when told.
 
 use serde::{Deserialize, Serialize};
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_backend_redb::RedbStateBackend;
-use sluice_core::{CheckpointStorage, StateBackend};
+use sluice_core::{
+    state::KeyValueVisitor, CheckpointId, CheckpointStorage, KeyGroupRange, KeyedStateStore, StateBackend,
+    StateId, StateSnapshot, StoreScope,
+};
 use sluice_runtime::prelude::*;
 use sluice_runtime::ttl::{ManualClock, StateTtlConfig, TtlValue, TtlValueState};
 use sluice_runtime::{read_keyed_entries, JobResult, RestoreSource, SavepointLocation};
@@ -326,4 +330,116 @@ async fn list_elements_and_map_entries_expire_one_by_one_and_leave_checkpoints()
             .collect();
         assert_eq!(states, vec![("list".to_string(), 2)], "{name}");
     }
+}
+
+/// The memory backend, counting the deletions its stores receive while
+/// records are processed: those followed by a later write (not the final
+/// checkpoint's full cleanup, which comes after the last record).
+#[derive(Debug, Default)]
+struct CountingBackend {
+    inner: MemoryStateBackend,
+    deleted_while_processing: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct CountingStore {
+    inner: Box<dyn KeyedStateStore>,
+    deleted: Arc<std::sync::atomic::AtomicU64>,
+    /// Deletions since the last write.
+    pending: u64,
+}
+
+impl CountingStore {
+    fn written(&mut self) {
+        self.deleted.fetch_add(
+            std::mem::take(&mut self.pending),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl StateBackend for CountingBackend {
+    fn name(&self) -> &str {
+        "counting-memory"
+    }
+    fn open_store(&self, scope: &StoreScope) -> sluice_core::Result<Box<dyn KeyedStateStore>> {
+        Ok(Box::new(CountingStore {
+            inner: self.inner.open_store(scope)?,
+            deleted: self.deleted_while_processing.clone(),
+            pending: 0,
+        }))
+    }
+}
+
+impl KeyedStateStore for CountingStore {
+    fn register_state(&mut self, name: &str) -> sluice_core::Result<StateId> {
+        self.inner.register_state(name)
+    }
+    fn register_typed(
+        &mut self,
+        name: &str,
+        make: &dyn Fn(KeyGroupRange) -> Box<dyn sluice_core::heap::TypedTable>,
+    ) -> sluice_core::Result<Option<StateId>> {
+        self.inner.register_typed(name, make)
+    }
+    fn typed(&mut self, state: StateId) -> Option<sluice_core::heap::TypedAccess<'_>> {
+        self.written();
+        self.inner.typed(state)
+    }
+    fn get(&mut self, state: StateId, kg: u32, key: &[u8], out: &mut Vec<u8>) -> sluice_core::Result<bool> {
+        self.inner.get(state, kg, key, out)
+    }
+    fn put(&mut self, state: StateId, kg: u32, key: &[u8], value: &[u8]) -> sluice_core::Result<()> {
+        self.written();
+        self.inner.put(state, kg, key, value)
+    }
+    fn delete(&mut self, state: StateId, kg: u32, key: &[u8]) -> sluice_core::Result<()> {
+        self.pending += 1;
+        self.inner.delete(state, kg, key)
+    }
+    fn scan_prefix(
+        &mut self,
+        state: StateId,
+        kg: u32,
+        prefix: &[u8],
+        visit: &mut KeyValueVisitor<'_>,
+    ) -> sluice_core::Result<()> {
+        self.inner.scan_prefix(state, kg, prefix, visit)
+    }
+    fn snapshot(&mut self, checkpoint: CheckpointId) -> sluice_core::Result<Box<dyn StateSnapshot>> {
+        self.inner.snapshot(checkpoint)
+    }
+}
+
+/// Expired entries that are never read again leave the store while the job
+/// processes other records (the incremental cleanup, a key group per input
+/// batch), before any snapshot's full cleanup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_entries_never_read_are_cleaned_while_processing() {
+    use Cmd::*;
+    let clock = ManualClock::at(0);
+    // 300 keys written at 0, expired at 1000 and never read; then other
+    // records (all on key 0) flow.
+    let mut cmds: Vec<Cmd> = (1..=300).map(|k| Set(k, k)).collect();
+    cmds.push(Advance(1000));
+    cmds.extend((0..50_000).map(|i| Set(0, i)));
+    let backend = Arc::new(CountingBackend::default());
+    let job = Job::new("ttl-cleanup")
+        .with_parallelism(1)
+        .with_max_parallelism(8)
+        .with_state_backend(backend.clone())
+        .with_checkpoint_storage(Arc::new(MemoryCheckpointStorage::new()))
+        .with_checkpointing(CheckpointConfig::every(Duration::from_secs(3600)));
+    job.source("cmds", VecSource::new(cmds, 1), 1)
+        .key_by(|c: &Cmd| c.key())
+        .process("ttl", ttl(&clock, 1000))
+        .sink(DiscardSink::new())
+        .unwrap();
+    job.start().unwrap().wait().await.unwrap();
+    assert_eq!(
+        backend
+            .deleted_while_processing
+            .load(std::sync::atomic::Ordering::Relaxed),
+        300,
+        "every expired entry was removed while records were processed"
+    );
 }

@@ -19,8 +19,10 @@
 //! [`OpenContext::evolvable_value_state_with`]): the same schema and
 //! version restores as is; a migration from the recorded schema and version
 //! runs; another version of the same schema without a migration is read
-//! back value by value as the new type, and the job is refused if one does
-//! not read (naming the operator, the state, both versions and the key);
+//! back value by value as the new type and written again in the new version
+//! (so that a later version may drop what only this one still reads, such
+//! as an alias), and the job is refused if one does not read (naming the
+//! operator, the state, both versions and the key);
 //! another schema without a migration is refused.
 
 use crate::error::{Result, RuntimeError};
@@ -229,9 +231,48 @@ impl<New: Evolvable> Migration<New> {
     }
 
     /// Values written as the fixed (postcard) type `Old` — a state that was
-    /// not evolvable — become `f(old)`; `None` drops the entry.
+    /// not evolvable — become `f(old)`; `None` drops the entry. The step
+    /// applies to a state recorded under `Old`'s Rust type name
+    /// (`std::any::type_name`); when the old type has moved or been renamed
+    /// since, use [`from_fixed_named`](Self::from_fixed_named).
     pub fn from_fixed<Old: Serialize + DeserializeOwned + 'static>(
+        self,
+        f: impl Fn(Old) -> Option<New> + Send + Sync + 'static,
+    ) -> Self {
+        self.from_fixed_named::<Old>(std::any::type_name::<Old>(), f)
+    }
+
+    /// [`from_fixed`](Self::from_fixed) for a state recorded under the
+    /// type name `recorded` (as a refusal names it, or `sluice inspect`
+    /// shows it), read as `Old`: for an old type that has moved to another
+    /// module or been renamed (`Balance` kept as `BalanceV1`). `Old` must
+    /// have the recorded type's shape — postcard is positional, so the
+    /// fields in the same order with the same types.
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use sluice_runtime::schema::{Evolvable, Migration};
+    ///
+    /// /// What version 1 stored as `bank::Balance`, now kept under another name.
+    /// #[derive(Serialize, Deserialize)]
+    /// struct BalanceV1 { cents: i64 }
+    ///
+    /// #[derive(Clone, Serialize, Deserialize)]
+    /// struct Balance { cents: i64, currency: String }
+    /// impl Evolvable for Balance {
+    ///     const SCHEMA: &'static str = "bank.Balance";
+    ///     const VERSION: u32 = 1;
+    /// }
+    ///
+    /// let migration = Migration::<Balance>::new().from_fixed_named::<BalanceV1>(
+    ///     "bank::Balance",
+    ///     |old| Some(Balance { cents: old.cents, currency: "EUR".into() }),
+    /// );
+    /// # let _ = migration;
+    /// ```
+    pub fn from_fixed_named<Old: Serialize + DeserializeOwned + 'static>(
         mut self,
+        recorded: &str,
         f: impl Fn(Old) -> Option<New> + Send + Sync + 'static,
     ) -> Self {
         let steps = Steps::of::<Old, New>(
@@ -239,8 +280,7 @@ impl<New: Evolvable> Migration<New> {
             |b| postcard::from_bytes::<Vec<Old>>(b).map_err(|e| e.to_string()),
             Arc::new(f),
         );
-        self.steps
-            .push((Written::Fixed(std::any::type_name::<Old>().to_string()), steps));
+        self.steps.push((Written::Fixed(recorded.to_string()), steps));
         self
     }
 
@@ -263,9 +303,9 @@ enum Plan {
     Keep,
     /// Rewrite every value with a migration step.
     Migrate(Written, Step),
-    /// Another version of the same schema: check every value reads as the
-    /// new type.
-    Check(SchemaId),
+    /// Another version of the same schema: read every value as the new
+    /// type and write it back in the new version.
+    Reencode(SchemaId),
 }
 
 /// Decides what a restore does with the recorded `written` state for
@@ -313,10 +353,16 @@ fn plan<New: Evolvable>(
     }
     let new = New::schema_id();
     match &written.schema {
-        Some(s) if s.name == new.name => Ok(Plan::Check(s.clone())),
-        _ => Err(refuse(format!(
+        Some(s) if s.name == new.name => Ok(Plan::Reencode(s.clone())),
+        Some(_) => Err(refuse(format!(
             "it was written as {from}, the job registers {new}, and no migration reads {from}: add one \
-             (Migration::from / from_fixed), or register the new state under a new name"
+             (Migration::from), or register the new state under a new name"
+        ))),
+        None => Err(refuse(format!(
+            "it was written as {from}, the job registers {new}, and no migration reads {from}: add one \
+             (Migration::from_fixed, or from_fixed_named({:?}) if that type has moved or been renamed), \
+             or register the new state under a new name",
+            written.value_type
         ))),
     }
 }
@@ -335,8 +381,8 @@ impl OpenContext<'_> {
     }
 
     /// Decides what the restored state `desc.name` needs and does it:
-    /// nothing, a migration of every value, or a check that every value
-    /// reads as `T` (see [`crate::schema`]).
+    /// nothing, a migration of every value, or every value read as `T` and
+    /// written back in `T`'s version (see [`crate::schema`]).
     fn prepare_evolvable<T: Evolvable>(
         &mut self,
         desc: &StateDescriptor,
@@ -378,21 +424,29 @@ impl OpenContext<'_> {
                 })?;
                 tracing::info!(operator = %operator, state = name, "migrated {n} values from {from} to {}", T::schema_id());
             }
-            Plan::Check(from) => {
+            Plan::Reencode(from) => {
+                // Every value is read as `T` and written back in `T`'s
+                // version: a later version may drop what only this one
+                // still reads (an alias, a removed field), and the restored
+                // bytes would then be labelled with a version they are not.
                 let list = desc.kind == "list";
-                let read = |v: &[u8]| {
+                let rewrite = |v: &[u8]| {
                     let r = match list {
-                        true => postcard::from_bytes::<Vec<Evolving<T>>>(v).map(|_| ()),
-                        false => postcard::from_bytes::<Evolving<T>>(v).map(|_| ()),
+                        true => postcard::from_bytes::<Vec<Evolving<T>>>(v)
+                            .and_then(|x| postcard::to_allocvec(&x)),
+                        false => {
+                            postcard::from_bytes::<Evolving<T>>(v).and_then(|x| postcard::to_allocvec(&x))
+                        }
                     };
-                    r.map(|_| None).map_err(|e| e.to_string())
+                    r.map(Some).map_err(|e| e.to_string())
                 };
-                check_values(self.store, id, range, &read).map_err(|e| match e {
+                let n = rewrite_values(self.store, id, range, &rewrite).map_err(|e| match e {
                     ValueError::Store(e) => RuntimeError::Storage(e),
                     ValueError::Value { key, reason } => {
                         incompatible_value(&operator, &restore, name, &from.to_string(), desc, &key, &reason)
                     }
                 })?;
+                tracing::info!(operator = %operator, state = name, "rewrote {n} values of {from} as {}", T::schema_id());
             }
         }
         Ok(())
@@ -534,35 +588,6 @@ pub(crate) fn rewrite_values(
     Ok(n)
 }
 
-/// Reads every value of state `id` with `f` (which must not rewrite).
-fn check_values(
-    store: &mut dyn KeyedStateStore,
-    id: StateId,
-    range: KeyGroupRange,
-    f: &Rewrite<'_>,
-) -> std::result::Result<(), ValueError> {
-    for kg in range.iter() {
-        let mut failed = None;
-        store
-            .scan_prefix(id, kg, &[], &mut |k, v| {
-                if failed.is_none() {
-                    if let Err(reason) = f(v) {
-                        failed = Some(ValueError::Value {
-                            key: k.to_vec(),
-                            reason,
-                        });
-                    }
-                }
-                Ok(())
-            })
-            .map_err(ValueError::Store)?;
-        if let Some(f) = failed {
-            return Err(f);
-        }
-    }
-    Ok(())
-}
-
 /// A type-erased migration of one state, for rewriting savepoints
 /// ([`crate::rewrite`]): the new descriptor's schema and type, and the
 /// steps.
@@ -633,7 +658,7 @@ mod tests {
         match plan("op", "savepoint x", written, now, m) {
             Ok(Plan::Keep) => "keep".into(),
             Ok(Plan::Migrate(from, _)) => format!("migrate from {from}"),
-            Ok(Plan::Check(from)) => format!("check {from}"),
+            Ok(Plan::Reencode(from)) => format!("re-encode {from}"),
             Err(e) => format!("refused: {e}"),
         }
     }
@@ -646,7 +671,7 @@ mod tests {
         assert_eq!(outcome(&now, &now, &none), "keep");
         let old = desc::<V1>("value", None);
         assert_eq!(outcome(&old, &now, &step), "migrate from schema t.S v1");
-        assert_eq!(outcome(&old, &now, &none), "check schema t.S v1");
+        assert_eq!(outcome(&old, &now, &none), "re-encode schema t.S v1");
         let mut other = old.clone();
         other.schema = Some(SchemaId {
             name: "t.Other".into(),
@@ -667,6 +692,41 @@ mod tests {
             .erase();
         assert!(erased.step_for(&ttl).is_err());
         assert!(erased.step_for(&old).is_ok());
+    }
+
+    /// A fixed (postcard) state recorded under `old::Tally`: `from_fixed`
+    /// matches the Rust type name, `from_fixed_named` the recorded one.
+    #[test]
+    fn a_fixed_type_that_moved_migrates_by_its_recorded_name() {
+        #[derive(Serialize, Deserialize)]
+        struct TallyV1 {
+            a: u32,
+        }
+        let mut old = desc::<V1>("value", None);
+        old.schema = None;
+        old.value_type = "old::Tally".into();
+        let now = desc::<V2>("value", None);
+        let moved = Migration::<V2>::new().from_fixed::<TallyV1>(|o| Some(V2 { a: u64::from(o.a) }));
+        let refused = outcome(&old, &now, &moved);
+        assert!(
+            refused.contains("the fixed type old::Tally")
+                && refused.contains("from_fixed_named(\"old::Tally\")"),
+            "{refused}"
+        );
+        let named = Migration::<V2>::new().from_fixed_named::<TallyV1>("old::Tally", |o| {
+            Some(V2 {
+                a: u64::from(o.a) + 1,
+            })
+        });
+        assert_eq!(
+            outcome(&old, &now, &named),
+            "migrate from the fixed type old::Tally"
+        );
+        let step = named.step(&Written::of(&old), "value").unwrap();
+        let new = step(&postcard::to_allocvec(&TallyV1 { a: 41 }).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(postcard::from_bytes::<Evolving<V2>>(&new).unwrap().0.a, 42);
     }
 
     #[test]
