@@ -137,7 +137,9 @@ pub struct JobStatus {
     pub restarts: u32,
     /// Records emitted by the sources (replays count again).
     pub source_records: u64,
-    /// Time since the job started, in milliseconds.
+    /// Milliseconds the job has run: since it started while it runs (or
+    /// restarts), its whole run time once it ended (the clock stops then;
+    /// Flink reports -1 for an ended job instead).
     pub uptime_ms: u64,
     /// The savepoint or checkpoint the job started from, if any.
     pub restored_from: Option<String>,
@@ -214,8 +216,12 @@ pub struct JobMonitor {
     pub(crate) requests: mpsc::UnboundedSender<Request>,
     pub(crate) stats: StatsLog,
     pub(crate) metrics: Arc<Metrics>,
+    /// The job master keeps the state, restarts, failure and, once the
+    /// job ended, `uptime_ms`.
     pub(crate) status: Arc<Mutex<JobStatus>>,
     pub(crate) started: Instant,
+    /// When the job started, milliseconds since the Unix epoch.
+    pub(crate) started_ms: u64,
 }
 
 impl JobMonitor {
@@ -271,7 +277,9 @@ impl JobMonitor {
     pub fn status(&self) -> JobStatus {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
         s.source_records = self.source_records();
-        s.uptime_ms = self.started.elapsed().as_millis() as u64;
+        if matches!(s.state, JobState::Running | JobState::Restarting) {
+            s.uptime_ms = self.started.elapsed().as_millis() as u64;
+        }
         s
     }
 
@@ -367,6 +375,9 @@ pub(crate) struct CompletedStats {
     pub written_size: u64,
     pub channel: u64,
     pub alignment: Vec<Duration>,
+    /// The alignments of the tasks with inputs: a source task aligns
+    /// nothing, so its zero stays out of the alignment histogram.
+    pub input_alignment: Vec<Duration>,
     pub sync_max: Duration,
     pub async_max: Duration,
     pub operators: Vec<(String, u64)>,
@@ -453,7 +464,8 @@ impl StatsLog {
         });
         if completed && ends {
             self.metrics.checkpoints_completed.fetch_add(1, Ordering::Relaxed);
-            self.metrics.checkpoint_completed(st.duration, &st.alignment);
+            self.metrics
+                .checkpoint_completed(st.duration, &st.input_alignment);
         }
     }
 

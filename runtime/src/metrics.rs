@@ -199,7 +199,8 @@ pub struct Metrics {
     tasks: Mutex<Vec<Arc<TaskMetrics>>>,
     /// Durations of completed checkpoints, in seconds.
     pub(crate) checkpoint_duration: Histogram,
-    /// Alignments of every task in completed checkpoints, in seconds.
+    /// Alignments of every task with inputs in completed checkpoints, in
+    /// seconds (a source task has no barriers to align).
     pub(crate) checkpoint_alignment: Histogram,
     /// Checkpoints (and savepoints) triggered, completed and failed since
     /// the job started (monotonic; the statistics log keeps only the
@@ -209,9 +210,11 @@ pub struct Metrics {
     pub(crate) checkpoints_failed: AtomicU64,
 }
 
-/// Bucket bounds in seconds, 1 ms to about 33 s.
+/// Bucket bounds in seconds: 21 doublings from 1 ms to about 17.5 minutes
+/// (1048.576 s), so that a checkpoint as long as the default 10-minute
+/// timeout still falls in a finite bucket.
 fn second_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16)
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 21)
 }
 
 impl Default for Metrics {
@@ -273,7 +276,8 @@ impl Metrics {
         )
     }
 
-    /// Records a completed checkpoint in the histograms.
+    /// Records a completed checkpoint in the histograms: its duration and
+    /// the alignments of its tasks with inputs.
     pub(crate) fn checkpoint_completed(&self, duration: Duration, alignments: &[Duration]) {
         self.checkpoint_duration.observe(duration.as_secs_f64());
         for a in alignments {
@@ -462,6 +466,48 @@ mod tests {
             sampler.sample();
         }
         assert_eq!(sampler.history().len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::registry::Registry;
+
+    /// The cumulative buckets of histogram `name` in `text`: (le, count).
+    fn buckets(text: &str, name: &str) -> Vec<(f64, u64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|rest| {
+                let (le, n) = rest.split_once("\"} ").unwrap();
+                (le.parse().unwrap(), n.parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_checkpoint_near_the_default_timeout_falls_in_a_finite_bucket() {
+        let m = Metrics::default();
+        let timeout = crate::CheckpointConfig::default().timeout;
+        let long = timeout - Duration::from_secs(1);
+        m.checkpoint_completed(Duration::from_millis(2), &[Duration::from_millis(1)]);
+        m.checkpoint_completed(long, &[long]);
+        let mut r = Registry::default();
+        r.register("duration", "", m.checkpoint_duration.clone());
+        r.register("alignment", "", m.checkpoint_alignment.clone());
+        let mut text = String::new();
+        encode(&mut text, &r).unwrap();
+        for name in ["duration", "alignment"] {
+            let b = buckets(&text, name);
+            assert!(b.len() >= 20, "{name}: {b:?}");
+            // The first bucket that holds both observations.
+            let (le, _) = b.iter().find(|(_, n)| *n == 2).unwrap();
+            assert!(le.is_finite() && *le >= long.as_secs_f64(), "{name}: {b:?}");
+            // The short one is told apart from it.
+            assert!(b.iter().any(|(le, n)| *n == 1 && *le < 0.01), "{name}: {b:?}");
+        }
     }
 }
 

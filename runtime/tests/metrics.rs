@@ -10,14 +10,15 @@ use sluice_core::CheckpointStorage;
 use sluice_runtime::prelude::*;
 use sluice_runtime::rest::{serve, serve_until, TargetResolver};
 use sluice_runtime::workload::{self, InjectedFailure, RunningSum};
-use sluice_runtime::{CheckpointStatus, JobMonitor};
-use std::collections::BTreeMap;
+use sluice_runtime::{CheckpointStatus, JobMonitor, JobResult, SubtaskCheckpointStats};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const EVENTS: u64 = 400_000;
 const SPLITS: u32 = 4;
+const PARALLELISM: u32 = 2;
 
 fn no_targets() -> TargetResolver {
     Arc::new(|_target: String| Box::pin(async { Err(RuntimeError::InvalidJob("no targets here".into())) }))
@@ -99,16 +100,21 @@ async fn get(url: String, token: Option<&str>) -> (u16, String) {
     .unwrap()
 }
 
-/// `GET path` of the job's REST API on loopback, without a token.
-async fn get_once(monitor: &JobMonitor, path: &str) -> (u16, String) {
-    let (addr, server) = serve(
+/// Serves the job's REST API on a free loopback port, without a token.
+async fn serve_loopback(monitor: &JobMonitor) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    serve(
         "127.0.0.1:0".parse().unwrap(),
         monitor.clone(),
         no_targets(),
         None,
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// `GET path` of the job's REST API on loopback, without a token.
+async fn get_once(monitor: &JobMonitor, path: &str) -> (u16, String) {
+    let (addr, server) = serve_loopback(monitor).await;
     let answer = get(format!("http://{addr}{path}"), None).await;
     server.abort();
     answer
@@ -120,12 +126,24 @@ async fn scrape(monitor: &JobMonitor) -> Vec<Line> {
     parse(&text)
 }
 
-/// Runs the keyed sum to its end (checkpoints every 50 ms; one injected
-/// failure with `fail`) and scrapes its metrics afterwards.
-async fn run(fail: bool) -> (Vec<Line>, JobMonitor, Arc<dyn CheckpointStorage>, u32) {
+/// `GET /metrics` of a server already running at `base`.
+async fn scrape_at(base: &str) -> Vec<Line> {
+    let (status, text) = get(format!("{base}/metrics"), None).await;
+    assert_eq!(status, 200, "{text}");
+    parse(&text)
+}
+
+/// The keyed sum of `events` events paced to about `rate` a second in all
+/// (checkpoints every 50 ms; the sink chained into the keyed tasks), and
+/// its checkpoint storage.
+fn keyed_sum(
+    events: u64,
+    rate: u64,
+    failures: Vec<Arc<InjectedFailure>>,
+) -> (Job, Arc<dyn CheckpointStorage>) {
     let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
     let job = Job::new("metrics-test")
-        .with_parallelism(2)
+        .with_parallelism(PARALLELISM)
         .with_state_backend(Arc::new(MemoryStateBackend::new()))
         .with_checkpoint_storage(storage.clone())
         .with_restart_strategy(RestartStrategy::FixedDelay {
@@ -133,33 +151,79 @@ async fn run(fail: bool) -> (Vec<Line>, JobMonitor, Arc<dyn CheckpointStorage>, 
             delay: Duration::from_millis(10),
         })
         .with_checkpointing(CheckpointConfig::every(Duration::from_millis(50)));
-    let failures = match fail {
-        true => vec![InjectedFailure::new(0, EVENTS / 4, false)],
-        false => Vec::new(),
-    };
     workload::keyed_sum_stream(
         &job,
-        EVENTS,
+        events,
         1000,
         SPLITS,
-        2,
-        Some(400_000),
+        PARALLELISM,
+        Some(rate),
         RunningSum::with_failures(failures),
     )
     .unwrap()
     .sink(DiscardSink::new())
     .unwrap();
+    (job, storage)
+}
+
+/// A run of the keyed sum to its end, and its metrics scraped afterwards.
+struct Run {
+    lines: Vec<Line>,
+    monitor: JobMonitor,
+    storage: Arc<dyn CheckpointStorage>,
+    result: JobResult,
+    /// From before the job started to after it ended.
+    wall: Duration,
+}
+
+/// Runs the keyed sum to its end (one injected failure with `fail`) and
+/// scrapes its metrics afterwards.
+async fn run(fail: bool) -> Run {
+    let failures = match fail {
+        true => vec![InjectedFailure::new(0, EVENTS / 4, false)],
+        false => Vec::new(),
+    };
+    let (job, storage) = keyed_sum(EVENTS, 400_000, failures);
+    let started = Instant::now();
     let handle = job.start().unwrap();
     let monitor = handle.monitor();
     let result = handle.wait().await.unwrap();
+    let wall = started.elapsed();
     assert_eq!(result.restarts, u32::from(fail));
-    (scrape(&monitor).await, monitor, storage, result.restarts)
+    Run {
+        lines: scrape(&monitor).await,
+        monitor,
+        storage,
+        result,
+        wall,
+    }
+}
+
+/// Gauge `name` of every task, by the task's name as the checkpoint
+/// statistics write it: `name (subtask/parallelism)`, counted from 1.
+fn by_task(lines: &[Line], name: &str) -> BTreeMap<String, f64> {
+    lines
+        .iter()
+        .filter(|l| l.name == name)
+        .map(|l| {
+            let subtask: u32 = l.labels["subtask_index"].parse().unwrap();
+            let task = format!("{} ({}/{PARALLELISM})", l.labels["task_name"], subtask + 1);
+            (task, l.value)
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_match_the_jobs_statistics_and_its_storage() {
     for fail in [false, true] {
-        let (lines, monitor, storage, restarts) = run(fail).await;
+        let Run {
+            lines,
+            monitor,
+            storage,
+            result,
+            wall,
+        } = run(fail).await;
+        let restarts = result.restarts;
         let stats = monitor.checkpoint_stats();
         let completed: Vec<_> = stats
             .iter()
@@ -211,11 +275,32 @@ async fn metrics_match_the_jobs_statistics_and_its_storage() {
         );
         let durations: f64 = completed.iter().map(|s| s.duration.as_secs_f64()).sum();
         assert!((one(&lines, "sluice_checkpoint_duration_seconds_sum") - durations).abs() < 1e-6);
-        let alignments: usize = completed.iter().map(|s| s.alignment.len()).sum();
+        // The alignment histogram holds the tasks with inputs of every
+        // completed checkpoint: not the sources, which align nothing.
+        let sources: BTreeSet<String> = monitor
+            .task_counters()
+            .iter()
+            .filter(|c| c.is_source)
+            .map(|c| format!("{} ({}/{})", c.task, c.subtask + 1, c.parallelism))
+            .collect();
+        assert_eq!(sources.len(), PARALLELISM as usize, "{sources:?}");
+        let aligned: Vec<Duration> = completed
+            .iter()
+            .flat_map(|s| &s.subtasks)
+            .filter(|t| !sources.contains(&t.task))
+            .map(|t| t.alignment)
+            .collect();
+        assert_eq!(
+            aligned.len(),
+            completed.len() * PARALLELISM as usize,
+            "one alignment per keyed subtask and checkpoint"
+        );
         assert_eq!(
             one(&lines, "sluice_checkpoint_alignment_seconds_count"),
-            alignments as f64
+            aligned.len() as f64
         );
+        let aligned_sum: f64 = aligned.iter().map(Duration::as_secs_f64).sum();
+        assert!((one(&lines, "sluice_checkpoint_alignment_seconds_sum") - aligned_sum).abs() < 1e-6);
         assert_eq!(
             one(&lines, "flink_jobmanager_job_numRestarts"),
             f64::from(restarts)
@@ -297,6 +382,44 @@ async fn metrics_match_the_jobs_statistics_and_its_storage() {
             .collect();
         assert_eq!(positions, stored);
         assert_eq!(positions[&(SPLITS - 1)], EVENTS);
+        // The keyed tasks end in the chained sink: nothing goes out of them.
+        let keyed_out = sum_tasks(
+            &lines,
+            "flink_taskmanager_job_task_numRecordsOut",
+            "keyed running-sum",
+        );
+        assert_eq!(keyed_out, 0.0);
+
+        // Each task's start delay and alignment gauges are those of the
+        // last checkpoint it snapshotted; every task snapshots the final
+        // checkpoint and none after it, so they are that checkpoint's
+        // per-task figures, to the nanosecond.
+        assert_eq!(result.final_checkpoint, Some(last.id));
+        let nanos = |of: fn(&SubtaskCheckpointStats) -> Duration| -> BTreeMap<String, f64> {
+            let all = last.subtasks.iter();
+            all.map(|t| (t.task.clone(), of(t).as_nanos() as f64)).collect()
+        };
+        assert_eq!(
+            by_task(&lines, "flink_taskmanager_job_task_checkpointStartDelayNanos"),
+            nanos(|t| t.start_delay)
+        );
+        assert_eq!(
+            by_task(&lines, "flink_taskmanager_job_task_checkpointAlignmentTime"),
+            nanos(|t| t.alignment)
+        );
+
+        // The job ended: its uptime is its run time and stays so.
+        let uptime = one(&lines, "flink_jobmanager_job_uptime");
+        assert!(
+            uptime >= result.duration.as_millis() as f64 && uptime <= wall.as_millis() as f64,
+            "uptime {uptime} ms, run {:?}, waited {wall:?}",
+            result.duration
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let later = scrape(&monitor).await;
+        assert_eq!(one(&later, "flink_jobmanager_job_uptime"), uptime);
+        assert_eq!(monitor.status().uptime_ms as f64, uptime);
+
         // Per-task gauges exist for every subtask (2 sources, 2 keyed).
         for name in [
             "flink_taskmanager_job_task_numRecordsInPerSecond",
@@ -309,9 +432,85 @@ async fn metrics_match_the_jobs_statistics_and_its_storage() {
     }
 }
 
+/// The sources' pace in the rates test, events per second in all.
+const THROTTLE: f64 = 20_000.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rates_of_a_running_job_follow_its_pace_and_its_counters() {
+    let (job, _) = keyed_sum(u64::MAX / 2, THROTTLE as u64, Vec::new());
+    let handle = job.start().unwrap();
+    let (addr, server) = serve_loopback(&handle.monitor()).await;
+    let base = format!("http://{addr}");
+    // The server samples the counters at once and then every second: with
+    // three samples, the latest rates cover a whole second of the job.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(format!("{base}/timeline"), None).await;
+        assert_eq!(status, 200, "{body}");
+        let samples = serde_json::from_str::<Value>(&body).unwrap();
+        if samples.as_array().unwrap().len() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sampler took no 3 samples in 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Two scrapes about 1.5 s apart; `at` is the middle of each request.
+    let mut scrapes = Vec::new();
+    for pause in [Duration::ZERO, Duration::from_millis(1500)] {
+        tokio::time::sleep(pause).await;
+        let before = Instant::now();
+        let lines = scrape_at(&base).await;
+        scrapes.push((lines, before + before.elapsed() / 2));
+    }
+    let rate_of = |lines: &[Line]| {
+        sum_tasks(
+            lines,
+            "flink_taskmanager_job_task_numRecordsInPerSecond",
+            "source events",
+        )
+    };
+    for (lines, _) in &scrapes {
+        // Every task (2 sources, 2 keyed) has records coming in.
+        let rates = by_task(lines, "flink_taskmanager_job_task_numRecordsInPerSecond");
+        assert_eq!(rates.len(), 4, "{rates:?}");
+        assert!(rates.values().all(|r| *r > 0.0), "{rates:?}");
+        // The sources read at most at their pace (it paces from below).
+        let rate = rate_of(lines);
+        assert!(rate > 0.0 && rate <= THROTTLE * 1.5, "source rate {rate}");
+        // What the sources read, they send on; the keyed tasks end in the
+        // chained sink and send nothing.
+        let out = by_task(lines, "flink_taskmanager_job_task_numRecordsOutPerSecond");
+        for (task, r) in &out {
+            assert_eq!(*r > 0.0, task.starts_with("source "), "{out:?}");
+        }
+        let backpressure = by_task(lines, "flink_taskmanager_job_task_backPressuredTimeMsPerSecond");
+        assert!(
+            backpressure.values().all(|b| (0.0..=1000.0).contains(b)),
+            "{backpressure:?}"
+        );
+    }
+    // The counters grew by about the rate times the time between scrapes.
+    let read = |lines: &[Line]| sum_tasks(lines, "flink_taskmanager_job_task_numRecordsIn", "source events");
+    let ((first, t0), (second, t1)) = (&scrapes[0], &scrapes[1]);
+    let grown = read(second) - read(first);
+    let expected = (rate_of(first) + rate_of(second)) / 2.0 * t1.duration_since(*t0).as_secs_f64();
+    assert!(
+        grown >= expected * 0.3 && grown <= expected * 3.0,
+        "the sources read {grown} records between the scrapes, the rates say {expected}"
+    );
+    // While the job runs, its uptime goes on.
+    let uptime = |lines: &[Line]| one(lines, "flink_jobmanager_job_uptime");
+    assert!(uptime(second) > uptime(first));
+
+    server.abort();
+    handle.cancel();
+    assert!(matches!(handle.wait().await, Err(RuntimeError::Cancelled)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkpoint_history_has_per_task_detail() {
-    let (_, monitor, _, _) = run(false).await;
+    let monitor = run(false).await.monitor;
     let (status, body) = get_once(&monitor, "/checkpoints?limit=2").await;
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -363,7 +562,7 @@ fn non_loopback_ip() -> Option<IpAddr> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_address_than_loopback_needs_a_token_and_every_request_must_carry_it() {
-    let (_, monitor, _, _) = run(false).await;
+    let monitor = run(false).await.monitor;
     let err = serve("0.0.0.0:0".parse().unwrap(), monitor.clone(), no_targets(), None)
         .await
         .unwrap_err();
@@ -454,15 +653,8 @@ fn request(method: &str, path: &str, host: &str, extra: &str, body: &str) -> Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_a_web_page_could_make_are_refused() {
-    let (_, monitor, _, _) = run(false).await;
-    let (addr, server) = serve(
-        "127.0.0.1:0".parse().unwrap(),
-        monitor.clone(),
-        no_targets(),
-        None,
-    )
-    .await
-    .unwrap();
+    let monitor = run(false).await.monitor;
+    let (addr, server) = serve_loopback(&monitor).await;
     let own = format!("127.0.0.1:{}", addr.port());
     // The API's own host, by address or name: answered.
     assert_eq!(raw(addr, request("GET", "/job", &own, "", "")).await, 200);

@@ -46,6 +46,9 @@ pub(super) struct Pending {
     acks: HashMap<usize, Vec<AckPart>>,
     channel_state: Vec<ChannelStateHandle>,
     alignment: Vec<Duration>,
+    /// The alignments of the tasks with inputs (not the sources'): the
+    /// alignment histogram's observations.
+    input_alignment: Vec<Duration>,
     sync_max: Duration,
     async_max: Duration,
     responders: Vec<CheckpointResponder>,
@@ -337,6 +340,7 @@ impl Coordinator {
                 acks: HashMap::new(),
                 channel_state: Vec::new(),
                 alignment: Vec::new(),
+                input_alignment: Vec::new(),
                 sync_max: Duration::ZERO,
                 async_max: Duration::ZERO,
                 responders: responder.into_iter().collect(),
@@ -425,6 +429,9 @@ impl Coordinator {
                 p.acks.insert(task, parts);
                 p.channel_state.extend(channel_state);
                 p.alignment.push(alignment);
+                if infos.get(task).is_some_and(|t| !t.is_source) {
+                    p.input_alignment.push(alignment);
+                }
                 p.sync_max = p.sync_max.max(sync);
                 p.async_max = p.async_max.max(async_part);
                 if p.acks.len() == infos.len() {
@@ -465,6 +472,7 @@ impl Coordinator {
             written_size: meta.own_state_size(),
             channel: meta.channel_state_size(),
             alignment: p.alignment.clone(),
+            input_alignment: p.input_alignment.clone(),
             sync_max: p.sync_max,
             async_max: p.async_max,
             operators: meta

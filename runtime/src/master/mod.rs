@@ -61,14 +61,16 @@ impl Job {
         let stats = master.coordinator.stats.clone();
         let metrics = master.ctx.metrics.clone();
         let status = master.status.clone();
-        let join = tokio::spawn(master.run(rx));
+        let started = Instant::now();
+        let join = tokio::spawn(master.run(rx, started));
         Ok(JobHandle {
             monitor: JobMonitor {
                 requests: tx,
                 stats,
                 metrics,
                 status,
-                started: Instant::now(),
+                started,
+                started_ms: now_ms(),
             },
             join,
         })
@@ -177,8 +179,17 @@ impl JobMaster {
         }
     }
 
-    async fn run(mut self, requests: mpsc::UnboundedReceiver<Request>) -> Result<JobResult> {
+    /// Runs the job; once it ended, its status keeps its run time since
+    /// `started` as the uptime (written before the final state, which tells
+    /// the monitors to stop their clock).
+    async fn run(
+        mut self,
+        requests: mpsc::UnboundedReceiver<Request>,
+        started: Instant,
+    ) -> Result<JobResult> {
         let result = self.run_job(requests).await;
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).uptime_ms =
+            started.elapsed().as_millis() as u64;
         match &result {
             Ok(_) => self.set_state(JobState::Finished, None),
             Err(RuntimeError::Cancelled) => self.set_state(JobState::Cancelled, None),

@@ -10,6 +10,11 @@
 //! says so). What Flink does not have is named `sluice_…`: the histograms
 //! of checkpoint durations and alignments (seconds), the state size per
 //! operator, the source split positions and the job state.
+//!
+//! The `flink_taskmanager_job_task_…` figures are at task scope, as
+//! Flink's: one series per subtask of an operator chain (the operators
+//! chained into a task have none of their own; a chain that ends in a
+//! sink sends no records out).
 
 use crate::handle::{CheckpointStatus, JobMonitor, JobState};
 use crate::metrics::Sample;
@@ -135,12 +140,7 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
         .rev()
         .find(|e| e.restored_from.is_some())
         .map(|e| e.time_ms as i64)
-        .or_else(|| {
-            status
-                .restored_from
-                .as_ref()
-                .map(|_| crate::master::now_ms().saturating_sub(status.uptime_ms) as i64)
-        });
+        .or_else(|| status.restored_from.as_ref().map(|_| monitor.started_ms as i64));
     int_gauge(
         r,
         &format!("{job}lastCheckpointRestoreTimestamp"),
@@ -156,7 +156,7 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
     int_gauge(
         r,
         &format!("{job}uptime"),
-        "Milliseconds since the job started",
+        "Milliseconds the job has run: since it started, or once it ended its whole run time (the clock stops; Flink reports -1 then)",
         status.uptime_ms as i64,
     );
     let states: IntGauges = family(
@@ -183,7 +183,7 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
     );
     r.register(
         "sluice_checkpoint_alignment_seconds",
-        "Alignments (first to last barrier) of every task in completed checkpoints",
+        "Alignments (first to last barrier) of every task with inputs in completed checkpoints (source tasks align nothing and are left out)",
         metrics.checkpoint_alignment.clone(),
     );
     let state_size: IntGauges = family(
@@ -227,12 +227,12 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
     let delay: IntGauges = family(
         r,
         &format!("{t}checkpointStartDelayNanos"),
-        "Trigger to the task's first barrier of its last checkpoint, in nanoseconds",
+        "Trigger to the task's first barrier in the last checkpoint it snapshotted (completed or not), in nanoseconds (measured to the millisecond, less the alignment)",
     );
     let alignment: IntGauges = family(
         r,
         &format!("{t}checkpointAlignmentTime"),
-        "First to last barrier of the task's last checkpoint, in nanoseconds",
+        "First to last barrier in the last checkpoint the task snapshotted (completed or not), in nanoseconds (0 for a source task)",
     );
     let positions: IntGauges = family(
         r,
@@ -243,8 +243,13 @@ pub fn render(monitor: &JobMonitor, rates: Option<&Sample>) -> String {
         let l = task_labels(c.vertex, &c.task, c.subtask);
         rec_in.get_or_create(&l).set(c.records_in as i64);
         rec_out.get_or_create(&l).set(c.records_out as i64);
-        delay.get_or_create(&l).set((c.start_delay_ms * 1e6) as i64);
-        alignment.get_or_create(&l).set((c.alignment_ms * 1e6) as i64);
+        // Back to whole nanoseconds (truncating could lose one).
+        delay
+            .get_or_create(&l)
+            .set((c.start_delay_ms * 1e6).round() as i64);
+        alignment
+            .get_or_create(&l)
+            .set((c.alignment_ms * 1e6).round() as i64);
         let rate = rates.and_then(|s| {
             s.tasks
                 .iter()
