@@ -167,7 +167,6 @@ fn token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
 }
 
-/// Equal in time independent of where they differ.
 /// Equal, in a time that depends on the longer input only (the caller's
 /// guess, not the token).
 fn same(guess: &[u8], token: &[u8]) -> bool {

@@ -48,6 +48,32 @@ pub(crate) fn rest_address(spec: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|e| format!("--rest {spec:?}: {e} (examples: 8081, 127.0.0.1:8081)"))
 }
 
+/// The line that tells where the REST API of a job bound to `bound` is.
+/// An unspecified address (`0.0.0.0`, `::`) is no address a browser can
+/// open: the line says it listens on all interfaces and gives this
+/// machine's loopback URL first (what scripts take from the line).
+fn rest_banner(bound: std::net::SocketAddr, token: bool) -> String {
+    let what = "sluice: REST API, metrics and dashboard";
+    if bound.ip().is_unspecified() {
+        let local = match bound {
+            std::net::SocketAddr::V4(_) => std::net::SocketAddr::from(([127, 0, 0, 1], bound.port())),
+            std::net::SocketAddr::V6(_) => {
+                std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, bound.port()))
+            }
+        };
+        let open = if token { "/?token=TOKEN" } else { "/" };
+        return format!(
+            "{what} on http://{local} (listening on all interfaces, port {}: on this machine open \
+             http://{local}{open}; from another, use this machine's name or address)",
+            bound.port(),
+        );
+    }
+    match token {
+        true => format!("{what} on http://{bound} (token required: open http://{bound}/?token=TOKEN)"),
+        false => format!("{what} on http://{bound} (loopback only, no token)"),
+    }
+}
+
 pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
     let interval = parse_interval(&a.checkpoint_interval)?;
     if a.keys == 0 {
@@ -161,14 +187,7 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
                     sluice_runtime::rest::serve_until(addr, handle.monitor(), resolve, token.clone(), shutdown)
                         .await
                         .map_err(|e| format!("--rest {addr}: cannot serve: {e}"))?;
-                match token {
-                    Some(_) => println!(
-                        "sluice: REST API, metrics and dashboard on http://{bound} (token required: open http://{bound}/?token=TOKEN)"
-                    ),
-                    None => println!(
-                        "sluice: REST API, metrics and dashboard on http://{bound} (loopback only, no token)"
-                    ),
-                }
+                println!("{}", rest_banner(bound, token.is_some()));
                 Some(RestServer { task, stop: Some(stop) })
             }
             None => None,
@@ -273,4 +292,32 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             })
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rest_banner;
+
+    #[test]
+    fn the_rest_banner_gives_an_address_a_browser_can_open() {
+        let any = rest_banner("0.0.0.0:8081".parse().unwrap(), true);
+        assert!(!any.contains("http://0.0.0.0"), "{any}");
+        assert!(any.contains("all interfaces, port 8081"), "{any}");
+        // The first URL on the line is the one scripts take.
+        let first = any.split_whitespace().find(|w| w.starts_with("http://"));
+        assert_eq!(first, Some("http://127.0.0.1:8081"), "{any}");
+        assert!(any.contains("http://127.0.0.1:8081/?token=TOKEN"), "{any}");
+        let v6 = rest_banner("[::]:8081".parse().unwrap(), true);
+        assert!(
+            v6.contains("http://[::1]:8081/?token=TOKEN") && !v6.contains("http://[::]"),
+            "{v6}"
+        );
+        let loopback = rest_banner("127.0.0.1:9000".parse().unwrap(), false);
+        assert!(
+            loopback.contains("on http://127.0.0.1:9000 (loopback only"),
+            "{loopback}"
+        );
+        let host = rest_banner("192.0.2.7:9000".parse().unwrap(), true);
+        assert!(host.contains("open http://192.0.2.7:9000/?token=TOKEN"), "{host}");
+    }
 }
