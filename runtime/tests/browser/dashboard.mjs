@@ -1,9 +1,10 @@
 // The dashboard in a real browser: starts `sluice run keyed-sum` with its
 // REST API behind a token, opens the dashboard in headless Chromium
 // (Debian's /usr/bin/chromium, driven by playwright-core), and checks that
-// the checkpoint history shows the checkpoints the REST API reports, that
-// "Trigger checkpoint" makes a checkpoint that then appears in the table,
-// that a row opens its per-task detail, and that "Cancel" cancels the job.
+// the checkpoint history shows the checkpoints the REST API reports, with
+// their duration and full size, that "Trigger checkpoint" makes a
+// checkpoint that then appears in the table, that a row opens its per-task
+// detail, and that "Cancel" cancels the job.
 // Saves a screenshot.
 //
 //   SLUICE_BIN=target/debug/sluice SCREENSHOT=/tmp/dashboard.png node dashboard.mjs
@@ -24,6 +25,15 @@ const token = "browser-test-" + Math.random().toString(36).slice(2);
 if (!bin) throw new Error("set SLUICE_BIN to the sluice binary");
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// How the page writes numbers and byte sizes (dashboard.html's `num` and
+// `bytes`), written again here so that the test checks the page.
+const formatNumber = (n) => Number(n).toLocaleString("en-US", { maximumFractionDigits: 1 });
+function formatBytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
 async function until(what, f, timeoutMs = 60_000) {
   const end = Date.now() + timeoutMs;
   for (;;) {
@@ -79,6 +89,25 @@ try {
     document.querySelector(`#checkpoint-history tr[data-id="${id}"][data-status="COMPLETED"]`)), reported);
   const shown = await page.$$eval("#checkpoint-history tr[data-id]", (rows) => rows.map((r) => r.dataset.id));
   for (const id of reported) assert.ok(shown.includes(id), `checkpoint ${id} not in the table`);
+  // Their duration and full size are the REST API's, as the page writes
+  // them (the figures of a completed checkpoint no longer change).
+  const columns = await page.$$eval("#checkpoint-history thead th", (th) => th.map((h) => h.textContent.trim()));
+  const durationCol = columns.indexOf("duration (ms)"), sizeCol = columns.indexOf("full size");
+  assert.ok(durationCol >= 0 && sizeCol >= 0, "columns: " + columns.join(", "));
+  const cells = await page.$$eval('#checkpoint-history tr[data-id][data-status="COMPLETED"]', (rows, [d, s]) =>
+    rows.map((r) => [r.dataset.id, r.children[d].textContent, r.children[s].textContent]), [durationCol, sizeCol]);
+  const byId = new Map((await rest("/checkpoints")).history.map((c) => [String(c.id), c]));
+  let compared = 0;
+  for (const [id, duration, size] of cells) {
+    const c = byId.get(id);
+    assert.ok(c, `checkpoint ${id} is not in the REST API's history`);
+    assert.equal(c.status, "COMPLETED", `checkpoint ${id}`);
+    assert.equal(duration, formatNumber(c.duration_ms), `duration of checkpoint ${id}`);
+    assert.equal(size, formatBytes(c.state_size), `full size of checkpoint ${id}`);
+    assert.ok(c.state_size > 0, `checkpoint ${id} has state`);
+    compared++;
+  }
+  assert.ok(compared >= reported.length, `compared ${compared} rows, ${reported.length} reported`);
 
   // "Trigger checkpoint": the answer names the checkpoint, which appears
   // completed in the table and in the REST API.
