@@ -213,9 +213,10 @@ impl PartWriter<'_> {
     }
 }
 
-/// Appends `v` as postcard's varint (LEB128).
+/// Appends `v` as postcard's varint (LEB128); also the heap tables'
+/// integer fast path (`heap::append_canonical`).
 #[inline]
-fn append_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn append_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;

@@ -431,12 +431,8 @@ pub fn append_canonical<T: Serialize + 'static>(
             any.downcast_ref::<i32>()
                 .map(|v| u64::from(((*v << 1) ^ (*v >> 31)) as u32))
         });
-    if let Some(mut v) = unsigned {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
+    if let Some(v) = unsigned {
+        crate::format::append_varint(out, v);
         return Ok(());
     }
     *out = postcard::to_extend(value, std::mem::take(out))?;
