@@ -10,7 +10,7 @@ use sluice_core::CheckpointStorageExt;
 use sluice_core::{CheckpointStorage, StateBackend};
 use sluice_runtime::prelude::*;
 use sluice_runtime::workload::key_of;
-use sluice_runtime::{CheckpointStatus, CheckpointingMode};
+use sluice_runtime::{CheckpointStats, CheckpointStatus, CheckpointingMode};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,6 +85,16 @@ pub struct Measured {
     pub restored_from: Option<u64>,
     /// Peak resident memory of the process (VmHWM), bytes.
     pub peak_rss_bytes: u64,
+    /// Where a checkpoint's time goes, p50 over the completed checkpoints of
+    /// the slowest subtask's trigger-to-first-barrier delay, ms.
+    #[serde(default)]
+    pub start_delay_p50_ms: f64,
+    /// p50 of the longest synchronous snapshot part, ms.
+    #[serde(default)]
+    pub sync_p50_ms: f64,
+    /// p50 of the longest asynchronous snapshot part, ms.
+    #[serde(default)]
+    pub async_p50_ms: f64,
 }
 
 /// One configuration and its result.
@@ -293,6 +303,22 @@ pub async fn run(c: &Config) -> Result<Measured> {
         .map(|s| s.alignment_max().as_secs_f64() * 1e3)
         .collect();
     alignments.sort_by(f64::total_cmp);
+    let p50_of = |f: &dyn Fn(&&CheckpointStats) -> Duration| {
+        let mut v: Vec<f64> = done.iter().map(|s| f(s).as_secs_f64() * 1e3).collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+    let start_delay_p50_ms = p50_of(&|s| s.subtasks.iter().map(|t| t.start_delay).max().unwrap_or_default());
+    if std::env::var_os("SLUICE_E2E_CHECKPOINTS").is_some() {
+        for s in &done {
+            eprintln!(
+                "checkpoint {}: {:?} written {} of {} bytes, sync {:?}, async {:?}",
+                s.id.0, s.duration, s.written_size, s.state_size, s.sync_max, s.async_max
+            );
+        }
+    }
+    let sync_p50_ms = p50_of(&|s| s.sync_max);
+    let async_p50_ms = p50_of(&|s| s.async_max);
     let recovery_ms = clock.as_ref().and_then(|c| {
         let failed = (*c.failed_at.lock().ok()?)?;
         let resumed = (*c.resumed_at.lock().ok()?)?;
@@ -317,6 +343,9 @@ pub async fn run(c: &Config) -> Result<Measured> {
             .and_then(|r| r.restored_from)
             .map(|id| id.0),
         peak_rss_bytes: peak_rss_bytes(),
+        start_delay_p50_ms,
+        sync_p50_ms,
+        async_p50_ms,
     })
 }
 

@@ -221,8 +221,8 @@ impl ChangedKeys {
     pub fn of(epochs: &[Arc<ChangeLog>]) -> Self {
         let mut short: Vec<(u32, StateId, ShortKey)> =
             epochs.iter().flat_map(|e| e.short.iter().copied()).collect();
-        short.sort_unstable_by(|a, b| (a.0, a.1, a.2.as_slice()).cmp(&(b.0, b.1, b.2.as_slice())));
-        short.dedup_by(|a, b| (a.0, a.1, a.2.as_slice()) == (b.0, b.1, b.2.as_slice()));
+        short.sort_unstable_by_key(|(g, s, k)| (*g, *s, k.ordered_words()));
+        short.dedup_by(|a, b| (a.0, a.1, a.2) == (b.0, b.1, b.2));
         let mut long: Vec<(u32, StateId, Box<[u8]>)> =
             epochs.iter().flat_map(|e| e.long.iter().cloned()).collect();
         long.sort_unstable();
