@@ -4,7 +4,8 @@
 //!
 //! - [`RedbStateBackend`]: keyed working state in one redb file per
 //!   subtask, larger than memory, behind a bounded in-memory write buffer
-//!   (copy-on-write maps per key group) and read cache. Its synchronous
+//!   (copy-on-write maps per key group), redb's page cache and an optional
+//!   read cache. Its synchronous
 //!   snapshot step shares the buffer's maps and opens a read transaction
 //!   (an MVCC view); the asynchronous step streams the canonical format
 //!   from that view while writes go on.
@@ -26,6 +27,7 @@
 #![warn(missing_docs)]
 
 mod buffer;
+mod flushed;
 mod snapshot;
 mod state;
 mod storage;

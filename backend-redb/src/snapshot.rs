@@ -4,6 +4,7 @@
 
 use crate::buffer;
 use crate::corrupt_or_storage;
+use crate::flushed::{Run, RunGroup};
 use crate::state::{compose, HEADER};
 use redb::ReadOnlyTable;
 use sluice_core::bytemap::ChangedKeys;
@@ -93,6 +94,9 @@ pub(crate) struct RedbChanges {
     pub(crate) view: View,
     /// The epochs since the base.
     pub(crate) epochs: Vec<Arc<ChangeLog>>,
+    /// What the flushes before the snapshot wrote, newest first (those
+    /// still kept).
+    pub(crate) runs: Vec<Arc<Run>>,
     /// Their keys, sorted and deduplicated, built at the first visit (in
     /// the asynchronous part).
     pub(crate) index: std::sync::OnceLock<ChangedKeys>,
@@ -113,10 +117,27 @@ impl ChangeSnapshot for RedbChanges {
         }
         let g = self.view.check(key_group)?;
         let keys = self.index.get_or_init(|| ChangedKeys::of(&self.epochs));
+        // Per state, each run's entries of this key group, newest run first.
+        let runs: Vec<Vec<RunGroup<'_>>> = (0..self.view.names.len())
+            .map(|s| {
+                self.runs
+                    .iter()
+                    .map(|r| r.group(s as StateId, key_group))
+                    .collect()
+            })
+            .collect();
         let mut full = Vec::new();
         for (s, k) in keys.of_group(key_group) {
             if let Some(d) = self.view.groups[s as usize][g].get(k) {
                 visit(s, k, d.value.as_deref())?;
+                continue;
+            }
+            // Flushed since the base: the newest run holding it has its value.
+            if let Some(v) = runs
+                .get(s as usize)
+                .and_then(|groups| groups.iter().find_map(|r| r.get(k)))
+            {
+                visit(s, k, v)?;
                 continue;
             }
             compose(&mut full, s, key_group, k);
