@@ -16,7 +16,8 @@
 //! as before.
 
 use crate::buffer::Dirty;
-use sluice_core::StateId;
+use sluice_core::bytemap::ByteMap;
+use sluice_core::{KeyGroupRange, StateId};
 use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -187,6 +188,70 @@ impl FlushedRuns {
     }
 }
 
+/// The keys the open epoch of change tracking marked as changed that a
+/// flush then took out of the write buffer. Written again in the same
+/// epoch, such a key finds no entry of that epoch in the buffer; without
+/// this set it would be marked again, and a change log full of duplicates
+/// looks like more changes than there are (it overflows, or passes a
+/// quarter of the keys) and turns incremental checkpoints into full ones.
+pub(crate) struct FlushedMarks {
+    range: KeyGroupRange,
+    /// `[state][key_group - range.start]`.
+    groups: Vec<Vec<ByteMap<()>>>,
+    len: usize,
+}
+
+impl FlushedMarks {
+    /// An empty set for the key groups `range`.
+    pub fn new(range: KeyGroupRange) -> Self {
+        FlushedMarks {
+            range,
+            groups: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Adds a state (the next state id).
+    pub fn add_state(&mut self) {
+        self.groups
+            .push((0..self.range.len()).map(|_| ByteMap::default()).collect());
+    }
+
+    fn map(&mut self, state: StateId, key_group: u32) -> Option<&mut ByteMap<()>> {
+        let g = key_group.checked_sub(self.range.start)? as usize;
+        self.groups.get_mut(state as usize)?.get_mut(g)
+    }
+
+    /// Remembers that `key` was marked in the open epoch and flushed.
+    pub fn insert(&mut self, state: StateId, key_group: u32, key: &[u8]) {
+        let mut added = false;
+        if let Some(m) = self.map(state, key_group) {
+            m.get_or_insert_with(key, || added = true);
+        }
+        self.len += usize::from(added);
+    }
+
+    /// Whether `key` was marked in the open epoch and flushed since.
+    #[inline]
+    pub fn contains(&self, state: StateId, key_group: u32, key: &[u8]) -> bool {
+        self.len > 0
+            && key_group
+                .checked_sub(self.range.start)
+                .and_then(|g| self.groups.get(state as usize)?.get(g as usize))
+                .is_some_and(|m| m.get(key).is_some())
+    }
+
+    /// The open epoch ended: forgets every key.
+    pub fn clear(&mut self) {
+        if self.len > 0 {
+            for m in self.groups.iter_mut().flatten() {
+                *m = ByteMap::default();
+            }
+            self.len = 0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +308,26 @@ mod tests {
         let mut none = FlushedRuns::new(0);
         none.push(run());
         assert!(none.newest_first().is_empty(), "a bound of 0 keeps nothing");
+    }
+
+    #[test]
+    fn flushed_marks_are_kept_per_state_and_key_group_until_the_epoch_ends() {
+        let mut marks = FlushedMarks::new(KeyGroupRange::new(4, 5).unwrap());
+        marks.add_state();
+        marks.add_state();
+        assert!(!marks.contains(0, 4, b"k"));
+        marks.insert(0, 4, b"k");
+        marks.insert(0, 4, b"k");
+        assert!(marks.contains(0, 4, b"k"));
+        assert!(!marks.contains(1, 4, b"k"), "another state");
+        assert!(!marks.contains(0, 5, b"k"), "another key group");
+        assert!(
+            !marks.contains(0, 9, b"k") && !marks.contains(7, 4, b"k"),
+            "out of range"
+        );
+        marks.insert(1, 5, &[3u8; 40]);
+        assert!(marks.contains(1, 5, &[3u8; 40]), "a long key");
+        marks.clear();
+        assert!(!marks.contains(0, 4, b"k") && !marks.contains(1, 5, &[3u8; 40]));
     }
 }

@@ -25,7 +25,7 @@
 
 use crate::buffer::{self, WriteBuffer, ENTRY_OVERHEAD};
 use crate::corrupt_or_storage;
-use crate::flushed::{FlushedRuns, Run};
+use crate::flushed::{FlushedMarks, FlushedRuns, Run};
 use crate::snapshot::{RedbChanges, View};
 use redb::{
     Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -162,6 +162,7 @@ impl StateBackend for RedbStateBackend {
             full: Vec::with_capacity(64),
             flushes: 0,
             flushed: FlushedRuns::new(self.config.flushed_runs_bytes),
+            flushed_marks: FlushedMarks::new(scope.key_groups),
             marks: BTreeMap::new(),
             config: self.config.clone(),
             changes: scope.track_changes.then(EpochChanges::default),
@@ -183,6 +184,8 @@ struct RedbStore {
     flushes: u64,
     /// What recent flushes wrote (when tracking changes).
     flushed: FlushedRuns,
+    /// Keys marked as changed in the open epoch and flushed since.
+    flushed_marks: FlushedMarks,
     /// Per snapshot, the flushes it saw ([`FlushedRuns::mark`]).
     marks: BTreeMap<CheckpointId, u64>,
     config: RedbStateConfig,
@@ -316,8 +319,17 @@ impl RedbStore {
         }
         tx.commit().map_err(|e| Error::storage(&name, e))?;
         self.reader = None;
-        if self.changes.is_some() {
+        if let Some(c) = self.changes.as_ref() {
             self.flushed.push(Run::of(&dirty));
+            // Not needed once the open epoch's log overflowed (the next
+            // snapshot is full anyway): no memory spent on it then.
+            if !c.open.overflowed() {
+                for (s, key_group, k, d) in &dirty {
+                    if d.epoch == c.epoch {
+                        self.flushed_marks.insert(*s, *key_group, k);
+                    }
+                }
+            }
         }
         if self.config.read_cache_bytes == 0 {
             return Ok(());
@@ -351,7 +363,9 @@ impl RedbStore {
         let epoch = self.changes.as_ref().map_or(0, |c| c.epoch);
         let fresh = self.buffer.write(state, key_group, key, value, epoch);
         if let Some(c) = self.changes.as_mut().filter(|_| fresh) {
-            c.open.mark(key_group, state, key);
+            if !self.flushed_marks.contains(state, key_group, key) {
+                c.open.mark(key_group, state, key);
+            }
         }
         if self.buffer.bytes() > self.config.write_buffer_bytes {
             self.flush(false)?;
@@ -377,9 +391,11 @@ impl RedbStore {
         })
     }
 
-    /// A snapshot `checkpoint` is taken now: it sees the flushes so far.
+    /// A snapshot `checkpoint` is taken now (and ended the open epoch):
+    /// it sees the flushes so far.
     fn mark(&mut self, checkpoint: CheckpointId) {
         self.marks.insert(checkpoint, self.flushed.mark());
+        self.flushed_marks.clear();
     }
 }
 
@@ -396,6 +412,7 @@ impl KeyedStateStore for RedbStore {
         }
         self.names.push(name.to_string());
         self.buffer.add_state();
+        self.flushed_marks.add_state();
         Ok((self.names.len() - 1) as StateId)
     }
 
@@ -645,5 +662,6 @@ impl KeyedStateStore for RedbStore {
         }
         self.flushed.clear();
         self.marks.clear();
+        self.flushed_marks.clear();
     }
 }

@@ -241,6 +241,23 @@ async fn few_changes_are_written_as_changes_and_restore_exactly_once_on_the_redb
     .await;
 }
 
+/// A write buffer of a few entries: the hot keys are flushed into redb
+/// between checkpoints, so incremental checkpoints read most changes from
+/// the flushes' kept runs (`RedbStateConfig::flushed_runs_bytes`), and the
+/// restore of the chain must still be exactly-once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn few_changes_are_written_as_changes_and_restore_exactly_once_on_redb_flushing_all_the_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = sluice_backend_redb::RedbStateConfig {
+        write_buffer_bytes: 512,
+        ..sluice_backend_redb::RedbStateConfig::new(dir.path())
+    };
+    few_changes_are_written_as_changes_and_restore_exactly_once(Arc::new(
+        RedbStateBackend::with_config(config).unwrap(),
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chains_are_folded_into_a_new_base_by_policy_and_shared_files_go_exactly_when_unneeded() {
     let events = LOAD + 30_000;
