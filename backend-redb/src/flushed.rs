@@ -44,13 +44,17 @@ pub(crate) struct Run {
 
 impl Run {
     /// A run of `dirty`, sorted by (state, key group, key) as a flush
-    /// writes them; `None` if a key or value is too long to be kept (over
-    /// 4 GiB: such a flush is not kept, its keys are read from redb).
-    pub fn of(dirty: &[(StateId, u32, &[u8], &Dirty)]) -> Option<Run> {
+    /// writes them; `None` if it would take more than `max_bytes` or a key
+    /// or value is too long to be kept (over 4 GiB): such a flush is not
+    /// kept, its keys are read from redb.
+    pub fn of(dirty: &[(StateId, u32, &[u8], &Dirty)], max_bytes: usize) -> Option<Run> {
         let size: usize = dirty
             .iter()
             .map(|(_, _, k, d)| k.len() + d.value.as_ref().map_or(0, |v| v.len()))
             .sum();
+        if size + dirty.len() * std::mem::size_of::<RunEntry>() > max_bytes {
+            return None;
+        }
         let mut bytes = Vec::with_capacity(size);
         let mut entries = Vec::with_capacity(dirty.len());
         for (state, key_group, key, d) in dirty {
@@ -114,7 +118,14 @@ impl<'a> RunGroup<'a> {
     }
 }
 
-/// The kept runs, oldest first, within a bound of heap bytes.
+/// Runs kept at most: a lookup may probe each, so a small write buffer
+/// (many small flushes) must not make a changes snapshot probe thousands.
+const MAX_RUNS: usize = 32;
+
+/// The kept runs, oldest first, within a bound of heap bytes and of
+/// [`MAX_RUNS`]. (A changes snapshot still being written holds the runs
+/// it saw, so with one in flight the memory peaks at about twice the
+/// bound.)
 pub(crate) struct FlushedRuns {
     runs: VecDeque<(u64, Arc<Run>)>,
     bytes: usize,
@@ -145,7 +156,7 @@ impl FlushedRuns {
         };
         self.bytes += run.heap_bytes();
         self.runs.push_back((self.next - 1, Arc::new(run)));
-        while self.bytes > self.max_bytes {
+        while self.bytes > self.max_bytes || self.runs.len() > MAX_RUNS {
             self.pop_oldest();
         }
     }
@@ -194,20 +205,30 @@ impl FlushedRuns {
 /// this set it would be marked again, and a change log full of duplicates
 /// looks like more changes than there are (it overflows, or passes a
 /// quarter of the keys) and turns incremental checkpoints into full ones.
+///
+/// Bounded: beyond `max_bytes` (counting each key's bytes and 48 of
+/// overhead) no more keys are remembered, and keys written again are
+/// marked twice (the change log removes duplicates when it is read; only
+/// its size estimate grows).
 pub(crate) struct FlushedMarks {
     range: KeyGroupRange,
     /// `[state][key_group - range.start]`.
     groups: Vec<Vec<ByteMap<()>>>,
     len: usize,
+    bytes: usize,
+    max_bytes: usize,
 }
 
 impl FlushedMarks {
-    /// An empty set for the key groups `range`.
-    pub fn new(range: KeyGroupRange) -> Self {
+    /// An empty set for the key groups `range`, remembering up to
+    /// `max_bytes` of keys.
+    pub fn new(range: KeyGroupRange, max_bytes: usize) -> Self {
         FlushedMarks {
             range,
             groups: Vec::new(),
             len: 0,
+            bytes: 0,
+            max_bytes,
         }
     }
 
@@ -222,13 +243,21 @@ impl FlushedMarks {
         self.groups.get_mut(state as usize)?.get_mut(g)
     }
 
-    /// Remembers that `key` was marked in the open epoch and flushed.
+    /// Remembers that `key` was marked in the open epoch and flushed
+    /// (unless the set is full).
     pub fn insert(&mut self, state: StateId, key_group: u32, key: &[u8]) {
+        let size = key.len() + 48;
+        if self.bytes + size > self.max_bytes {
+            return;
+        }
         let mut added = false;
         if let Some(m) = self.map(state, key_group) {
             m.get_or_insert_with(key, || added = true);
         }
-        self.len += usize::from(added);
+        if added {
+            self.len += 1;
+            self.bytes += size;
+        }
     }
 
     /// Whether `key` was marked in the open epoch and flushed since.
@@ -248,6 +277,7 @@ impl FlushedMarks {
                 *m = ByteMap::default();
             }
             self.len = 0;
+            self.bytes = 0;
         }
     }
 }
@@ -277,7 +307,8 @@ mod tests {
             (0, 4, b"a", &two),
             (1, 3, b"a", &other),
         ];
-        let run = Run::of(&entries).unwrap();
+        assert!(Run::of(&entries, 10).is_none(), "larger than its bound");
+        let run = Run::of(&entries, usize::MAX).unwrap();
         assert_eq!(run.group(0, 3).get(b"a"), Some(Some(&b"1"[..])));
         assert_eq!(run.group(0, 3).get(b"b"), Some(None), "a tombstone");
         assert_eq!(run.group(0, 3).get(b"c"), None, "not in the run");
@@ -290,7 +321,7 @@ mod tests {
     #[test]
     fn runs_beyond_the_bound_are_dropped_oldest_first_and_a_run_not_kept_drops_all() {
         let v = dirty(Some(&[7u8; 100]));
-        let run = || Run::of(&[(0, 0, &b"k"[..], &v)]);
+        let run = || Run::of(&[(0, 0, &b"k"[..], &v)], usize::MAX);
         let size = run().unwrap().heap_bytes();
         let mut runs = FlushedRuns::new(2 * size);
         runs.push(run());
@@ -312,7 +343,7 @@ mod tests {
 
     #[test]
     fn flushed_marks_are_kept_per_state_and_key_group_until_the_epoch_ends() {
-        let mut marks = FlushedMarks::new(KeyGroupRange::new(4, 5).unwrap());
+        let mut marks = FlushedMarks::new(KeyGroupRange::new(4, 5).unwrap(), 1 << 20);
         marks.add_state();
         marks.add_state();
         assert!(!marks.contains(0, 4, b"k"));
@@ -329,5 +360,28 @@ mod tests {
         assert!(marks.contains(1, 5, &[3u8; 40]), "a long key");
         marks.clear();
         assert!(!marks.contains(0, 4, b"k") && !marks.contains(1, 5, &[3u8; 40]));
+        let mut small = FlushedMarks::new(KeyGroupRange::new(4, 5).unwrap(), 100);
+        small.add_state();
+        small.insert(0, 4, b"a");
+        small.insert(0, 4, b"b");
+        small.insert(0, 4, b"c");
+        assert!(small.contains(0, 4, b"a") && small.contains(0, 4, b"b"));
+        assert!(!small.contains(0, 4, b"c"), "beyond its bound: not remembered");
+    }
+
+    #[test]
+    fn at_most_max_runs_are_kept_newest_first() {
+        let v = dirty(Some(b"v"));
+        let mut runs = FlushedRuns::new(usize::MAX);
+        for i in 0..(MAX_RUNS as u8 + 5) {
+            runs.push(Run::of(&[(0, 0, &[i][..], &v)], usize::MAX));
+        }
+        let kept = runs.newest_first();
+        assert_eq!(kept.len(), MAX_RUNS);
+        assert_eq!(
+            kept[0].group(0, 0).get(&[MAX_RUNS as u8 + 4]),
+            Some(Some(&b"v"[..]))
+        );
+        assert_eq!(kept[MAX_RUNS - 1].group(0, 0).get(&[5]), Some(Some(&b"v"[..])));
     }
 }

@@ -62,7 +62,9 @@ pub struct RedbStateConfig {
     /// redb's own page cache, in bytes.
     pub redb_cache_bytes: usize,
     /// Bytes of the recent flushes' entries kept for incremental snapshots
-    /// (0: none; a changed key that was flushed is then looked up in redb).
+    /// (0: none; a changed key that was flushed is then looked up in redb);
+    /// a quarter of it more bounds the keys remembered so that a key
+    /// flushed and written again is not recorded as changed twice.
     pub flushed_runs_bytes: usize,
 }
 
@@ -162,7 +164,7 @@ impl StateBackend for RedbStateBackend {
             full: Vec::with_capacity(64),
             flushes: 0,
             flushed: FlushedRuns::new(self.config.flushed_runs_bytes),
-            flushed_marks: FlushedMarks::new(scope.key_groups),
+            flushed_marks: FlushedMarks::new(scope.key_groups, self.config.flushed_runs_bytes / 4),
             marks: BTreeMap::new(),
             config: self.config.clone(),
             changes: scope.track_changes.then(EpochChanges::default),
@@ -320,10 +322,13 @@ impl RedbStore {
         tx.commit().map_err(|e| Error::storage(&name, e))?;
         self.reader = None;
         if let Some(c) = self.changes.as_ref() {
-            self.flushed.push(Run::of(&dirty));
+            // Nothing flushed before the first base is ever asked for.
+            let wanted = c.oldest_base().is_some();
+            self.flushed
+                .push(Run::of(&dirty, self.config.flushed_runs_bytes).filter(|_| wanted));
             // Not needed once the open epoch's log overflowed (the next
             // snapshot is full anyway): no memory spent on it then.
-            if !c.open.overflowed() {
+            if wanted && !c.open.overflowed() {
                 for (s, key_group, k, d) in &dirty {
                     if d.epoch == c.epoch {
                         self.flushed_marks.insert(*s, *key_group, k);
@@ -396,6 +401,14 @@ impl RedbStore {
     fn mark(&mut self, checkpoint: CheckpointId) {
         self.marks.insert(checkpoint, self.flushed.mark());
         self.flushed_marks.clear();
+        // No snapshot older than the oldest base is asked for again (also
+        // when checkpoints keep failing and none completes).
+        if let Some(oldest) = self.changes.as_ref().and_then(|c| c.oldest_base()) {
+            self.marks = self.marks.split_off(&oldest);
+            if let Some(mark) = self.marks.get(&oldest).copied() {
+                self.flushed.forget_before(mark);
+            }
+        }
     }
 }
 

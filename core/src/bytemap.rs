@@ -130,7 +130,9 @@ impl EpochChanges {
     pub fn with_max_keys(max_keys: usize) -> Self {
         EpochChanges {
             epoch: 1,
-            open: ChangeLog::default(),
+            // Nothing written before the first snapshot is ever asked for
+            // (changes are relative to a snapshot): record nothing then.
+            open: ChangeLog::with_limit(0),
             closed: BTreeMap::new(),
             bases: BTreeSet::new(),
             max_keys,
@@ -192,6 +194,12 @@ impl EpochChanges {
             .collect()
     }
 
+    /// The oldest snapshot an incremental snapshot may still be relative
+    /// to (`None`: none yet, so no change recorded now will be asked for).
+    pub fn oldest_base(&self) -> Option<CheckpointId> {
+        self.bases.first().copied()
+    }
+
     /// `checkpoint` completed: later incremental snapshots are relative to
     /// it or newer.
     pub fn complete(&mut self, checkpoint: CheckpointId) {
@@ -205,6 +213,8 @@ impl EpochChanges {
         let epoch = self.epoch;
         *self = EpochChanges::default();
         self.epoch = epoch + 1;
+        // Changes from here on are relative to the restored checkpoint.
+        self.open = ChangeLog::default();
         self.bases.insert(checkpoint);
     }
 }
