@@ -324,8 +324,11 @@ impl RedbStore {
         if let Some(c) = self.changes.as_ref() {
             // Nothing flushed before the first base is ever asked for.
             let wanted = c.oldest_base().is_some();
-            self.flushed
-                .push(Run::of(&dirty, self.config.flushed_runs_bytes).filter(|_| wanted));
+            self.flushed.push(
+                wanted
+                    .then(|| Run::of(&dirty, self.config.flushed_runs_bytes))
+                    .flatten(),
+            );
             // Not needed once the open epoch's log overflowed (the next
             // snapshot is full anyway): no memory spent on it then.
             if wanted && !c.open.overflowed() {
@@ -401,8 +404,14 @@ impl RedbStore {
     fn mark(&mut self, checkpoint: CheckpointId) {
         self.marks.insert(checkpoint, self.flushed.mark());
         self.flushed_marks.clear();
-        // No snapshot older than the oldest base is asked for again (also
-        // when checkpoints keep failing and none completes).
+        // Also when checkpoints keep failing and none completes.
+        self.forget_before_oldest_base();
+    }
+
+    /// Drops the marks and runs older than the oldest base: no changes
+    /// snapshot relative to an older one is asked for again, and the
+    /// changes since a base were flushed after its snapshot.
+    fn forget_before_oldest_base(&mut self) {
         if let Some(oldest) = self.changes.as_ref().and_then(|c| c.oldest_base()) {
             self.marks = self.marks.split_off(&oldest);
             if let Some(mark) = self.marks.get(&oldest).copied() {
@@ -660,12 +669,8 @@ impl KeyedStateStore for RedbStore {
         if let Some(c) = self.changes.as_mut() {
             c.complete(checkpoint);
         }
-        // Later changes snapshots are relative to `checkpoint` or newer:
-        // flushes before its snapshot wrote no change they need.
-        if let Some(mark) = self.marks.get(&checkpoint).copied() {
-            self.flushed.forget_before(mark);
-        }
-        self.marks = self.marks.split_off(&checkpoint.next());
+        // Later changes snapshots are relative to `checkpoint` or newer.
+        self.forget_before_oldest_base();
     }
 
     fn restored(&mut self, checkpoint: CheckpointId) {
