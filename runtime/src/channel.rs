@@ -33,14 +33,14 @@ pub enum Message<T> {
 /// place, end of input) and an unbounded priority lane on which barriers of
 /// unaligned checkpoints overtake the data.
 pub struct ChannelSender<T> {
-    data: mpsc::Sender<Message<T>>,
-    priority: mpsc::UnboundedSender<CheckpointBarrier>,
+    pub(crate) data: mpsc::Sender<Message<T>>,
+    pub(crate) priority: mpsc::UnboundedSender<CheckpointBarrier>,
 }
 
 /// The receiving end of one channel.
 pub struct ChannelReceiver<T> {
-    data: mpsc::Receiver<Message<T>>,
-    priority: mpsc::UnboundedReceiver<CheckpointBarrier>,
+    pub(crate) data: mpsc::Receiver<Message<T>>,
+    pub(crate) priority: mpsc::UnboundedReceiver<CheckpointBarrier>,
 }
 
 /// A channel from one upstream subtask to one downstream subtask.

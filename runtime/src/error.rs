@@ -45,6 +45,10 @@ pub enum RuntimeError {
         /// The task that saw the closed channel.
         task: String,
     },
+    /// A network channel between tasks failed (connection, handshake,
+    /// wire format, or flow-control protocol).
+    #[error("network channel: {0}")]
+    Network(String),
     /// The job was cancelled.
     #[error("job cancelled")]
     Cancelled,

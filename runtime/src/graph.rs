@@ -86,14 +86,33 @@ pub(crate) struct ChannelGrid {
     pub receivers: Vec<Vec<AnyBox>>,
 }
 
-type GridFn = Arc<dyn Fn(usize, usize) -> ChannelGrid + Send + Sync>;
+/// Where the channels of an edge run: in process, or over the network of
+/// attempt `attempt` (edge `edge`).
+pub(crate) struct GridPlace<'a> {
+    pub network: Option<&'a crate::net::LoopbackNetwork>,
+    pub attempt: u64,
+    pub edge: u32,
+}
 
-fn grid<T: Send + 'static>(ups: usize, downs: usize) -> ChannelGrid {
+type GridFn = Arc<dyn Fn(&GridPlace<'_>, usize, usize) -> ChannelGrid + Send + Sync>;
+
+fn grid<T: Record>(place: &GridPlace<'_>, ups: usize, downs: usize) -> ChannelGrid {
     let mut senders: Vec<Vec<AnyBox>> = (0..ups).map(|_| Vec::new()).collect();
     let mut receivers: Vec<Vec<AnyBox>> = (0..downs).map(|_| Vec::new()).collect();
-    for up in senders.iter_mut() {
-        for down in receivers.iter_mut() {
-            let (tx, rx) = channel::<T>(CHANNEL_CAPACITY);
+    for (from, up) in senders.iter_mut().enumerate() {
+        for (to, down) in receivers.iter_mut().enumerate() {
+            let (tx, rx) = match place.network {
+                None => channel::<T>(CHANNEL_CAPACITY),
+                Some(net) => {
+                    let id = crate::net::ChannelId {
+                        attempt: place.attempt,
+                        edge: place.edge,
+                        from: from as u32,
+                        to: to as u32,
+                    };
+                    net.channel::<T>(id, CHANNEL_CAPACITY)
+                }
+            };
             up.push(Box::new(tx));
             down.push(Box::new(rx));
         }
@@ -139,6 +158,7 @@ pub(crate) struct Builder {
     pub state_backend: Option<Arc<dyn StateBackend>>,
     pub storage: Option<Arc<dyn CheckpointStorage>>,
     pub resume: bool,
+    pub network: Option<Arc<crate::net::LoopbackNetwork>>,
     pub from_savepoint: Option<crate::savepoint::SavepointLocation>,
     pub allow_non_restored_state: bool,
     #[cfg(feature = "testing")]
@@ -175,6 +195,7 @@ impl Job {
                 state_backend: None,
                 storage: None,
                 resume: false,
+                network: None,
                 from_savepoint: None,
                 allow_non_restored_state: false,
                 #[cfg(feature = "testing")]
@@ -221,6 +242,15 @@ impl Job {
     /// Where checkpoints go.
     pub fn with_checkpoint_storage(self, storage: Arc<dyn CheckpointStorage>) -> Self {
         self.inner.borrow_mut().storage = Some(storage);
+        self
+    }
+
+    /// Run every channel between the job's tasks through TCP connections on
+    /// 127.0.0.1 ([`crate::net::LoopbackNetwork`]): the wire format, the
+    /// credit-based flow control and the fencing of multi-process jobs, in
+    /// one process. For testing and measuring the network path.
+    pub fn with_loopback_network(self, network: Arc<crate::net::LoopbackNetwork>) -> Self {
+        self.inner.borrow_mut().network = Some(network);
         self
     }
 

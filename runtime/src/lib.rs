@@ -57,6 +57,7 @@ mod keyed;
 pub mod location;
 mod master;
 pub mod metrics;
+pub mod net;
 mod operator;
 #[cfg(feature = "rest")]
 pub mod rest;

@@ -8,7 +8,10 @@
 //! every kind: failures before any effect, effects whose answer is lost,
 //! effects followed by a retry answered `AlreadyExists`, timeouts, slowness.
 //! Checkpoints are incremental (chains of one to three changes files before
-//! a fold) in three schedules of four, full in the fourth.
+//! a fold) in three schedules of four, full in the fourth. In one schedule
+//! of three every channel between tasks is a TCP connection on 127.0.0.1
+//! (`LoopbackNetwork`): barriers, alignment and recovery cross sockets, and
+//! each attempt fences the channels of the one before.
 //!
 //! `SLUICE_EO_SEEDS=N` runs N keyed schedules and N/2 two-input schedules
 //! (default 400: 600 in all); `SLUICE_EO_SEED=S` runs only seed S (to
@@ -19,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use rustc_hash::FxHashMap;
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_core::CheckpointStorageExt;
+use sluice_runtime::net::LoopbackNetwork;
 use sluice_runtime::prelude::*;
 use sluice_runtime::testing::{
     file_ownership, CrashBeforeCommit, Fault, FaultPlan, FaultyStorage, Op, OpFault,
@@ -94,11 +98,24 @@ fn draw_faults(rng: &mut StdRng, parallelism: u32, per_subtask: u64) -> Faults {
     f
 }
 
+/// Whether seed `seed` runs its channels over TCP.
+fn over_tcp(seed: u64) -> bool {
+    seed % 3 == 2
+}
+
+async fn network_for(seed: u64) -> Option<Arc<LoopbackNetwork>> {
+    match over_tcp(seed) {
+        true => Some(LoopbackNetwork::bind().await.unwrap()),
+        false => None,
+    }
+}
+
 fn job_for(
     seed: u64,
     mode: CheckpointingMode,
     faults: &Faults,
     parallelism: u32,
+    network: Option<Arc<LoopbackNetwork>>,
 ) -> (Job, Arc<FaultyStorage>) {
     let storage = Arc::new(FaultyStorage::new(
         Arc::new(MemoryCheckpointStorage::new()),
@@ -123,6 +140,10 @@ fn job_for(
             incremental: faults.incremental,
             ..Default::default()
         });
+    let job = match network {
+        Some(n) => job.with_loopback_network(n),
+        None => job,
+    };
     (job, storage)
 }
 
@@ -145,7 +166,8 @@ async fn keyed_sum_case(
     let mut rng = StdRng::seed_from_u64(seed);
     let parallelism = rng.random_range(1..=3);
     let faults = draw_faults(&mut rng, parallelism, EVENTS / u64::from(parallelism));
-    let (job, storage) = job_for(seed, mode, &faults, parallelism);
+    let network = network_for(seed).await;
+    let (job, storage) = job_for(seed, mode, &faults, parallelism, network.clone());
     let failures: Vec<_> = faults
         .task_failures
         .iter()
@@ -165,6 +187,17 @@ async fn keyed_sum_case(
     .unwrap();
     let result = job.execute().await;
     let result = result.unwrap_or_else(|e| panic!("seed {seed}: job failed: {e} (faults {faults:?})"));
+    if let Some(n) = &network {
+        // One connection per channel (p sources to p sums, the sinks are
+        // chained) per attempt; every event crossed at least once (a
+        // record is at least 2 bytes).
+        let per_attempt = u64::from(parallelism) * u64::from(parallelism);
+        let c = n.counts();
+        assert!(
+            c.connections >= per_attempt && c.bytes_sent > EVENTS * 2,
+            "seed {seed}: the channels did not go over TCP: {c:?}"
+        );
+    }
     // No left-overs and nothing missing: failed checkpoints are cleaned up,
     // and shared files go exactly when no retained checkpoint needs them.
     let files = file_ownership(storage.as_ref()).await.unwrap();
@@ -209,6 +242,7 @@ async fn keyed_sum_is_exactly_once_under_random_failures() {
         );
     }
     let (mut restarted, mut restored, mut checkpoints, mut injected, mut chains) = (0, 0, 0, 0, 0);
+    let mut restored_over_tcp = 0;
     let seeds = seeds();
     for &seed in &seeds {
         let (sums, faults, p, result, faults_injected, chained) =
@@ -217,13 +251,15 @@ async fn keyed_sum_is_exactly_once_under_random_failures() {
         injected += faults_injected;
         assert_eq!(sums, clean, "seed {seed} (parallelism {p}, faults {faults:?}): final state differs from the failure-free run; replay with SLUICE_EO_SEED={seed}");
         restarted += u64::from(result.restarts > 0);
-        restored += u64::from(result.recoveries.iter().any(|r| r.restored_from.is_some()));
+        let from_checkpoint = result.recoveries.iter().any(|r| r.restored_from.is_some());
+        restored += u64::from(from_checkpoint);
+        restored_over_tcp += u64::from(from_checkpoint && over_tcp(seed));
         checkpoints += result.completed_checkpoints;
     }
     println!(
         "{} keyed schedules, 0 divergences: {restarted} restarted, {restored} restored from a checkpoint, \
-         {checkpoints} checkpoints completed, {chains} ended with an incremental chain retained, \
-         {injected} storage faults injected",
+         {restored_over_tcp} of them over TCP channels, {checkpoints} checkpoints completed, {chains} ended \
+         with an incremental chain retained, {injected} storage faults injected",
         seeds.len()
     );
     // The harness must exercise recovery from checkpoints, not only restarts
@@ -237,6 +273,11 @@ async fn keyed_sum_is_exactly_once_under_random_failures() {
         assert!(
             restored * 4 >= seeds.len() as u64,
             "only {restored} of {} seeds restored from a checkpoint",
+            seeds.len()
+        );
+        assert!(
+            restored_over_tcp * 12 >= seeds.len() as u64,
+            "only {restored_over_tcp} of {} seeds restored from a checkpoint over TCP channels",
             seeds.len()
         );
         assert!(
@@ -263,7 +304,7 @@ async fn at_least_once_mode_shows_duplicates_under_the_same_harness() {
             crash_before_commit: vec![],
             incremental: Some(IncrementalPolicy::default()),
         };
-        let (job, _) = job_for(seed, CheckpointingMode::AtLeastOnce, &faults, parallelism);
+        let (job, _) = job_for(seed, CheckpointingMode::AtLeastOnce, &faults, parallelism, None);
         let failures: Vec<_> = faults
             .task_failures
             .iter()
@@ -320,7 +361,13 @@ async fn two_input_job_is_exactly_once_under_random_failures() {
         let mut rng = StdRng::seed_from_u64(seed ^ 0xC0FFEE);
         let parallelism = rng.random_range(1..=3);
         let faults = draw_faults(&mut rng, parallelism, EVENTS / u64::from(parallelism));
-        let (job, _) = job_for(seed, CheckpointingMode::ExactlyOnce, &faults, parallelism);
+        let (job, _) = job_for(
+            seed,
+            CheckpointingMode::ExactlyOnce,
+            &faults,
+            parallelism,
+            network_for(seed).await,
+        );
         // Task failures are injected in a keyed pass-through after the
         // two-input operator (a third task with two-input upstream).
         let failures: Vec<_> = faults

@@ -10,6 +10,7 @@
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_core::CheckpointStorage;
 use sluice_core::CheckpointStorageExt;
+use sluice_runtime::net::LoopbackNetwork;
 use sluice_runtime::prelude::*;
 use sluice_runtime::workload::{self, key_of, RunningSum};
 use sluice_runtime::{CheckpointStatus, JobHandle, JobMonitor, RestoreSource, SavepointLocation};
@@ -55,7 +56,22 @@ fn start(
     storage: Arc<dyn CheckpointStorage>,
     sink: SlowSink,
 ) -> JobHandle {
-    let job = Job::new("backpressured")
+    start_on(events, config, storage, sink, None)
+}
+
+/// [`start`], with every channel over TCP if `network` is given.
+fn start_on(
+    events: u64,
+    config: CheckpointConfig,
+    storage: Arc<dyn CheckpointStorage>,
+    sink: SlowSink,
+    network: Option<Arc<LoopbackNetwork>>,
+) -> JobHandle {
+    let mut job = Job::new("backpressured");
+    if let Some(n) = network {
+        job = job.with_loopback_network(n);
+    }
+    let job = job
         .with_state_backend(Arc::new(MemoryStateBackend::new()))
         .with_checkpoint_storage(storage)
         .with_restart_strategy(RestartStrategy::FixedDelay {
@@ -100,6 +116,27 @@ fn config(unaligned: bool, timeout: Option<Duration>) -> CheckpointConfig {
         retained: 10,
         ..Default::default()
     }
+}
+
+/// Makes the sink fast and fail once: the job must restart from checkpoint
+/// `id`, replay its channel state and end exactly-once.
+async fn fail_and_verify_restore(
+    handle: JobHandle,
+    sink: &SlowSink,
+    storage: &dyn CheckpointStorage,
+    id: sluice_core::CheckpointId,
+    events: u64,
+) {
+    sink.open.store(true, Ordering::Relaxed);
+    sink.fail.store(true, Ordering::SeqCst);
+    let result = handle.wait().await.expect("the job recovers and completes");
+    assert_eq!(result.restarts, 1);
+    assert_eq!(result.recoveries[0].restored_from, Some(id));
+    let sums = workload::final_sums(storage, result.final_checkpoint.unwrap())
+        .await
+        .unwrap();
+    let v = workload::verify(&sums, events, KEYS);
+    assert!(v.exactly_once(), "{v:?}");
 }
 
 fn stats(m: &JobMonitor, id: sluice_core::CheckpointId) -> sluice_runtime::CheckpointStats {
@@ -219,16 +256,7 @@ async fn a_restore_from_an_unaligned_checkpoint_replays_its_channel_state_exactl
         meta.channel_state
     );
     // Fail now: the job restarts from that checkpoint (the only one).
-    sink.open.store(true, Ordering::Relaxed);
-    sink.fail.store(true, Ordering::SeqCst);
-    let result = handle.wait().await.expect("the job recovers and completes");
-    assert_eq!(result.restarts, 1);
-    assert_eq!(result.recoveries[0].restored_from, Some(id));
-    let sums = workload::final_sums(storage.as_ref(), result.final_checkpoint.unwrap())
-        .await
-        .unwrap();
-    let v = workload::verify(&sums, events, KEYS);
-    assert!(v.exactly_once(), "{v:?}");
+    fail_and_verify_restore(handle, &sink, storage.as_ref(), id, events).await;
 
     // Channel state does not rescale: restoring that checkpoint at another
     // parallelism is refused with a clear error.
@@ -253,6 +281,54 @@ async fn a_restore_from_an_unaligned_checkpoint_replays_its_channel_state_exactl
             RuntimeError::Storage(sluice_core::Error::Incompatible { .. })
         ) && err.to_string().contains("parallelism"),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn over_tcp_an_unaligned_checkpoint_overtakes_the_backpressured_network_and_restores_exactly_once() {
+    // Every channel is a TCP connection with credit-based flow control: the
+    // slow sink stops granting credit, the sources block, and the priority
+    // barriers still overtake the queued records across the sockets.
+    let events = 300_000;
+    let network = LoopbackNetwork::bind().await.unwrap();
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let sink = SlowSink::default();
+    let handle = start_on(
+        events,
+        config(true, None),
+        storage.clone(),
+        sink.clone(),
+        Some(network.clone()),
+    );
+    let m = handle.monitor();
+    backpressured(&m).await;
+    let blocked_at = m.source_records();
+    assert!(
+        blocked_at < events / 2,
+        "the sources are held back by the network's flow control ({blocked_at} of {events} read)"
+    );
+    let id = tokio::time::timeout(Duration::from_secs(60), m.trigger_checkpoint())
+        .await
+        .expect("the unaligned checkpoint completes under backpressure across the network")
+        .expect("checkpoint");
+    let meta = RestoreSource::checkpoint(storage.clone(), id)
+        .await
+        .unwrap()
+        .metadata;
+    let input: u64 = meta.channel_state.iter().map(|c| c.input_records).sum();
+    assert!(
+        input > 0,
+        "records overtaken on the network channels are stored: {:?}",
+        meta.channel_state
+    );
+    assert!(!sink.open.load(Ordering::Relaxed), "the sink was slow all along");
+    let first = network.counts();
+    // Fail now: the job restarts from that checkpoint over new connections.
+    fail_and_verify_restore(handle, &sink, storage.as_ref(), id, events).await;
+    let last = network.counts();
+    assert!(
+        last.connections >= 2 * first.connections,
+        "the second attempt connected its own channels: {first:?} then {last:?}"
     );
 }
 

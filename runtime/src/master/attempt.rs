@@ -33,6 +33,8 @@ pub(crate) struct JobContext {
     pub backend: Arc<dyn StateBackend>,
     pub storage: Arc<dyn CheckpointStorage>,
     pub metrics: Arc<Metrics>,
+    /// Every channel over TCP on 127.0.0.1 ([`crate::Job::with_loopback_network`]).
+    pub network: Option<Arc<crate::net::LoopbackNetwork>>,
 }
 
 /// The requests of the job's handles, across attempts.
@@ -100,11 +102,21 @@ impl Attempt<'_> {
         events: &mpsc::UnboundedSender<TaskEvent>,
     ) -> Result<()> {
         let graph = self.ctx.graph.clone();
+        let network = self.ctx.network.as_deref();
+        // A new attempt fences the channels of every earlier one.
+        let attempt = network.map_or(0, |n| n.begin_attempt());
         let mut grids: Vec<_> = graph
             .edges
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
+                let place = crate::graph::GridPlace {
+                    network,
+                    attempt,
+                    edge: i as u32,
+                };
                 (e.grid)(
+                    &place,
                     graph.vertices[e.from].parallelism as usize,
                     graph.vertices[e.to].parallelism as usize,
                 )

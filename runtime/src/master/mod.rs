@@ -152,6 +152,7 @@ impl JobMaster {
                 backend,
                 storage,
                 metrics,
+                network: b.network.clone(),
             },
             coordinator,
             recovery,
