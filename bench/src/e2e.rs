@@ -34,6 +34,10 @@ pub struct Config {
     pub keys: u64,
     /// Inject one task failure half-way and measure the recovery.
     pub fail: bool,
+    /// Every channel between tasks over TCP on 127.0.0.1
+    /// (`sluice_runtime::net::LoopbackNetwork`).
+    #[serde(default)]
+    pub network: bool,
 }
 
 impl Config {
@@ -95,6 +99,10 @@ pub struct Measured {
     /// p50 of the longest asynchronous snapshot part, ms.
     #[serde(default)]
     pub async_p50_ms: f64,
+    /// With [`Config::network`]: bytes written to the channels' connections
+    /// per source event (frames, credits and handshakes included).
+    #[serde(default)]
+    pub wire_bytes_per_event: Option<f64>,
 }
 
 /// One configuration and its result.
@@ -263,7 +271,15 @@ pub async fn run(c: &Config) -> Result<Measured> {
             ..Default::default()
         })
     });
-    let job = Job::new("e2e")
+    let network = match c.network {
+        true => Some(sluice_runtime::net::LoopbackNetwork::bind().await?),
+        false => None,
+    };
+    let mut job = Job::new("e2e");
+    if let Some(n) = &network {
+        job = job.with_loopback_network(n.clone());
+    }
+    let job = job
         .with_parallelism(c.parallelism)
         .with_state_backend(state)
         .with_checkpoint_storage(storage.clone())
@@ -346,6 +362,7 @@ pub async fn run(c: &Config) -> Result<Measured> {
         start_delay_p50_ms,
         sync_p50_ms,
         async_p50_ms,
+        wire_bytes_per_event: network.map(|n| n.counts().bytes_sent as f64 / c.events as f64),
     })
 }
 
@@ -378,6 +395,7 @@ mod tests {
             events: 400_000,
             keys: 1000,
             fail: true,
+            network: false,
         };
         let m = run(&c).await.expect("run");
         assert!(m.events_per_s > 0.0 && m.checkpoints >= 1, "{m:?}");

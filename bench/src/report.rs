@@ -13,9 +13,11 @@ fn mb(bytes: u64) -> String {
 fn same_row(a: &Config, b: &Config) -> bool {
     Config {
         fail: false,
+        network: false,
         ..a.clone()
     } == Config {
         fail: false,
+        network: false,
         ..b.clone()
     }
 }
@@ -276,6 +278,7 @@ mod tests {
                 events: 100,
                 keys: 10,
                 fail,
+                network: false,
             },
             outcome: Ok(Measured {
                 events_per_s: rate,

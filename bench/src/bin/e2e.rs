@@ -88,6 +88,7 @@ fn matrix(a: &Args, events: u64) -> Vec<Config> {
                                 events,
                                 keys: a.keys,
                                 fail,
+                                network: false,
                             });
                         }
                     }
@@ -127,6 +128,7 @@ fn sweep(a: &Args) -> Vec<Config> {
                     .unwrap_or((k * 20).max(if a.quick { 5_000_000 } else { 10_000_000 })),
                 keys: k,
                 fail: true,
+                network: false,
             });
         }
     }

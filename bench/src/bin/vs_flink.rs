@@ -168,6 +168,7 @@ fn main() -> ExitCode {
         events: a.events,
         keys,
         fail: false,
+        network: false,
     };
     let rows = [
         Row {
