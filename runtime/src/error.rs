@@ -49,6 +49,14 @@ pub enum RuntimeError {
     /// wire format, or flow-control protocol).
     #[error("network channel: {0}")]
     Network(String),
+    /// A task running on a worker failed (the worker's message).
+    #[error("task {task} failed on its worker: {message}")]
+    Worker {
+        /// The task.
+        task: String,
+        /// Its error, as the worker reported it.
+        message: String,
+    },
     /// The job was cancelled.
     #[error("job cancelled")]
     Cancelled,

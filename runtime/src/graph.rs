@@ -136,17 +136,57 @@ pub(crate) enum EdgeKind {
     Other,
 }
 
+/// The typed ends of one network channel of an edge (a job spread over
+/// workers builds only its own tasks' ends).
+pub(crate) struct NetEnds {
+    /// The downstream end of a channel, fed by the worker's listener.
+    pub receiver: ReceiverEndFn,
+    /// The upstream end of a channel whose consumer listens at the address.
+    pub sender: SenderEndFn,
+}
+
+type ReceiverEndFn = Arc<dyn Fn(&crate::net::ChannelListener, crate::net::ChannelId) -> AnyBox + Send + Sync>;
+type SenderEndFn = Arc<
+    dyn Fn(std::net::SocketAddr, crate::net::ChannelId, Arc<crate::net::WireStats>) -> AnyBox + Send + Sync,
+>;
+
+fn net_ends<T: Record>() -> NetEnds {
+    NetEnds {
+        receiver: Arc::new(|l, id| Box::new(crate::net::receiver_end::<T>(l, id, CHANNEL_CAPACITY))),
+        sender: Arc::new(|addr, id, stats| {
+            Box::new(crate::net::sender_end::<T>(addr, id, CHANNEL_CAPACITY, stats))
+        }),
+    }
+}
+
 pub(crate) struct EdgeDef {
     pub from: usize,
     pub to: usize,
     pub kind: EdgeKind,
     pub grid: GridFn,
+    pub net: NetEnds,
 }
 
 /// The frozen job graph, shared by every attempt.
 pub(crate) struct JobGraph {
     pub vertices: Vec<VertexDef>,
     pub edges: Vec<EdgeDef>,
+}
+
+impl JobGraph {
+    /// What must be equal in the job master's and every worker's job: the
+    /// tasks (uid, name, parallelism) and edges, in order.
+    pub fn fingerprint(&self) -> Vec<String> {
+        let vertices = self
+            .vertices
+            .iter()
+            .map(|v| format!("task {} {:?} p{}", v.uid, v.name, v.parallelism));
+        let edges = self
+            .edges
+            .iter()
+            .map(|e| format!("edge {} -> {} {:?}", e.from, e.to, e.kind));
+        vertices.chain(edges).collect()
+    }
 }
 
 pub(crate) struct Builder {
@@ -159,6 +199,7 @@ pub(crate) struct Builder {
     pub storage: Option<Arc<dyn CheckpointStorage>>,
     pub resume: bool,
     pub network: Option<Arc<crate::net::LoopbackNetwork>>,
+    pub cluster: Option<Arc<crate::cluster::WorkerPool>>,
     pub from_savepoint: Option<crate::savepoint::SavepointLocation>,
     pub allow_non_restored_state: bool,
     #[cfg(feature = "testing")]
@@ -196,6 +237,7 @@ impl Job {
                 storage: None,
                 resume: false,
                 network: None,
+                cluster: None,
                 from_savepoint: None,
                 allow_non_restored_state: false,
                 #[cfg(feature = "testing")]
@@ -251,6 +293,15 @@ impl Job {
     /// one process. For testing and measuring the network path.
     pub fn with_loopback_network(self, network: Arc<crate::net::LoopbackNetwork>) -> Self {
         self.inner.borrow_mut().network = Some(network);
+        self
+    }
+
+    /// Run the job's tasks on the workers of `pool` (other processes running
+    /// the same job with [`Job::start_worker`]); this process is the job
+    /// master (coordinator). Channels go over TCP; the checkpoint storage
+    /// must be one every worker reaches (a shared directory, S3).
+    pub fn with_workers(self, pool: Arc<crate::cluster::WorkerPool>) -> Self {
+        self.inner.borrow_mut().cluster = Some(pool);
         self
     }
 
@@ -466,6 +517,7 @@ impl<T: Record> DataStream<T> {
                 to,
                 kind,
                 grid: Arc::new(grid::<T>),
+                net: net_ends::<T>(),
             });
         }
         drop(b);

@@ -46,6 +46,7 @@
 mod allocator;
 mod barriers;
 mod channel;
+pub mod cluster;
 mod config;
 mod error;
 pub mod file_sink;

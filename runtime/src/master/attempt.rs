@@ -11,7 +11,7 @@ use crate::handle::Request;
 use crate::metrics::Metrics;
 use crate::operator::InitContext;
 use crate::savepoint::RestoreSource;
-use crate::task::{sleep_until_opt, TaskEvent, TaskInfo, TaskRuntime};
+use crate::task::{sleep_until_opt, Control, TaskEvent, TaskInfo, TaskRuntime};
 use sluice_core::{CheckpointStorage, StateBackend};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,8 @@ pub(crate) struct JobContext {
     pub metrics: Arc<Metrics>,
     /// Every channel over TCP on 127.0.0.1 ([`crate::Job::with_loopback_network`]).
     pub network: Option<Arc<crate::net::LoopbackNetwork>>,
+    /// The job's tasks run on these workers ([`crate::Job::with_workers`]).
+    pub cluster: Option<Arc<crate::cluster::WorkerPool>>,
 }
 
 /// The requests of the job's handles, across attempts.
@@ -61,9 +63,10 @@ pub(crate) async fn run_attempt(
         task_of: HashMap::new(),
         infos: Vec::new(),
         writers: Arc::default(),
+        deployed: None,
     };
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-    let build = attempt.spawn_tasks(restore, stopped, &events_tx);
+    let build = attempt.spawn_tasks(restore, stopped, &events_tx).await;
     drop(events_tx);
     let result = match build {
         Ok(()) => attempt.run(&mut events_rx, requests).await,
@@ -82,6 +85,8 @@ struct Attempt<'a> {
     infos: Vec<TaskInfo>,
     /// The asynchronous parts of snapshots in flight.
     writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// The attempt's id on the workers, if the job runs on workers.
+    deployed: Option<u64>,
 }
 
 enum Step {
@@ -94,13 +99,30 @@ enum Step {
 }
 
 impl Attempt<'_> {
-    /// Creates every channel and task of the graph and spawns the tasks.
-    fn spawn_tasks(
+    /// Creates every channel and task of the graph and spawns the tasks
+    /// (or deploys them onto the job's workers).
+    async fn spawn_tasks(
         &mut self,
         restore: Option<Arc<RestoreSource>>,
         stopped: bool,
         events: &mpsc::UnboundedSender<TaskEvent>,
     ) -> Result<()> {
+        if let Some(pool) = self.ctx.cluster.clone() {
+            let deployment = pool.deploy(self.ctx, restore.as_ref(), stopped, events).await?;
+            self.deployed = Some(deployment.attempt);
+            for (info, done) in deployment.tasks {
+                let handle = self.tasks.spawn(async move {
+                    done.await.unwrap_or_else(|_| {
+                        Err(RuntimeError::Network(
+                            "the task's result was lost with its worker's connection".into(),
+                        ))
+                    })
+                });
+                self.task_of.insert(handle.id(), self.infos.len());
+                self.infos.push(info);
+            }
+            return Ok(());
+        }
         let graph = self.ctx.graph.clone();
         let network = self.ctx.network.as_deref();
         // A new attempt fences the channels of every earlier one.
@@ -138,44 +160,22 @@ impl Attempt<'_> {
                         outputs.append(&mut grids[e].senders[s as usize]);
                     }
                 }
-                let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
                 let index = self.infos.len();
-                let name = format!("{} ({}/{})", vertex.name, s + 1, vertex.parallelism);
-                let alignment_timeout = match self.ctx.config.unaligned {
-                    true => self.ctx.config.aligned_checkpoint_timeout,
-                    false => None,
-                };
-                let init = InitContext {
-                    job_name: self.ctx.name.clone(),
-                    task_name: Arc::from(name.as_str()),
+                let place = TaskPlace {
+                    vertex: v,
                     subtask: s,
-                    parallelism: vertex.parallelism,
-                    max_parallelism: self.ctx.max_parallelism,
-                    state_backend: self.ctx.backend.clone(),
-                    storage: self.ctx.storage.clone(),
-                    restore: restore.clone(),
-                    task_uid: Arc::from(vertex.uid.as_str()),
-                    incremental: self.ctx.config.incremental,
-                };
-                let rt = TaskRuntime {
                     index,
-                    vertex: v as u32,
-                    vertex_name: Arc::from(vertex.name.as_str()),
-                    alignment_timeout,
-                    init,
-                    control: ctl_rx,
-                    events: events.clone(),
-                    writers: self.writers.clone(),
-                    task_metrics: self.ctx.metrics.task(
-                        v as u32,
-                        &vertex.name,
-                        s,
-                        vertex.parallelism,
-                        vertex.is_source,
-                    ),
-                    savepoints: self.coordinator.savepoint_targets.clone(),
+                    restore: restore.clone(),
                     stopped,
                 };
+                let (rt, ctl_tx) = task_runtime(
+                    self.ctx,
+                    &place,
+                    events.clone(),
+                    self.writers.clone(),
+                    self.coordinator.savepoint_targets.clone(),
+                );
+                let name = rt.init.task_name.to_string();
                 let body = build(&mut TaskBuild {
                     runtime: Some(rt),
                     inputs,
@@ -196,19 +196,9 @@ impl Attempt<'_> {
     /// Stops every task and snapshot writer; the coordinator cleans up
     /// what the attempt left.
     async fn tear_down(&mut self) {
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
-        let handles: Vec<JoinHandle<()>> = self
-            .writers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
-        for h in &handles {
-            h.abort();
-        }
-        for h in handles {
-            let _ = h.await;
+        stop_tasks(&mut self.tasks, &self.writers).await;
+        if let (Some(pool), Some(attempt)) = (&self.ctx.cluster, self.deployed) {
+            pool.end_attempt(attempt);
         }
         self.coordinator.end_attempt(&self.infos).await;
     }
@@ -307,6 +297,13 @@ impl Attempt<'_> {
                         coordinator.trigger(infos, TriggerKind::Periodic).await?;
                     }
                 }
+                Step::Request(Some(Request::Savepoint { tx, .. })) if self.ctx.cluster.is_some() => {
+                    let _ = tx.send(Err(
+                        "savepoints of a job spread over workers are not supported yet: \
+                                         stop it and restart from its latest retained checkpoint"
+                            .into(),
+                    ));
+                }
                 Step::Request(Some(Request::Savepoint { target, stop, tx })) => {
                     if sources_finishing || coordinator.stopped_with.is_some() {
                         let _ = tx.send(Err("the job's sources are finishing; no more savepoints".into()));
@@ -343,6 +340,64 @@ impl Attempt<'_> {
     }
 }
 
+/// Which subtask a task runs, and what it restores.
+pub(crate) struct TaskPlace {
+    pub vertex: usize,
+    pub subtask: u32,
+    /// The task's index in the attempt (events and control name it).
+    pub index: usize,
+    pub restore: Option<Arc<RestoreSource>>,
+    pub stopped: bool,
+}
+
+/// What task `place` needs from its attempt, and the sender of its control
+/// messages. The same in the job master's process and on a worker.
+pub(crate) fn task_runtime(
+    ctx: &JobContext,
+    place: &TaskPlace,
+    events: mpsc::UnboundedSender<TaskEvent>,
+    writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    savepoints: crate::task::SavepointTargets,
+) -> (TaskRuntime, mpsc::UnboundedSender<Control>) {
+    let v = place.vertex;
+    let vertex = &ctx.graph.vertices[v];
+    let s = place.subtask;
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let name = format!("{} ({}/{})", vertex.name, s + 1, vertex.parallelism);
+    let alignment_timeout = match ctx.config.unaligned {
+        true => ctx.config.aligned_checkpoint_timeout,
+        false => None,
+    };
+    let init = InitContext {
+        job_name: ctx.name.clone(),
+        task_name: Arc::from(name.as_str()),
+        subtask: s,
+        parallelism: vertex.parallelism,
+        max_parallelism: ctx.max_parallelism,
+        state_backend: ctx.backend.clone(),
+        storage: ctx.storage.clone(),
+        restore: place.restore.clone(),
+        task_uid: Arc::from(vertex.uid.as_str()),
+        incremental: ctx.config.incremental,
+    };
+    let rt = TaskRuntime {
+        index: place.index,
+        vertex: v as u32,
+        vertex_name: Arc::from(vertex.name.as_str()),
+        alignment_timeout,
+        init,
+        control: ctl_rx,
+        events,
+        writers,
+        task_metrics: ctx
+            .metrics
+            .task(v as u32, &vertex.name, s, vertex.parallelism, vertex.is_source),
+        savepoints,
+        stopped: place.stopped,
+    };
+    (rt, ctl_tx)
+}
+
 /// Task failures, logged with the task's name.
 struct Named<'a> {
     task_of: &'a HashMap<tokio::task::Id, usize>,
@@ -366,17 +421,39 @@ impl Named<'_> {
     /// A task that panicked (or was aborted), as an error.
     fn panic(&self, join: tokio::task::JoinError) -> RuntimeError {
         let task = self.name(join.id()).to_string();
-        let message = if join.is_panic() {
-            let p = join.into_panic();
-            p.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "non-string panic".into())
-        } else {
-            "task was cancelled".into()
-        };
+        let message = panic_message(join);
         error!("task {task} panicked: {message}");
         RuntimeError::Panic { task, message }
+    }
+}
+
+/// Stops every task and snapshot writer.
+pub(crate) async fn stop_tasks(tasks: &mut JoinSet<Result<()>>, writers: &Mutex<Vec<JoinHandle<()>>>) {
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let handles: Vec<JoinHandle<()>> = writers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+        .collect();
+    for h in &handles {
+        h.abort();
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+/// A panicked (or aborted) task's message.
+pub(crate) fn panic_message(join: tokio::task::JoinError) -> String {
+    if join.is_panic() {
+        let p = join.into_panic();
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "non-string panic".into())
+    } else {
+        "task was cancelled".into()
     }
 }
 

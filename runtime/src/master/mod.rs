@@ -24,7 +24,8 @@ use crate::handle::{
 };
 use crate::metrics::Metrics;
 use crate::savepoint::{RestoreSource, SavepointLocation};
-use attempt::{run_attempt, JobContext, Requests};
+pub(crate) use attempt::{panic_message, stop_tasks, task_runtime, JobContext, TaskPlace};
+use attempt::{run_attempt, Requests};
 pub(crate) use coordinator::now_ms;
 use coordinator::Coordinator;
 use recovery::{AfterFailure, Recovery, RecoverySettings};
@@ -74,6 +75,38 @@ impl Job {
             },
             join,
         })
+    }
+
+    /// Runs this job as a worker of the coordinator at `coordinator` (a
+    /// process whose job has [`Job::with_workers`]): registers, runs the
+    /// tasks deployed onto it until the job ends, and reconnects when it
+    /// loses the coordinator (its tasks are stopped then; the coordinator
+    /// restarts the job from its latest checkpoint). The job must be built
+    /// the same way as the coordinator's (same graph, uids and
+    /// parallelism), with a state backend of its own and the same shared
+    /// checkpoint storage (a directory on a shared path, or S3).
+    pub fn start_worker(
+        self,
+        coordinator: std::net::SocketAddr,
+        options: crate::cluster::WorkerOptions,
+    ) -> Result<crate::cluster::WorkerHandle> {
+        let mut b = self.inner.borrow_mut();
+        if b.cluster.is_some() {
+            return Err(RuntimeError::InvalidJob(
+                "a worker's job has no worker pool: Job::with_workers is for the coordinator's job".into(),
+            ));
+        }
+        let master = JobMaster::new(&mut b)?;
+        drop(b);
+        let savepoint_storage = master.from_savepoint.as_ref().map(|l| l.storage.clone());
+        Ok(crate::cluster::start_worker(
+            crate::cluster::WorkerSetup {
+                ctx: master.ctx,
+                savepoint_storage,
+            },
+            coordinator,
+            options,
+        ))
     }
 
     /// Starts the job and waits for it to end.
@@ -153,6 +186,7 @@ impl JobMaster {
                 storage,
                 metrics,
                 network: b.network.clone(),
+                cluster: b.cluster.clone(),
             },
             coordinator,
             recovery,
@@ -189,6 +223,10 @@ impl JobMaster {
         started: Instant,
     ) -> Result<JobResult> {
         let result = self.run_job(requests).await;
+        if let Some(pool) = &self.ctx.cluster {
+            // The workers stop and exit.
+            pool.finish().await;
+        }
         self.status.lock().unwrap_or_else(|p| p.into_inner()).uptime_ms =
             started.elapsed().as_millis() as u64;
         match &result {

@@ -76,16 +76,37 @@ impl LoopbackNetwork {
         id: ChannelId,
         capacity: usize,
     ) -> (ChannelSender<T>, ChannelReceiver<T>) {
-        let (task_tx, pump_rx) = channel::<T>(capacity);
-        let (pump_tx, task_rx) = channel::<T>(capacity);
-        self.listener.expect(id, pump_tx, capacity);
-        let addr = self.listener.local_addr();
-        let stats = self.stats.clone();
-        tokio::spawn(async move {
-            if let Err(e) = produce(addr, id, pump_rx, stats).await {
-                warn!("{e}");
-            }
-        });
-        (task_tx, task_rx)
+        let rx = receiver_end(&self.listener, id, capacity);
+        let tx = sender_end(self.listener.local_addr(), id, capacity, self.stats.clone());
+        (tx, rx)
     }
+}
+
+/// The downstream task's end of channel `id`: fed by `listener` once the
+/// producer connects.
+pub(crate) fn receiver_end<T: Record>(
+    listener: &ChannelListener,
+    id: ChannelId,
+    capacity: usize,
+) -> ChannelReceiver<T> {
+    let (pump_tx, task_rx) = channel::<T>(capacity);
+    listener.expect(id, pump_tx, capacity);
+    task_rx
+}
+
+/// The upstream task's end of channel `id`, whose consumer listens at
+/// `addr`. Must be called inside a tokio runtime.
+pub(crate) fn sender_end<T: Record>(
+    addr: SocketAddr,
+    id: ChannelId,
+    capacity: usize,
+    stats: Arc<WireStats>,
+) -> ChannelSender<T> {
+    let (task_tx, pump_rx) = channel::<T>(capacity);
+    tokio::spawn(async move {
+        if let Err(e) = produce(addr, id, pump_rx, stats).await {
+            warn!("{e}");
+        }
+    });
+    task_tx
 }

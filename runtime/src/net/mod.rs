@@ -19,7 +19,9 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use connection::ChannelListener;
 pub use loopback::LoopbackNetwork;
+pub(crate) use loopback::{receiver_end, sender_end};
 pub use wire::{ChannelId, WIRE_VERSION};
 
 use std::sync::atomic::{AtomicU64, Ordering};

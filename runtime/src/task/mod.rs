@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// From the job master to a task.
-#[derive(Debug, Clone)]
+/// From the job master to a task (JSON on the control connection of a
+/// worker).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Control {
     /// Sources only: start checkpoint `barrier`; with `stop`, emit nothing
     /// after the barrier until told to end (or, if the checkpoint is aborted,
@@ -40,7 +41,7 @@ pub(crate) enum Control {
 }
 
 /// One operator subtask's part of an acknowledgement.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AckPart {
     pub uid: OperatorUid,
     pub parallelism: u32,
@@ -57,8 +58,9 @@ pub(crate) struct AckPart {
 /// Where the state files of the savepoints in progress go, by id.
 pub(crate) type SavepointTargets = Arc<Mutex<HashMap<CheckpointId, SavepointLocation>>>;
 
-/// From a task to the job master.
-#[derive(Debug)]
+/// From a task to the job master (JSON on the control connection of a
+/// worker).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) enum TaskEvent {
     Ack {
         checkpoint: CheckpointId,

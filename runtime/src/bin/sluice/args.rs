@@ -191,6 +191,10 @@ pub(crate) struct KeyedSumArgs {
     /// one is full again (restore reads at most this many).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) max_chain: u32,
+    /// Restarts after failures before the job gives up (fixed delay of
+    /// 100 ms between them).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) restart_attempts: u32,
     /// Max parallelism (number of key groups).
     #[arg(long, default_value_t = 128)]
     pub(crate) max_parallelism: u32,
@@ -228,4 +232,23 @@ pub(crate) struct KeyedSumArgs {
     /// loopback. The CLI's client commands send `SLUICE_REST_TOKEN`.
     #[arg(long, env = "SLUICE_REST_TOKEN", hide_env_values = true)]
     pub(crate) rest_token: Option<String>,
+    /// Run the job's tasks on N worker processes; this process is the
+    /// coordinator (job master). The storage must be one every worker
+    /// reaches: `file:DIR` on a shared path, or `s3://…`.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) workers: Option<u32>,
+    /// With `--workers`: the address workers connect to (port 0: any free
+    /// port; the coordinator prints the one it got).
+    #[arg(long, default_value = "127.0.0.1:0", requires = "workers")]
+    pub(crate) listen: String,
+    /// With `--workers`: start the N workers as child processes of this one
+    /// (with the same job arguments).
+    #[arg(long, requires = "workers")]
+    pub(crate) spawn_workers: bool,
+    /// Run as a worker of the coordinator at ADDR (give it the same job
+    /// arguments as the coordinator: events, keys, parallelism, splits,
+    /// storage, …). Its state backend's files go to
+    /// `--state-dir/worker-<pid>`.
+    #[arg(long, conflicts_with = "workers")]
+    pub(crate) coordinator: Option<String>,
 }

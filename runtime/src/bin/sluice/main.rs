@@ -4,6 +4,7 @@
 //! cancel); lists checkpoints; inspects and copies savepoints.
 
 mod args;
+mod cluster;
 mod common;
 mod run;
 mod tools;

@@ -2,6 +2,7 @@
 //! injection, savepoints and the REST API, checked for exactly-once at the end.
 
 use crate::args::{KeyedSumArgs, Mode};
+use crate::cluster;
 use crate::common::{checkpoint_storage, open_location, parse_interval, runtime, s3_options, state_backend};
 use sluice_runtime::file_sink::read_committed_lines;
 use sluice_runtime::location::{self, OpenMode};
@@ -89,7 +90,30 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         return Err("--splits must be at least 1".into());
     }
     let rest_addr = a.rest.as_deref().map(rest_address).transpose()?;
-    let backend = state_backend(&a.state, &a.state_dir)?;
+    let coordinator: Option<std::net::SocketAddr> = match &a.coordinator {
+        Some(c) => Some(
+            c.parse()
+                .map_err(|e| format!("--coordinator {c:?}: {e} (example: 127.0.0.1:7070)"))?,
+        ),
+        None => None,
+    };
+    let listen: Option<std::net::SocketAddr> = match a.workers {
+        Some(_) => Some(
+            a.listen
+                .parse()
+                .map_err(|e| format!("--listen {:?}: {e} (example: 0.0.0.0:7070)", a.listen))?,
+        ),
+        None => None,
+    };
+    if a.workers.is_some() || coordinator.is_some() {
+        cluster::check_shared_storage(&a.storage)?;
+    }
+    // Workers on one machine must not share the redb state backend's files.
+    let state_dir = match coordinator {
+        Some(_) => a.state_dir.join(format!("worker-{}", std::process::id())),
+        None => a.state_dir.clone(),
+    };
+    let backend = state_backend(&a.state, &state_dir)?;
     let mode = match a.mode {
         Mode::ExactlyOnce => CheckpointingMode::ExactlyOnce,
         Mode::AtLeastOnce => CheckpointingMode::AtLeastOnce,
@@ -138,7 +162,7 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             .with_checkpoint_storage(storage)
             .resume_from_latest_checkpoint(a.resume)
             .allow_non_restored_state(a.allow_non_restored_state)
-            .with_restart_strategy(RestartStrategy::FixedDelay { attempts: 3, delay: Duration::from_millis(100) })
+            .with_restart_strategy(RestartStrategy::FixedDelay { attempts: a.restart_attempts, delay: Duration::from_millis(100) })
             .with_checkpointing(CheckpointConfig {
                 interval,
                 mode,
@@ -169,6 +193,19 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             None => sums.sink(DiscardSink::new()),
         }
         .map_err(|e| e.to_string())?;
+        if let Some(addr) = coordinator {
+            return cluster::run_worker(job, addr).await;
+        }
+        let mut workers = None;
+        let job = match (a.workers, listen) {
+            (Some(n), Some(listen)) => {
+                let (job, children) = cluster::coordinate(job, n, listen, a.spawn_workers).await?;
+                workers = children;
+                job
+            }
+            _ => job,
+        };
+        let on_workers = a.workers.is_some();
         let started = Instant::now();
         let handle = job.start().map_err(|e| e.to_string())?;
         let rest = match rest_addr {
@@ -201,6 +238,11 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             tokio::select! {
                 r = &mut join => break r,
                 _ = ticker.tick() => {
+                    if on_workers {
+                        let done = monitor.checkpoint_stats().iter().filter(|s| s.status == sluice_runtime::CheckpointStatus::Completed).count();
+                        println!("[{:>6.1}s] on {} workers, {done} checkpoints completed", started.elapsed().as_secs_f64(), a.workers.unwrap_or(0));
+                        continue;
+                    }
                     let n = monitor.source_records();
                     let now = Instant::now();
                     let rate = (n - last.0.min(n)) as f64 / now.duration_since(last.1).as_secs_f64();
@@ -211,6 +253,9 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         };
         drop(join);
         let elapsed = started.elapsed();
+        if let Some(children) = workers.take() {
+            cluster::reap(children).await;
+        }
         if let Some(rest) = rest {
             rest.finish().await;
         }
@@ -235,7 +280,12 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             stats.iter().filter(|s| matches!(s.status, sluice_runtime::CheckpointStatus::Failed(_))).count(),
             result.restarts
         );
-        let read = monitor.source_records();
+        // Tasks on workers count their records there: a job that ended
+        // well read every event.
+        let read = match (on_workers, &result.stopped_with_savepoint) {
+            (true, None) => a.events,
+            _ => monitor.source_records(),
+        };
         println!(
             "throughput: {:.2} M events/s ({} events read in {:.2}s)",
             read as f64 / elapsed.as_secs_f64() / 1e6,

@@ -1,0 +1,211 @@
+//! A job over real processes on 127.0.0.1: the `sluice` CLI as coordinator
+//! (`--workers 2`) and as workers (`--coordinator ADDR`), checkpoints in a
+//! shared directory. Workers are killed with SIGKILL mid-run and replaced;
+//! the coordinator is killed and started again with `--resume`. Every run
+//! must end exactly-once (the CLI checks the final checkpoint's state
+//! against the expected sums).
+//!
+//! `SLUICE_CLUSTER_KILLS=N` sets the number of worker kills (default 3);
+//! `SLUICE_CLUSTER_SEED=S` the seed of their times and victims (printed).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const RATE: u64 = 400_000;
+
+fn job_args(dir: &Path, events: u64) -> Vec<String> {
+    [
+        "run",
+        "keyed-sum",
+        "--events",
+        &events.to_string(),
+        "--keys",
+        "10000",
+        "--parallelism",
+        "2",
+        "--splits",
+        "4",
+        "--state",
+        "memory",
+        "--checkpoint-interval",
+        "100ms",
+        "--rate",
+        &RATE.to_string(),
+        "--restart-attempts",
+        "100",
+        "--storage",
+        &format!("file:{}", dir.join("checkpoints").display()),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A coordinator process, its stdout collected line by line.
+struct Coordinator {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Coordinator {
+    fn start(dir: &Path, events: u64, listen: &str, resume: bool) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args(job_args(dir, events))
+            .args(["--workers", "2", "--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(
+                    dir.join(format!("coordinator-{}.err", Instant::now().elapsed().as_nanos())),
+                )
+                .unwrap(),
+            ));
+        if resume {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd.spawn().expect("start the coordinator");
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Coordinator { child, lines }
+    }
+
+    /// The first line containing `what`, waiting up to 60 s.
+    fn wait_for(&self, what: &str) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(what)) {
+                return l.clone();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no line with {what:?} from the coordinator: {:?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The address workers connect to.
+    fn addr(&self) -> String {
+        let line = self.wait_for("coordinator on ");
+        line.split("coordinator on ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .expect("address")
+            .to_string()
+    }
+
+    /// Waits for the process to exit (up to 5 minutes); its stdout.
+    fn finish(mut self) -> (bool, String) {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                let _ = self.child.kill();
+                panic!("the coordinator did not end: {:?}", self.lines.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Let the reader thread take the last lines.
+        std::thread::sleep(Duration::from_millis(200));
+        (status.success(), self.lines.lock().unwrap().join("\n"))
+    }
+}
+
+fn worker(dir: &Path, events: u64, addr: &str, n: usize) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(job_args(dir, events))
+        .args(["--coordinator", addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join(format!("worker-{n}.err"))).unwrap(),
+        ))
+        .spawn()
+        .expect("start a worker")
+}
+
+fn seed() -> u64 {
+    std::env::var("SLUICE_CLUSTER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random())
+}
+
+#[test]
+fn workers_killed_with_sigkill_are_replaced_and_the_job_stays_exactly_once() {
+    let kills: u64 = std::env::var("SLUICE_CLUSTER_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let seed = seed();
+    println!("SLUICE_CLUSTER_SEED={seed}, {kills} kills");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough that every kill happens mid-run (at most 1.5 s apart).
+    let events = RATE * (3 * kills / 2 + 4);
+    let coordinator = Coordinator::start(dir.path(), events, "127.0.0.1:0", false);
+    let addr = coordinator.addr();
+    let mut workers: Vec<Child> = (0..2).map(|n| worker(dir.path(), events, &addr, n)).collect();
+    coordinator.wait_for("checkpoints completed");
+    for k in 0..kills {
+        std::thread::sleep(Duration::from_millis(rng.random_range(500..1500)));
+        let victim = rng.random_range(0..workers.len());
+        workers[victim].kill().expect("SIGKILL a worker");
+        let _ = workers[victim].wait();
+        workers[victim] = worker(dir.path(), events, &addr, 2 + k as usize);
+    }
+    let (ok, out) = coordinator.finish();
+    assert!(ok, "seed {seed}: the coordinator failed:\n{out}");
+    assert!(out.contains("exactly-once: ok"), "seed {seed}:\n{out}");
+    let recoveries = out.lines().filter(|l| l.starts_with("recovery:")).count();
+    assert!(
+        recoveries >= 1 && out.contains("was lost"),
+        "seed {seed}: the kills were recovered from:\n{out}"
+    );
+    println!("{kills} kills, {recoveries} recoveries");
+    for mut w in workers {
+        // Told that the job ended, the workers exit on their own.
+        let status = w.wait().unwrap();
+        assert!(status.success(), "seed {seed}: a worker failed: {status}");
+    }
+}
+
+#[test]
+fn the_coordinator_killed_and_resumed_keeps_the_job_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = RATE * 5;
+    // A fixed port: the workers reconnect to the coordinator's successor.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut first = Coordinator::start(dir.path(), events, &listen, false);
+    let addr = first.addr();
+    let workers: Vec<Child> = (0..2).map(|n| worker(dir.path(), events, &addr, n)).collect();
+    first.wait_for("checkpoints completed");
+    std::thread::sleep(Duration::from_millis(1000));
+    first.child.kill().expect("SIGKILL the coordinator");
+    let _ = first.child.wait();
+    let second = Coordinator::start(dir.path(), events, &listen, true);
+    let (ok, out) = second.finish();
+    assert!(ok, "the resumed coordinator failed:\n{out}");
+    assert!(out.contains("resumed from checkpoint"), "{out}");
+    assert!(out.contains("exactly-once: ok"), "{out}");
+    for mut w in workers {
+        let status = w.wait().unwrap();
+        assert!(status.success(), "a worker failed: {status}");
+    }
+}
