@@ -161,3 +161,354 @@ async fn a_worker_with_another_job_graph_fails_the_job_with_a_clear_error() {
         .unwrap_err();
     assert!(err.to_string().contains("another graph"), "{err}");
 }
+
+/// A TCP proxy to `target` that can be cut off: from then on it forwards
+/// nothing (the connections stay open, silent, as in a network partition)
+/// and drops new connections at once.
+struct Partition {
+    addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Partition {
+    async fn to(target: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let addr = l.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = l.accept().await.unwrap();
+                if flag.load(Ordering::SeqCst) {
+                    continue; // dropped
+                }
+                let server = tokio::net::TcpStream::connect(target).await.unwrap();
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to, flag) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                        flag.clone(),
+                    ),
+                    (Box::new(sr), Box::new(cw), flag.clone()),
+                ] {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 8192];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if flag.load(Ordering::SeqCst) {
+                                // Partitioned: hold the sockets, forward nothing.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown().await;
+                    });
+                }
+            }
+        });
+        Partition { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn registered(pool: &WorkerPool, n: usize) {
+    let started = Instant::now();
+    while pool.registered() < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "workers did not register"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_the_coordinator_is_detected_by_heartbeats_and_replaced() {
+    // About 6 s of input: the partition is detected after 5 s of silence.
+    let events = 2_400_000;
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let pool = pool(2).await;
+    let handle = job(storage.clone(), events, 2, true)
+        .with_workers(pool.clone())
+        .start()
+        .unwrap();
+    let monitor = handle.monitor();
+    let partition = Partition::to(pool.local_addr()).await;
+    let options = WorkerOptions {
+        reconnect_for: Duration::from_secs(3),
+        ..WorkerOptions::default()
+    };
+    // The first two registered run the job; the third is a spare.
+    let cut_off = job(storage.clone(), events, 2, true)
+        .start_worker(partition.addr, options.clone())
+        .unwrap();
+    registered(&pool, 1).await;
+    let healthy = job(storage.clone(), events, 2, true)
+        .start_worker(pool.local_addr(), options.clone())
+        .unwrap();
+    registered(&pool, 2).await;
+    let spare = job(storage.clone(), events, 2, true)
+        .start_worker(pool.local_addr(), options.clone())
+        .unwrap();
+    registered(&pool, 3).await;
+    let started = Instant::now();
+    while !monitor
+        .checkpoint_stats()
+        .iter()
+        .any(|s| s.status == sluice_runtime::CheckpointStatus::Completed)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no checkpoint completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    partition.cut();
+    let cut_at = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
+        .await
+        .expect("the job ends")
+        .expect("the job recovers and succeeds");
+    let cause = &result.recoveries.first().expect("a recovery").cause;
+    assert!(
+        cause.contains("sent nothing for"),
+        "the coordinator noticed the silence: {cause}"
+    );
+    verify(storage.as_ref(), &result, events).await;
+    // The cut-off worker noticed the silence too, stopped its tasks, and
+    // gave up reaching the coordinator.
+    let err = tokio::time::timeout(Duration::from_secs(60), cut_off.wait())
+        .await
+        .expect("the cut-off worker ends")
+        .unwrap_err();
+    assert!(err.to_string().contains("coordinator"), "{err}");
+    assert!(
+        cut_at.elapsed() >= Duration::from_secs(5),
+        "not before the heartbeat timeout"
+    );
+    for w in [healthy, spare] {
+        tokio::time::timeout(Duration::from_secs(10), w.wait())
+            .await
+            .expect("the worker stops when the job ends")
+            .expect("the worker ends well");
+    }
+}
+
+/// A TCP proxy to `target` that drops every connection open at the moment
+/// `limit` bytes went through it in all (once); later connections pass.
+async fn cutting_proxy(
+    target: SocketAddr,
+    limit: usize,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    let bytes = Arc::new(AtomicUsize::new(0));
+    // 0: not cut yet; 1: cut.
+    let generation = Arc::new(AtomicUsize::new(0));
+    let cuts = Arc::new(AtomicUsize::new(0));
+    let cuts_seen = cuts.clone();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = l.accept().await.unwrap();
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let born = generation.load(Ordering::SeqCst);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            type R = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+            type W = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+            for (mut from, mut to) in [
+                (Box::new(cr) as R, Box::new(sw) as W),
+                (Box::new(sr) as R, Box::new(cw) as W),
+            ] {
+                let (bytes, generation, cuts) = (bytes.clone(), generation.clone(), cuts.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    loop {
+                        let read = tokio::time::timeout(Duration::from_millis(20), from.read(&mut buf)).await;
+                        if generation.load(Ordering::SeqCst) != born {
+                            break; // cut: both directions dropped
+                        }
+                        let n = match read {
+                            Err(_) => continue,
+                            Ok(Ok(0)) | Ok(Err(_)) => break,
+                            Ok(Ok(n)) => n,
+                        };
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        let total = bytes.fetch_add(n, Ordering::SeqCst) + n;
+                        if total >= limit
+                            && generation
+                                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                                .is_ok()
+                        {
+                            cuts.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, cuts_seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_between_workers_dropped_mid_stream_are_recovered_exactly_once() {
+    let events = 1_200_000;
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let pool = pool(2).await;
+    let handle = job(storage.clone(), events, 2, true)
+        .with_workers(pool.clone())
+        .start()
+        .unwrap();
+    // The second worker's channels go through a proxy that cuts them all
+    // once, after about 1 MB.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (proxy, cuts) = cutting_proxy(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), 1 << 20).await;
+    let first = job(storage.clone(), events, 2, true)
+        .start_worker(pool.local_addr(), WorkerOptions::default())
+        .unwrap();
+    let second = job(storage.clone(), events, 2, true)
+        .start_worker(
+            pool.local_addr(),
+            WorkerOptions {
+                channel_port: port,
+                advertise: Some(proxy),
+                ..WorkerOptions::default()
+            },
+        )
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
+        .await
+        .expect("the job ends")
+        .expect("the job recovers and succeeds");
+    assert_eq!(
+        cuts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the proxy cut the channels"
+    );
+    assert!(result.restarts >= 1, "the cut failed the attempt: {result:?}");
+    verify(storage.as_ref(), &result, events).await;
+    for w in [first, second] {
+        tokio::time::timeout(Duration::from_secs(10), w.wait())
+            .await
+            .expect("the worker stops when the job ends")
+            .expect("the worker ends well");
+    }
+}
+
+/// Two sources joined by key in a two-input operator, built the same way by
+/// the job master and every worker.
+fn two_input_job(storage: Arc<dyn CheckpointStorage>, events: u64) -> Job {
+    let job = Job::new("two-input")
+        .with_parallelism(3)
+        .with_state_backend(Arc::new(MemoryStateBackend::new()))
+        .with_checkpoint_storage(storage)
+        .with_restart_strategy(RestartStrategy::FixedDelay {
+            attempts: 10,
+            delay: Duration::ZERO,
+        })
+        .with_checkpointing(CheckpointConfig::every(Duration::from_millis(100)));
+    let a = job
+        .source(
+            "a",
+            SequenceSource::new(events, 3, |i| (key_of(i, KEYS), i)).paced(1000, Duration::from_millis(5)),
+            3,
+        )
+        .key_by(|(k, _)| *k);
+    let b = job
+        .source(
+            "b",
+            SequenceSource::new(events, 2, |i| (key_of(i * 7 + 1, KEYS), i))
+                .paced(1000, Duration::from_millis(5)),
+            2,
+        )
+        .key_by(|(k, _)| *k);
+    a.connect(b)
+        .process("two-input-sum", workload::TwoInputSum::default())
+        .sink(DiscardSink::new())
+        .unwrap();
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_input_job_on_three_workers_survives_a_lost_worker_exactly_once() {
+    let events = 900_000;
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let pool = pool(3).await;
+    let handle = two_input_job(storage.clone(), events)
+        .with_workers(pool.clone())
+        .start()
+        .unwrap();
+    let monitor = handle.monitor();
+    let start = || {
+        two_input_job(storage.clone(), events)
+            .start_worker(pool.local_addr(), WorkerOptions::default())
+            .unwrap()
+    };
+    let workers = [start(), start(), start()];
+    let started = Instant::now();
+    while !monitor
+        .checkpoint_stats()
+        .iter()
+        .any(|s| s.status == sluice_runtime::CheckpointStatus::Completed)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no checkpoint completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    workers[1].kill();
+    let replacement = start();
+    let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
+        .await
+        .expect("the job ends")
+        .expect("the job recovers and succeeds");
+    assert!(
+        result.recoveries.iter().any(|r| r.restored_from.is_some()),
+        "{result:?}"
+    );
+    let mut expected = rustc_hash::FxHashMap::default();
+    for i in 0..events {
+        *expected.entry(key_of(i, KEYS)).or_default() += i;
+        *expected.entry(key_of(i * 7 + 1, KEYS)).or_default() += 2 * i;
+    }
+    let source = sluice_runtime::RestoreSource::checkpoint(storage.clone(), result.final_checkpoint.unwrap())
+        .await
+        .unwrap();
+    let sums = workload::sums_in(&source, "two-input-sum").await.unwrap();
+    assert_eq!(sums, expected);
+    let [a, _, c] = workers;
+    for w in [a, c, replacement] {
+        tokio::time::timeout(Duration::from_secs(10), w.wait())
+            .await
+            .expect("the worker stops when the job ends")
+            .expect("the worker ends well");
+    }
+}

@@ -24,6 +24,12 @@ pub struct WorkerOptions {
     /// The address the worker's channel listener binds (port chosen
     /// freely); other workers connect to it. Default 127.0.0.1.
     pub bind: IpAddr,
+    /// The port of the channel listener (0, the default: any free port).
+    pub channel_port: u16,
+    /// The address other workers are told to connect to for this worker's
+    /// channels, when it is not the bound one (a NAT, a pod's service
+    /// address, a proxy). Default: the bound address.
+    pub advertise: Option<SocketAddr>,
     /// How long the worker keeps trying to reach its coordinator (at start,
     /// and after losing it) before giving up. Default 60 s.
     pub reconnect_for: Duration,
@@ -33,6 +39,8 @@ impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            channel_port: 0,
+            advertise: None,
             reconnect_for: Duration::from_secs(60),
         }
     }
@@ -74,7 +82,9 @@ pub(crate) fn start(setup: WorkerSetup, coordinator: SocketAddr, options: Worker
 
 async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions) -> Result<()> {
     let stats = Arc::new(WireStats::default());
-    let listener = ChannelListener::bind(SocketAddr::new(options.bind, 0), stats.clone()).await?;
+    let listener =
+        ChannelListener::bind(SocketAddr::new(options.bind, options.channel_port), stats.clone()).await?;
+    let advertised = options.advertise.unwrap_or(listener.local_addr());
     let graph = setup.ctx.graph.fingerprint();
     let mut trying_since = Instant::now();
     loop {
@@ -96,7 +106,7 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
             version: CONTROL_VERSION,
             job: setup.ctx.name.clone(),
             graph: graph.clone(),
-            channels: listener.local_addr(),
+            channels: advertised,
         });
         match inbox.next_but(|m| matches!(m, ToWorker::Heartbeat)).await {
             Ok(ToWorker::Welcome { worker }) => {
@@ -113,6 +123,12 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
             )))
             }
             Err(e) => {
+                if trying_since.elapsed() > options.reconnect_for {
+                    return Err(RuntimeError::Network(format!(
+                        "cannot register at the coordinator at {coordinator} for {:?}: {e}",
+                        options.reconnect_for
+                    )));
+                }
                 warn!("registration at {coordinator}: {e}; trying again");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
