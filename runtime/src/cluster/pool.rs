@@ -54,6 +54,10 @@ struct PoolState {
     attempt: u64,
     events: Option<mpsc::UnboundedSender<TaskEvent>>,
     pending: HashMap<usize, (u32, oneshot::Sender<Result<()>>)>,
+    /// Bytes each worker's channels sent (its latest report).
+    wire: HashMap<u32, u64>,
+    /// Workers whose connection is open (registered or let go).
+    connected: usize,
 }
 
 /// An attempt deployed onto workers: its id, and each task's handle and
@@ -119,14 +123,27 @@ impl WorkerPool {
             st.pending.clear();
             std::mem::take(&mut st.workers).into_values().collect()
         };
-        let mut writers = Vec::new();
-        for w in workers {
+        for w in &workers {
             w.out.send(ToWorker::Finished);
-            writers.push(w.writer);
         }
-        for w in writers {
-            let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
+        drop(workers);
+        // The workers answer with their last counts and close.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let notified = self.changed.notified();
+            if self.lock().connected == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
         }
+    }
+
+    /// Bytes the workers' channels sent so far (as last reported: every
+    /// second, and when the job ends).
+    pub fn wire_bytes_sent(&self) -> u64 {
+        self.lock().wire.values().sum()
     }
 
     /// Deploys the tasks of a new attempt onto the workers (waiting for
@@ -299,7 +316,7 @@ async fn serve_worker(stream: TcpStream, state: Arc<Mutex<PoolState>>, changed: 
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (mut inbox, out, writer) = protocol::open(stream, || ToWorker::Heartbeat);
-    let (job, graph, channels) = match inbox.next_but(|m| matches!(m, ToMaster::Heartbeat)).await {
+    let (job, graph, channels) = match inbox.next_but(|m| matches!(m, ToMaster::Heartbeat { .. })).await {
         Ok(ToMaster::Register {
             version,
             job,
@@ -328,6 +345,7 @@ async fn serve_worker(stream: TcpStream, state: Arc<Mutex<PoolState>>, changed: 
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         let id = st.next_id;
         st.next_id += 1;
+        st.connected += 1;
         out.send(ToWorker::Welcome { worker: id });
         st.workers.insert(
             id,
@@ -347,7 +365,13 @@ async fn serve_worker(stream: TcpStream, state: Arc<Mutex<PoolState>>, changed: 
     changed.notify_waiters();
     let reason = loop {
         match inbox.next::<ToMaster>().await {
-            Ok(ToMaster::Heartbeat) => {}
+            Ok(ToMaster::Heartbeat { wire_bytes_sent }) => {
+                state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .wire
+                    .insert(id, wire_bytes_sent);
+            }
             Ok(ToMaster::Event { attempt, event }) => {
                 let st = state.lock().unwrap_or_else(|p| p.into_inner());
                 if st.attempt == attempt {
@@ -380,10 +404,15 @@ async fn serve_worker(stream: TcpStream, state: Arc<Mutex<PoolState>>, changed: 
         }
     };
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    st.connected -= 1;
     match st.workers.remove(&id) {
         Some(w) => w.writer.abort(),
         // Let go by `finish`: the job ended.
-        None => return,
+        None => {
+            drop(st);
+            changed.notify_waiters();
+            return;
+        }
     }
     let lost: Vec<usize> = st
         .pending

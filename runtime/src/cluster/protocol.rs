@@ -47,17 +47,15 @@ pub(crate) enum ToMaster {
         channels: SocketAddr,
     },
     /// A task's event (acknowledgement, decline, source exhausted).
-    Event {
-        attempt: u64,
-        event: TaskEvent,
-    },
+    Event { attempt: u64, event: TaskEvent },
     /// A task ended: `failure` is `None` when it ended well.
     TaskDone {
         attempt: u64,
         task: usize,
         failure: Option<RemoteFailure>,
     },
-    Heartbeat,
+    /// Alive; with the bytes the worker's channels sent so far.
+    Heartbeat { wire_bytes_sent: u64 },
 }
 
 /// How a task on a worker failed.
@@ -206,7 +204,7 @@ impl<M: Serialize + Send + 'static> Outbox<M> {
 /// outbox is dropped (after flushing) or the connection breaks.
 pub(crate) fn open<M: Serialize + Send + Sync + 'static>(
     stream: TcpStream,
-    heartbeat: fn() -> M,
+    heartbeat: impl Fn() -> M + Send + 'static,
 ) -> (Inbox, Outbox<M>, tokio::task::JoinHandle<()>) {
     let _ = stream.set_nodelay(true);
     let peer = stream

@@ -101,7 +101,10 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
                 continue;
             }
         };
-        let (mut inbox, out, _writer) = protocol::open(stream, || ToMaster::Heartbeat);
+        let counts = stats.clone();
+        let (mut inbox, out, writer) = protocol::open(stream, move || ToMaster::Heartbeat {
+            wire_bytes_sent: counts.read().bytes_sent,
+        });
         out.send(ToMaster::Register {
             version: CONTROL_VERSION,
             job: setup.ctx.name.clone(),
@@ -152,6 +155,12 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
         listener.fence(session.attempt + 1);
         match end {
             Ok(()) => {
+                // The final traffic counts, then the connection closes.
+                session.out.send(ToMaster::Heartbeat {
+                    wire_bytes_sent: stats.read().bytes_sent,
+                });
+                drop(session);
+                let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
                 info!("the job ended; worker stops");
                 return Ok(());
             }
