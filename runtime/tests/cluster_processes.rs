@@ -66,7 +66,11 @@ impl Coordinator {
         if resume {
             cmd.arg("--resume");
         }
-        let mut child = cmd.spawn().expect("start the coordinator");
+        Self::watch(cmd.spawn().expect("start the coordinator"))
+    }
+
+    /// Collects the stdout of `child` (started with a piped stdout).
+    fn watch(mut child: Child) -> Self {
         let lines: Arc<Mutex<Vec<String>>> = Arc::default();
         let out = child.stdout.take().unwrap();
         let sink = lines.clone();
@@ -208,4 +212,60 @@ fn the_coordinator_killed_and_resumed_keeps_the_job_exactly_once() {
         let status = w.wait().unwrap();
         assert!(status.success(), "a worker failed: {status}");
     }
+}
+
+#[test]
+fn a_job_stopped_with_a_savepoint_on_two_workers_restarts_on_three_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = RATE * 4;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(job_args(dir.path(), events))
+        .args(["--workers", "2", "--spawn-workers", "--rest", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("first.err")).unwrap(),
+        ));
+    let first = Coordinator::watch(cmd.spawn().unwrap());
+    let rest = first.wait_for("REST API");
+    let url = rest
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("REST URL")
+        .to_string();
+    first.wait_for("checkpoints completed");
+    let target = format!("file:{}", dir.path().join("savepoints").display());
+    let sp = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["savepoint", "--job", &url, "--stop", &target])
+        .output()
+        .unwrap();
+    assert!(
+        sp.status.success(),
+        "stop with a savepoint: {}{}",
+        String::from_utf8_lossy(&sp.stdout),
+        String::from_utf8_lossy(&sp.stderr)
+    );
+    let (ok, out) = first.finish();
+    assert!(ok, "the first run failed:\n{out}");
+    let path = out
+        .lines()
+        .find_map(|l| l.split("--from-savepoint '").nth(1))
+        .and_then(|r| r.split('\'').next())
+        .unwrap_or_else(|| panic!("no savepoint path in:\n{out}"))
+        .to_string();
+    // Parallelism 3 on three workers, from that savepoint.
+    let mut args = job_args(dir.path(), events);
+    let p = args.iter().position(|a| a == "--parallelism").unwrap();
+    args[p + 1] = "3".into();
+    let second = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(&args)
+        .args(["--workers", "3", "--spawn-workers", "--from-savepoint", &path])
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("second.err")).unwrap(),
+        ))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "the rescaled run failed:\n{out}");
+    assert!(out.contains("started from savepoint"), "{out}");
+    assert!(out.contains("exactly-once: ok"), "{out}");
 }

@@ -273,6 +273,18 @@ impl WorkerPool {
         Ok(Deployment { attempt, tasks })
     }
 
+    /// Tells the current attempt's workers where savepoint `id` goes.
+    pub(crate) fn announce_savepoint(&self, id: sluice_core::CheckpointId, location: String) {
+        let st = self.lock();
+        for w in st.workers.values() {
+            w.out.send(ToWorker::SavepointTarget {
+                attempt: st.attempt,
+                id,
+                location: location.clone(),
+            });
+        }
+    }
+
     /// The attempt ended: its workers stop its tasks.
     pub(crate) fn end_attempt(&self, attempt: u64) {
         let mut st = self.lock();

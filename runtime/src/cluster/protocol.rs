@@ -85,6 +85,13 @@ pub(crate) enum ToWorker {
         task: usize,
         control: Control,
     },
+    /// Savepoint `id` of attempt `attempt` goes to `location` (a location
+    /// string the worker opens: `file:…`, `s3://…`).
+    SavepointTarget {
+        attempt: u64,
+        id: sluice_core::CheckpointId,
+        location: String,
+    },
     /// Stop every task of attempt `attempt`.
     Cancel {
         attempt: u64,

@@ -7,7 +7,7 @@ use crate::graph::TaskBuild;
 use crate::master::{panic_message, stop_tasks, task_runtime, JobContext, TaskPlace};
 use crate::net::{ChannelId, ChannelListener, WireStats};
 use crate::savepoint::RestoreSource;
-use crate::task::{Control, TaskEvent};
+use crate::task::{Control, SavepointTargetMap, TaskEvent};
 use sluice_core::CheckpointStorage;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -33,6 +33,8 @@ pub struct WorkerOptions {
     /// How long the worker keeps trying to reach its coordinator (at start,
     /// and after losing it) before giving up. Default 60 s.
     pub reconnect_for: Duration,
+    /// How savepoint targets named `s3://…` are reached (the endpoint).
+    pub s3: crate::location::S3Options,
 }
 
 impl Default for WorkerOptions {
@@ -42,6 +44,7 @@ impl Default for WorkerOptions {
             channel_port: 0,
             advertise: None,
             reconnect_for: Duration::from_secs(60),
+            s3: crate::location::S3Options::default(),
         }
     }
 }
@@ -148,6 +151,8 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
             controls: HashMap::new(),
             writers: Arc::default(),
             events: None,
+            savepoints: Arc::new(SavepointTargetMap::waiting(SAVEPOINT_TARGET_WAIT)),
+            s3: options.s3.clone(),
         };
         let end = session.run(&mut inbox).await;
         session.stop_all().await;
@@ -185,7 +190,14 @@ struct Session<'a> {
     controls: HashMap<usize, mpsc::UnboundedSender<Control>>,
     writers: Arc<Mutex<Vec<JoinHandle<()>>>>,
     events: Option<mpsc::UnboundedReceiver<TaskEvent>>,
+    /// Where the savepoints in progress go (announced by the coordinator).
+    savepoints: crate::task::SavepointTargets,
+    s3: crate::location::S3Options,
 }
+
+/// How long a task waits for the target of a savepoint whose barrier came
+/// before the coordinator's announcement.
+const SAVEPOINT_TARGET_WAIT: Duration = Duration::from_secs(10);
 
 async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<TaskEvent>>) -> Option<TaskEvent> {
     match rx {
@@ -206,6 +218,17 @@ impl Session<'_> {
                             if let Some(c) = self.controls.get(&task) {
                                 let _ = c.send(control);
                             }
+                        }
+                    }
+                    ToWorker::SavepointTarget { attempt, id, location } => {
+                        if attempt == self.attempt {
+                            let (targets, s3) = (self.savepoints.clone(), self.s3.clone());
+                            tokio::spawn(async move {
+                                match crate::location::open_location(&location, &s3).await {
+                                    Ok(l) => targets.insert(id, l),
+                                    Err(e) => warn!("savepoint {id}: cannot open its target {location}: {e}"),
+                                }
+                            });
                         }
                     }
                     ToWorker::Cancel { attempt } => {
@@ -276,7 +299,8 @@ impl Session<'_> {
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         self.events = Some(events_rx);
-        let savepoints = crate::task::SavepointTargets::default();
+        self.savepoints.clear();
+        let savepoints = self.savepoints.clone();
         for t in d.tasks {
             let place = TaskPlace {
                 vertex: t.vertex as usize,

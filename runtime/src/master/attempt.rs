@@ -297,13 +297,6 @@ impl Attempt<'_> {
                         coordinator.trigger(infos, TriggerKind::Periodic).await?;
                     }
                 }
-                Step::Request(Some(Request::Savepoint { tx, .. })) if self.ctx.cluster.is_some() => {
-                    let _ = tx.send(Err(
-                        "savepoints of a job spread over workers are not supported yet: \
-                                         stop it and restart from its latest retained checkpoint"
-                            .into(),
-                    ));
-                }
                 Step::Request(Some(Request::Savepoint { target, stop, tx })) => {
                     if sources_finishing || coordinator.stopped_with.is_some() {
                         let _ = tx.send(Err("the job's sources are finishing; no more savepoints".into()));

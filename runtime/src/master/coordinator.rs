@@ -96,6 +96,9 @@ pub(crate) struct Coordinator {
     pub final_failure: Option<(CheckpointId, String)>,
     /// Where the files of the savepoints in progress go (shared with tasks).
     pub savepoint_targets: SavepointTargets,
+    /// Tells a job's workers where savepoint `id` goes (its location as a
+    /// string they open), before it is triggered.
+    pub announce_savepoint: Option<Arc<dyn Fn(CheckpointId, String) + Send + Sync>>,
     /// The savepoint the job was stopped with.
     pub stopped_with: Option<Savepoint>,
 }
@@ -127,6 +130,7 @@ impl Coordinator {
             final_id: None,
             final_failure: None,
             savepoint_targets: Arc::default(),
+            announce_savepoint: None,
             stopped_with: None,
         }
     }
@@ -199,10 +203,7 @@ impl Coordinator {
             }
         }
         self.aborted_savepoints.clear();
-        self.savepoint_targets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.savepoint_targets.clear();
     }
 
     /// Decides the commits whose outcome was unknown by reading them back
@@ -511,10 +512,7 @@ impl Coordinator {
         };
         let outcome = commit::commit(&target, &json).await;
         if p.savepoint.is_some() {
-            self.savepoint_targets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.savepoint_targets.remove(id);
         }
         match outcome {
             CommitOutcome::Committed => match p.savepoint.take() {
@@ -715,10 +713,7 @@ impl Coordinator {
         if let Some(sp) = p.savepoint.take() {
             // A failed savepoint does not count against the tolerable
             // checkpoint failures; its partial directory is removed.
-            self.savepoint_targets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.savepoint_targets.remove(id);
             if !p.keep_files {
                 if let Err(e) = sp.location.storage.delete_dir(&sp.location.dir).await {
                     warn!(

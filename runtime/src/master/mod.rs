@@ -176,6 +176,11 @@ impl JobMaster {
         );
         #[cfg(feature = "testing")]
         coordinator.set_commit_hook(b.commit_hook.clone());
+        if let Some(pool) = b.cluster.clone() {
+            coordinator.announce_savepoint = Some(Arc::new(move |id, location| {
+                pool.announce_savepoint(id, location)
+            }));
+        }
         Ok(JobMaster {
             ctx: JobContext {
                 name: b.name.clone(),

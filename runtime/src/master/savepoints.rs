@@ -32,10 +32,11 @@ impl Coordinator {
             if stop { "stop-with-" } else { "" },
             location.describe()
         );
-        self.savepoint_targets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, location.clone());
+        self.savepoint_targets.insert(id, location.clone());
+        if let Some(announce) = &self.announce_savepoint {
+            // Workers learn where their tasks write it.
+            announce(id, location.describe());
+        }
         let savepoint = PendingSavepoint {
             location,
             stop,

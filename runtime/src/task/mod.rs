@@ -56,7 +56,61 @@ pub(crate) struct AckPart {
 }
 
 /// Where the state files of the savepoints in progress go, by id.
-pub(crate) type SavepointTargets = Arc<Mutex<HashMap<CheckpointId, SavepointLocation>>>;
+pub(crate) type SavepointTargets = Arc<SavepointTargetMap>;
+
+/// The targets of the savepoints in progress. In the job master's process
+/// a target is there before the savepoint is triggered; on a worker it
+/// arrives on the control connection, possibly after a barrier came on a
+/// data channel, so a worker's tasks wait for it a little.
+#[derive(Default)]
+pub(crate) struct SavepointTargetMap {
+    map: Mutex<HashMap<CheckpointId, SavepointLocation>>,
+    added: tokio::sync::Notify,
+    /// How long a lookup waits for a missing target.
+    wait: Duration,
+}
+
+impl SavepointTargetMap {
+    /// A worker's map: lookups wait up to `wait` for a target.
+    pub fn waiting(wait: Duration) -> Self {
+        SavepointTargetMap {
+            wait,
+            ..Default::default()
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CheckpointId, SavepointLocation>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, id: CheckpointId, location: SavepointLocation) {
+        self.lock().insert(id, location);
+        self.added.notify_waiters();
+    }
+
+    pub fn remove(&self, id: CheckpointId) {
+        self.lock().remove(&id);
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// The target of savepoint `id` (waiting for it on a worker); `None`:
+    /// the savepoint was aborted (or its target never came).
+    pub async fn get(&self, id: CheckpointId) -> Option<SavepointLocation> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            let added = self.added.notified();
+            if let Some(l) = self.lock().get(&id).cloned() {
+                return Some(l);
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
 
 /// From a task to the job master (JSON on the control connection of a
 /// worker).

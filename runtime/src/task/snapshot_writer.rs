@@ -54,13 +54,7 @@ impl TaskRuntime {
         // directory, with paths relative to it.
         let target = match done.barrier.kind {
             CheckpointKind::Checkpoint => None,
-            CheckpointKind::Savepoint => Some(
-                self.savepoints
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&id)
-                    .cloned(),
-            ),
+            CheckpointKind::Savepoint => Some(self.savepoints.clone()),
         };
         let storage = self.init.storage.clone();
         let events = self.events.clone();
@@ -70,6 +64,10 @@ impl TaskRuntime {
         let task_uid = self.init.task_uid.clone();
         let handle = tokio::spawn(async move {
             let result: sluice_core::Result<(Vec<AckPart>, Option<ChannelStateHandle>)> = async {
+                let target = match target {
+                    None => None,
+                    Some(targets) => Some(targets.get(id).await),
+                };
                 let (storage, dir) = match target {
                     None => (storage, None),
                     Some(Some(loc)) => (loc.storage.clone(), Some(loc)),

@@ -19,9 +19,17 @@ pub(crate) fn check_shared_storage(spec: &str) -> Result<(), String> {
 }
 
 /// Runs `job` as a worker of the coordinator at `addr` until the job ends.
-pub(crate) async fn run_worker(job: Job, addr: SocketAddr) -> Result<ExitCode, String> {
+pub(crate) async fn run_worker(
+    job: Job,
+    addr: SocketAddr,
+    s3: sluice_runtime::location::S3Options,
+) -> Result<ExitCode, String> {
     println!("sluice: worker of the coordinator at {addr}");
-    job.start_worker(addr, WorkerOptions::default())
+    let options = WorkerOptions {
+        s3,
+        ..WorkerOptions::default()
+    };
+    job.start_worker(addr, options)
         .map_err(|e| e.to_string())?
         .wait()
         .await

@@ -194,7 +194,7 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         }
         .map_err(|e| e.to_string())?;
         if let Some(addr) = coordinator {
-            return cluster::run_worker(job, addr).await;
+            return cluster::run_worker(job, addr, s3_options(a.s3_endpoint.as_deref())).await;
         }
         let mut workers = None;
         let job = match (a.workers, listen) {
