@@ -3,7 +3,9 @@
 //! shared directory. Workers are killed with SIGKILL mid-run and replaced;
 //! the coordinator is killed and started again with `--resume`. Every run
 //! must end exactly-once (the CLI checks the final checkpoint's state
-//! against the expected sums).
+//! against the expected sums; with workers killed, also the output of a
+//! two-phase-commit file sink written by the workers into a shared
+//! directory).
 //!
 //! `SLUICE_CLUSTER_KILLS=N` sets the number of worker kills (default 3);
 //! `SLUICE_CLUSTER_SEED=S` the seed of their times and victims (printed).
@@ -53,8 +55,12 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(dir: &Path, events: u64, listen: &str, resume: bool) -> Self {
+        Self::start_with(dir, job_args(dir, events), listen, resume)
+    }
+
+    fn start_with(dir: &Path, args: Vec<String>, listen: &str, resume: bool) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.args(job_args(dir, events))
+        cmd.args(args)
             .args(["--workers", "2", "--listen", listen])
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
@@ -128,8 +134,12 @@ impl Coordinator {
 }
 
 fn worker(dir: &Path, events: u64, addr: &str, n: usize) -> Child {
+    worker_with(dir, job_args(dir, events), addr, n)
+}
+
+fn worker_with(dir: &Path, args: Vec<String>, addr: &str, n: usize) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(job_args(dir, events))
+        .args(args)
         .args(["--coordinator", addr])
         .stdout(Stdio::null())
         .stderr(Stdio::from(
@@ -158,20 +168,31 @@ fn workers_killed_with_sigkill_are_replaced_and_the_job_stays_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     // Long enough that every kill happens mid-run (at most 1.5 s apart).
     let events = RATE * (3 * kills / 2 + 4);
-    let coordinator = Coordinator::start(dir.path(), events, "127.0.0.1:0", false);
+    // A two-phase-commit file sink: the workers write and commit it.
+    let mut args = job_args(dir.path(), events);
+    args.push("--output".into());
+    args.push(dir.path().join("output").display().to_string());
+    let coordinator = Coordinator::start_with(dir.path(), args.clone(), "127.0.0.1:0", false);
     let addr = coordinator.addr();
-    let mut workers: Vec<Child> = (0..2).map(|n| worker(dir.path(), events, &addr, n)).collect();
+    let mut workers: Vec<Child> = (0..2)
+        .map(|n| worker_with(dir.path(), args.clone(), &addr, n))
+        .collect();
     coordinator.wait_for("checkpoints completed");
     for k in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.random_range(500..1500)));
         let victim = rng.random_range(0..workers.len());
         workers[victim].kill().expect("SIGKILL a worker");
         let _ = workers[victim].wait();
-        workers[victim] = worker(dir.path(), events, &addr, 2 + k as usize);
+        workers[victim] = worker_with(dir.path(), args.clone(), &addr, 2 + k as usize);
     }
     let (ok, out) = coordinator.finish();
     assert!(ok, "seed {seed}: the coordinator failed:\n{out}");
     assert!(out.contains("exactly-once: ok"), "seed {seed}:\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("output: ") && l.ends_with("exactly-once: ok")),
+        "seed {seed}: the committed output is checked:\n{out}"
+    );
     let recoveries = out.lines().filter(|l| l.starts_with("recovery:")).count();
     assert!(
         recoveries >= 1 && out.contains("was lost"),

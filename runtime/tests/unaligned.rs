@@ -67,11 +67,16 @@ fn start_on(
     sink: SlowSink,
     network: Option<Arc<LoopbackNetwork>>,
 ) -> JobHandle {
-    let mut job = Job::new("backpressured");
+    let mut job = build(events, config, storage, sink);
     if let Some(n) = network {
         job = job.with_loopback_network(n);
     }
-    let job = job
+    job.start().unwrap()
+}
+
+/// Two sources, a keyed running sum (parallelism 1), the slow sink.
+fn build(events: u64, config: CheckpointConfig, storage: Arc<dyn CheckpointStorage>, sink: SlowSink) -> Job {
+    let job = Job::new("backpressured")
         .with_state_backend(Arc::new(MemoryStateBackend::new()))
         .with_checkpoint_storage(storage)
         .with_restart_strategy(RestartStrategy::FixedDelay {
@@ -89,7 +94,7 @@ fn start_on(
     .set_parallelism(1)
     .sink(sink)
     .unwrap();
-    job.start().unwrap()
+    job
 }
 
 /// Waits until the sources are blocked: their record count stops growing.
@@ -330,6 +335,60 @@ async fn over_tcp_an_unaligned_checkpoint_overtakes_the_backpressured_network_an
         last.connections >= 2 * first.connections,
         "the second attempt connected its own channels: {first:?} then {last:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn on_two_workers_an_unaligned_checkpoint_overtakes_backpressure_and_restores_exactly_once() {
+    use sluice_runtime::cluster::{WorkerOptions, WorkerPool};
+    let events = 300_000;
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let sink = SlowSink::default();
+    let pool = WorkerPool::bind("127.0.0.1:0".parse().unwrap(), 2).await.unwrap();
+    let handle = build(events, config(true, None), storage.clone(), sink.clone())
+        .with_workers(pool.clone())
+        .start()
+        .unwrap();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            build(events, config(true, None), storage.clone(), sink.clone())
+                .start_worker(pool.local_addr(), WorkerOptions::default())
+                .unwrap()
+        })
+        .collect();
+    let m = handle.monitor();
+    // The tasks count their records on the workers: wait for the sink to
+    // start, then for the channels to fill (the sink takes ~1,000/s).
+    let started = Instant::now();
+    while sink.written.load(Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the sink never wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let id = tokio::time::timeout(Duration::from_secs(60), m.trigger_checkpoint())
+        .await
+        .expect("the unaligned checkpoint completes under backpressure across workers")
+        .expect("checkpoint");
+    let meta = RestoreSource::checkpoint(storage.clone(), id)
+        .await
+        .unwrap()
+        .metadata;
+    let input: u64 = meta.channel_state.iter().map(|c| c.input_records).sum();
+    assert!(
+        input > 0,
+        "records overtaken on the channels between workers are stored: {:?}",
+        meta.channel_state
+    );
+    assert!(!sink.open.load(Ordering::Relaxed), "the sink was slow all along");
+    fail_and_verify_restore(handle, &sink, storage.as_ref(), id, events).await;
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(10), w.wait())
+            .await
+            .expect("the workers stop when the job ends")
+            .expect("the worker ends well");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
