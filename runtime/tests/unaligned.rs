@@ -144,6 +144,33 @@ async fn fail_and_verify_restore(
     assert!(v.exactly_once(), "{v:?}");
 }
 
+/// Triggers a checkpoint under backpressure (it must complete within 60 s,
+/// `what` says where) and checks that it stored the records it overtook
+/// on the tasks' inputs while the sink stayed slow.
+async fn unaligned_checkpoint_with_channel_state(
+    m: &JobMonitor,
+    storage: &Arc<dyn CheckpointStorage>,
+    sink: &SlowSink,
+    what: &str,
+) -> sluice_core::CheckpointId {
+    let id = tokio::time::timeout(Duration::from_secs(60), m.trigger_checkpoint())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .expect("checkpoint");
+    let meta = RestoreSource::checkpoint(storage.clone(), id)
+        .await
+        .unwrap()
+        .metadata;
+    let input: u64 = meta.channel_state.iter().map(|c| c.input_records).sum();
+    assert!(
+        input > 0,
+        "records overtaken on the inputs are stored: {:?}",
+        meta.channel_state
+    );
+    assert!(!sink.open.load(Ordering::Relaxed), "the sink was slow all along");
+    id
+}
+
 fn stats(m: &JobMonitor, id: sluice_core::CheckpointId) -> sluice_runtime::CheckpointStats {
     m.checkpoint_stats()
         .into_iter()
@@ -312,21 +339,13 @@ async fn over_tcp_an_unaligned_checkpoint_overtakes_the_backpressured_network_an
         blocked_at < events / 2,
         "the sources are held back by the network's flow control ({blocked_at} of {events} read)"
     );
-    let id = tokio::time::timeout(Duration::from_secs(60), m.trigger_checkpoint())
-        .await
-        .expect("the unaligned checkpoint completes under backpressure across the network")
-        .expect("checkpoint");
-    let meta = RestoreSource::checkpoint(storage.clone(), id)
-        .await
-        .unwrap()
-        .metadata;
-    let input: u64 = meta.channel_state.iter().map(|c| c.input_records).sum();
-    assert!(
-        input > 0,
-        "records overtaken on the network channels are stored: {:?}",
-        meta.channel_state
-    );
-    assert!(!sink.open.load(Ordering::Relaxed), "the sink was slow all along");
+    let id = unaligned_checkpoint_with_channel_state(
+        &m,
+        &storage,
+        &sink,
+        "the unaligned checkpoint completes under backpressure across the network",
+    )
+    .await;
     let first = network.counts();
     // Fail now: the job restarts from that checkpoint over new connections.
     fail_and_verify_restore(handle, &sink, storage.as_ref(), id, events).await;
@@ -367,21 +386,13 @@ async fn on_two_workers_an_unaligned_checkpoint_overtakes_backpressure_and_resto
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let id = tokio::time::timeout(Duration::from_secs(60), m.trigger_checkpoint())
-        .await
-        .expect("the unaligned checkpoint completes under backpressure across workers")
-        .expect("checkpoint");
-    let meta = RestoreSource::checkpoint(storage.clone(), id)
-        .await
-        .unwrap()
-        .metadata;
-    let input: u64 = meta.channel_state.iter().map(|c| c.input_records).sum();
-    assert!(
-        input > 0,
-        "records overtaken on the channels between workers are stored: {:?}",
-        meta.channel_state
-    );
-    assert!(!sink.open.load(Ordering::Relaxed), "the sink was slow all along");
+    let id = unaligned_checkpoint_with_channel_state(
+        &m,
+        &storage,
+        &sink,
+        "the unaligned checkpoint completes under backpressure across workers",
+    )
+    .await;
     fail_and_verify_restore(handle, &sink, storage.as_ref(), id, events).await;
     for w in workers {
         tokio::time::timeout(Duration::from_secs(10), w.wait())
