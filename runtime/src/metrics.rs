@@ -208,6 +208,9 @@ pub struct Metrics {
     pub(crate) checkpoints_triggered: AtomicU64,
     pub(crate) checkpoints_completed: AtomicU64,
     pub(crate) checkpoints_failed: AtomicU64,
+    /// Records read by source tasks running on workers (as they last
+    /// reported, every second).
+    pub(crate) remote_source_records: AtomicU64,
 }
 
 /// Bucket bounds in seconds: 21 doublings from 1 ms to about 17.5 minutes
@@ -221,6 +224,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             tasks: Mutex::new(Vec::new()),
+            remote_source_records: AtomicU64::new(0),
             checkpoint_duration: Histogram::new(second_buckets()),
             checkpoint_alignment: Histogram::new(second_buckets()),
             checkpoints_triggered: AtomicU64::new(0),
@@ -250,14 +254,16 @@ impl Metrics {
         t
     }
 
-    /// Records read by the source tasks so far (replays count again).
+    /// Records read by the source tasks so far (replays count again),
+    /// here and, as last reported, on the job's workers.
     pub fn source_records(&self) -> u64 {
         let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks
+        let here: u64 = tasks
             .iter()
             .filter(|t| t.is_source)
             .map(|t| t.records_in.load(Ordering::Relaxed))
-            .sum()
+            .sum();
+        here + self.remote_source_records.load(Ordering::Relaxed)
     }
 
     /// Every task's counters now, in the order the tasks started.

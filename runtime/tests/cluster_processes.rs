@@ -104,6 +104,29 @@ impl Coordinator {
         }
     }
 
+    /// Waits until the workers' sources have read records (the progress
+    /// line counts them, as the workers report every second).
+    fn wait_running(&self) {
+        let started = Instant::now();
+        loop {
+            let running = self.lines.lock().unwrap().iter().any(|l| {
+                l.strip_suffix(" events read")
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+            });
+            if running {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the job did not start: {:?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The address workers connect to.
     fn addr(&self) -> String {
         let line = self.wait_for("coordinator on ");
@@ -177,7 +200,7 @@ fn workers_killed_with_sigkill_are_replaced_and_the_job_stays_exactly_once() {
     let mut workers: Vec<Child> = (0..2)
         .map(|n| worker_with(dir.path(), args.clone(), &addr, n))
         .collect();
-    coordinator.wait_for("checkpoints completed");
+    coordinator.wait_running();
     for k in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.random_range(500..1500)));
         let victim = rng.random_range(0..workers.len());
@@ -220,7 +243,7 @@ fn the_coordinator_killed_and_resumed_keeps_the_job_exactly_once() {
     let mut first = Coordinator::start(dir.path(), events, &listen, false);
     let addr = first.addr();
     let workers: Vec<Child> = (0..2).map(|n| worker(dir.path(), events, &addr, n)).collect();
-    first.wait_for("checkpoints completed");
+    first.wait_running();
     std::thread::sleep(Duration::from_millis(1000));
     first.child.kill().expect("SIGKILL the coordinator");
     let _ = first.child.wait();
@@ -253,7 +276,7 @@ fn a_job_stopped_with_a_savepoint_on_two_workers_restarts_on_three_exactly_once(
         .find(|w| w.starts_with("http://"))
         .expect("REST URL")
         .to_string();
-    first.wait_for("checkpoints completed");
+    first.wait_running();
     let target = format!("file:{}", dir.path().join("savepoints").display());
     let sp = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["savepoint", "--job", &url, "--stop", &target])

@@ -54,8 +54,12 @@ struct PoolState {
     attempt: u64,
     events: Option<mpsc::UnboundedSender<TaskEvent>>,
     pending: HashMap<usize, (u32, oneshot::Sender<Result<()>>)>,
-    /// Bytes each worker's channels sent (its latest report).
+    /// Bytes each worker's channels sent and records its sources read (its
+    /// latest report).
     wire: HashMap<u32, u64>,
+    records: HashMap<u32, u64>,
+    /// The job's metrics, where the workers' source records are summed.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Workers whose connection is open (registered or let go).
     connected: usize,
 }
@@ -273,6 +277,11 @@ impl WorkerPool {
         Ok(Deployment { attempt, tasks })
     }
 
+    /// Where the workers' source record counts are summed.
+    pub(crate) fn attach_metrics(&self, metrics: Arc<crate::metrics::Metrics>) {
+        self.lock().metrics = Some(metrics);
+    }
+
     /// Tells the current attempt's workers where savepoint `id` goes.
     pub(crate) fn announce_savepoint(&self, id: sluice_core::CheckpointId, location: String) {
         let st = self.lock();
@@ -377,12 +386,18 @@ async fn serve_worker(stream: TcpStream, state: Arc<Mutex<PoolState>>, changed: 
     changed.notify_waiters();
     let reason = loop {
         match inbox.next::<ToMaster>().await {
-            Ok(ToMaster::Heartbeat { wire_bytes_sent }) => {
-                state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .wire
-                    .insert(id, wire_bytes_sent);
+            Ok(ToMaster::Heartbeat {
+                wire_bytes_sent,
+                source_records,
+            }) => {
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                st.wire.insert(id, wire_bytes_sent);
+                st.records.insert(id, source_records);
+                if let Some(m) = &st.metrics {
+                    let total = st.records.values().sum();
+                    m.remote_source_records
+                        .store(total, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             Ok(ToMaster::Event { attempt, event }) => {
                 let st = state.lock().unwrap_or_else(|p| p.into_inner());

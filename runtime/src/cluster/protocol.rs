@@ -54,8 +54,12 @@ pub(crate) enum ToMaster {
         task: usize,
         failure: Option<RemoteFailure>,
     },
-    /// Alive; with the bytes the worker's channels sent so far.
-    Heartbeat { wire_bytes_sent: u64 },
+    /// Alive; with the bytes the worker's channels sent and the records
+    /// its source tasks read so far.
+    Heartbeat {
+        wire_bytes_sent: u64,
+        source_records: u64,
+    },
 }
 
 /// How a task on a worker failed.

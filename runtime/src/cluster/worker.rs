@@ -104,9 +104,10 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
                 continue;
             }
         };
-        let counts = stats.clone();
+        let (counts, metrics) = (stats.clone(), setup.ctx.metrics.clone());
         let (mut inbox, out, writer) = protocol::open(stream, move || ToMaster::Heartbeat {
             wire_bytes_sent: counts.read().bytes_sent,
+            source_records: metrics.source_records(),
         });
         out.send(ToMaster::Register {
             version: CONTROL_VERSION,
@@ -163,6 +164,7 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
                 // The final traffic counts, then the connection closes.
                 session.out.send(ToMaster::Heartbeat {
                     wire_bytes_sent: stats.read().bytes_sent,
+                    source_records: setup.ctx.metrics.source_records(),
                 });
                 drop(session);
                 let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;

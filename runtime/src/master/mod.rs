@@ -177,6 +177,7 @@ impl JobMaster {
         #[cfg(feature = "testing")]
         coordinator.set_commit_hook(b.commit_hook.clone());
         if let Some(pool) = b.cluster.clone() {
+            pool.attach_metrics(metrics.clone());
             coordinator.announce_savepoint = Some(Arc::new(move |id, location| {
                 pool.announce_savepoint(id, location)
             }));

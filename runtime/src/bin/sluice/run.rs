@@ -205,7 +205,6 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             }
             _ => job,
         };
-        let on_workers = a.workers.is_some();
         let started = Instant::now();
         let handle = job.start().map_err(|e| e.to_string())?;
         let rest = match rest_addr {
@@ -238,11 +237,6 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             tokio::select! {
                 r = &mut join => break r,
                 _ = ticker.tick() => {
-                    if on_workers {
-                        let done = monitor.checkpoint_stats().iter().filter(|s| s.status == sluice_runtime::CheckpointStatus::Completed).count();
-                        println!("[{:>6.1}s] on {} workers, {done} checkpoints completed", started.elapsed().as_secs_f64(), a.workers.unwrap_or(0));
-                        continue;
-                    }
                     let n = monitor.source_records();
                     let now = Instant::now();
                     let rate = (n - last.0.min(n)) as f64 / now.duration_since(last.1).as_secs_f64();
@@ -280,12 +274,7 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
             stats.iter().filter(|s| matches!(s.status, sluice_runtime::CheckpointStatus::Failed(_))).count(),
             result.restarts
         );
-        // Tasks on workers count their records there: a job that ended
-        // well read every event.
-        let read = match (on_workers, &result.stopped_with_savepoint) {
-            (true, None) => a.events,
-            _ => monitor.source_records(),
-        };
+        let read = monitor.source_records();
         println!(
             "throughput: {:.2} M events/s ({} events read in {:.2}s)",
             read as f64 / elapsed.as_secs_f64() / 1e6,
