@@ -146,15 +146,14 @@ pub(crate) struct NetEnds {
 }
 
 type ReceiverEndFn = Arc<dyn Fn(&crate::net::ChannelListener, crate::net::ChannelId) -> AnyBox + Send + Sync>;
-type SenderEndFn = Arc<
-    dyn Fn(std::net::SocketAddr, crate::net::ChannelId, Arc<crate::net::WireStats>) -> AnyBox + Send + Sync,
->;
+type SenderEndFn =
+    Arc<dyn Fn(std::net::SocketAddr, crate::net::ChannelId, &crate::net::Producers) -> AnyBox + Send + Sync>;
 
 fn net_ends<T: Record>() -> NetEnds {
     NetEnds {
         receiver: Arc::new(|l, id| Box::new(crate::net::receiver_end::<T>(l, id, CHANNEL_CAPACITY))),
-        sender: Arc::new(|addr, id, stats| {
-            Box::new(crate::net::sender_end::<T>(addr, id, CHANNEL_CAPACITY, stats))
+        sender: Arc::new(|addr, id, producers| {
+            Box::new(crate::net::sender_end::<T>(addr, id, CHANNEL_CAPACITY, producers))
         }),
     }
 }

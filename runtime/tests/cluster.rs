@@ -144,22 +144,37 @@ async fn a_lost_worker_is_replaced_and_the_job_recovers_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_with_another_job_graph_fails_the_job_with_a_clear_error() {
+async fn a_worker_with_another_job_graph_is_refused_and_the_job_runs_on_a_right_one() {
+    let events = 1000;
     let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
     let pool = pool(1).await;
-    let handle = job(storage.clone(), 1000, 2, false)
+    let handle = job(storage.clone(), events, 2, false)
         .with_workers(pool.clone())
         .start()
         .unwrap();
-    // Parallelism 3 instead of 2.
-    let _worker = job(storage.clone(), 1000, 3, false)
+    // Parallelism 3 instead of 2: refused when it registers.
+    let wrong = job(storage.clone(), events, 3, false)
         .start_worker(pool.local_addr(), WorkerOptions::default())
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(60), handle.wait())
+    let err = tokio::time::timeout(Duration::from_secs(30), wrong.wait())
+        .await
+        .expect("the refused worker stops")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("another graph") && err.to_string().contains("p3"),
+        "{err}"
+    );
+    assert_eq!(pool.registered(), 0);
+    let right = job(storage.clone(), events, 2, false)
+        .start_worker(pool.local_addr(), WorkerOptions::default())
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(60), handle.wait())
         .await
         .expect("the job ends")
-        .unwrap_err();
-    assert!(err.to_string().contains("another graph"), "{err}");
+        .expect("the job runs on the right worker");
+    assert_eq!(result.restarts, 0);
+    verify(storage.as_ref(), &result, events).await;
+    right.wait().await.unwrap();
 }
 
 /// A TCP proxy to `target` that can be cut off: from then on it forwards

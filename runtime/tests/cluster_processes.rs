@@ -252,6 +252,9 @@ fn the_coordinator_killed_and_resumed_keeps_the_job_exactly_once() {
     assert!(ok, "the resumed coordinator failed:\n{out}");
     assert!(out.contains("resumed from checkpoint"), "{out}");
     assert!(out.contains("exactly-once: ok"), "{out}");
+    // The reconnected workers take the new coordinator's first attempt
+    // (its ids continue above the old one's, which the workers fenced).
+    assert!(out.contains("; 0 restarts"), "{out}");
     for mut w in workers {
         let status = w.wait().unwrap();
         assert!(status.success(), "a worker failed: {status}");

@@ -54,6 +54,10 @@ struct PoolState {
     attempt: u64,
     events: Option<mpsc::UnboundedSender<TaskEvent>>,
     pending: HashMap<usize, (u32, oneshot::Sender<Result<()>>)>,
+    /// The number of tasks of the current attempt.
+    tasks: usize,
+    /// The job name and graph fingerprint workers must have (once known).
+    expected: Option<(String, Vec<String>)>,
     /// Bytes each worker's channels sent and records its sources read (its
     /// latest report).
     wire: HashMap<u32, u64>,
@@ -92,7 +96,12 @@ impl WorkerPool {
         let addr = listener
             .local_addr()
             .map_err(|e| RuntimeError::Network(format!("address of the worker listener: {e}")))?;
-        let state: Arc<Mutex<PoolState>> = Arc::default();
+        // Attempt ids grow across coordinator restarts too (workers that
+        // reconnect fence the attempts they saw): they start at the time.
+        let state = Arc::new(Mutex::new(PoolState {
+            attempt: crate::master::now_ms(),
+            ..PoolState::default()
+        }));
         let changed = Arc::new(Notify::new());
         let accept = tokio::spawn(accept_loop(listener, state.clone(), changed.clone()));
         Ok(Arc::new(WorkerPool {
@@ -160,12 +169,24 @@ impl WorkerPool {
         stopped: bool,
         events: &mpsc::UnboundedSender<TaskEvent>,
     ) -> Result<Deployment> {
+        let graph = ctx.graph.fingerprint();
+        let restore = restore.map(|r| RestoreSpec {
+            metadata: (*r.metadata).clone(),
+            base: r.base.clone(),
+            location: r.location.clone(),
+            in_job_storage: Arc::ptr_eq(&r.storage, &ctx.storage),
+        });
         let deadline = tokio::time::Instant::now() + WORKER_WAIT;
-        loop {
+        // Enough workers, checked and chosen under one lock.
+        let mut st = loop {
             let notified = self.changed.notified();
             let have = self.registered();
             if have >= self.workers {
-                break;
+                let st = self.lock();
+                if st.workers.len() >= self.workers {
+                    break st;
+                }
+                continue; // one was lost meanwhile
             }
             info!(
                 "waiting for workers at {}: {have} of {} registered",
@@ -174,22 +195,14 @@ impl WorkerPool {
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(RuntimeError::Network(format!(
                     "{} of {} workers registered at {} within {WORKER_WAIT:?}: start more workers \
-                     (sluice worker --coordinator {})",
+                     (sluice run … --coordinator {})",
                     self.registered(),
                     self.workers,
                     self.addr,
                     self.addr
                 )));
             }
-        }
-        let graph = ctx.graph.fingerprint();
-        let restore = restore.map(|r| RestoreSpec {
-            metadata: (*r.metadata).clone(),
-            base: r.base.clone(),
-            location: r.location.clone(),
-            in_job_storage: Arc::ptr_eq(&r.storage, &ctx.storage),
-        });
-        let mut st = self.lock();
+        };
         let chosen: Vec<u32> = st.workers.keys().copied().take(self.workers).collect();
         for id in &chosen {
             let w = &st.workers[id];
@@ -274,7 +287,14 @@ impl WorkerPool {
                 stopped,
             })));
         }
+        st.tasks = tasks.len();
         Ok(Deployment { attempt, tasks })
+    }
+
+    /// The job workers must run: a worker with another one is refused when
+    /// it registers.
+    pub(crate) fn expect_job(&self, name: String, graph: Vec<String>) {
+        self.lock().expected = Some((name, graph));
     }
 
     /// Where the workers' source record counts are summed.
@@ -351,6 +371,24 @@ async fn serve_worker(stream: TcpStream, state: Arc<Mutex<PoolState>>, changed: 
                 )));
                 return;
             }
+            let expected = state.lock().unwrap_or_else(|p| p.into_inner()).expected.clone();
+            if let Some((name, fingerprint)) = expected {
+                if name != job || fingerprint != graph {
+                    let first_difference = fingerprint
+                        .iter()
+                        .zip(&graph)
+                        .find(|(a, b)| a != b)
+                        .map(|(a, b)| format!(" (coordinator: {a}; worker: {b})"))
+                        .unwrap_or_default();
+                    let reason = format!(
+                        "the worker runs job {job:?} with another graph than the coordinator's job {name:?}{first_difference}: \
+                         run the same job build with the same parameters on every worker"
+                    );
+                    warn!("worker at {peer} refused: {reason}");
+                    out.send(ToWorker::Refuse(reason));
+                    return;
+                }
+            }
             (job, graph, channels)
         }
         Ok(other) => {
@@ -401,7 +439,9 @@ async fn serve_worker(stream: TcpStream, state: Arc<Mutex<PoolState>>, changed: 
             }
             Ok(ToMaster::Event { attempt, event }) => {
                 let st = state.lock().unwrap_or_else(|p| p.into_inner());
-                if st.attempt == attempt {
+                // The index names a task of the attempt (the job master
+                // indexes its tables with it).
+                if st.attempt == attempt && event.task() < st.tasks {
                     if let Some(events) = &st.events {
                         let _ = events.send(event);
                     }

@@ -147,6 +147,9 @@ pub(crate) fn codec() -> LengthDelimitedCodec {
 pub(crate) struct Inbox {
     reader: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
     peer: SocketAddr,
+    /// When the other end was last heard from: the silence counts from
+    /// here, however often `next` is called (and cancelled) meanwhile.
+    heard: tokio::time::Instant,
 }
 
 impl Inbox {
@@ -163,7 +166,7 @@ impl Inbox {
     /// The next message; an error once the connection ended, broke, sent
     /// something undecodable or stayed silent for [`HEARTBEAT_TIMEOUT`].
     pub async fn next<M: DeserializeOwned>(&mut self) -> Result<M> {
-        let frame = match tokio::time::timeout(HEARTBEAT_TIMEOUT, self.reader.next()).await {
+        let frame = match tokio::time::timeout_at(self.heard + HEARTBEAT_TIMEOUT, self.reader.next()).await {
             Err(_) => {
                 return Err(RuntimeError::Network(format!(
                     "{} sent nothing for {HEARTBEAT_TIMEOUT:?} (no heartbeat): taken for lost",
@@ -181,6 +184,7 @@ impl Inbox {
             }
             Ok(Some(Ok(f))) => f,
         };
+        self.heard = tokio::time::Instant::now();
         serde_json::from_slice(&frame).map_err(|e| {
             RuntimeError::Network(format!(
                 "{} sent an undecodable control message ({e}): is it the same Sluice build?",
@@ -245,6 +249,7 @@ pub(crate) fn open<M: Serialize + Send + Sync + 'static>(
         Inbox {
             reader: FramedRead::new(r, codec()),
             peer,
+            heard: tokio::time::Instant::now(),
         },
         Outbox { tx },
         task,

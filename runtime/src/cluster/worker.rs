@@ -5,7 +5,7 @@ use super::protocol::{self, Deploy, Inbox, Outbox, RemoteFailure, ToMaster, ToWo
 use crate::error::{Result, RuntimeError};
 use crate::graph::TaskBuild;
 use crate::master::{panic_message, stop_tasks, task_runtime, JobContext, TaskPlace};
-use crate::net::{ChannelId, ChannelListener, WireStats};
+use crate::net::{ChannelId, ChannelListener, Producers, WireStats};
 use crate::savepoint::RestoreSource;
 use crate::task::{Control, SavepointTargetMap, TaskEvent};
 use sluice_core::CheckpointStorage;
@@ -144,7 +144,7 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
         let mut session = Session {
             setup: &setup,
             listener: &listener,
-            stats: stats.clone(),
+            producers: Producers::new(stats.clone()),
             out,
             attempt: 0,
             tasks: JoinSet::new(),
@@ -183,7 +183,7 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
 struct Session<'a> {
     setup: &'a WorkerSetup,
     listener: &'a ChannelListener,
-    stats: Arc<WireStats>,
+    producers: Producers,
     out: Outbox<ToMaster>,
     attempt: u64,
     tasks: JoinSet<Result<()>>,
@@ -228,7 +228,10 @@ impl Session<'_> {
                             tokio::spawn(async move {
                                 match crate::location::open_location(&location, &s3).await {
                                     Ok(l) => targets.insert(id, l),
-                                    Err(e) => warn!("savepoint {id}: cannot open its target {location}: {e}"),
+                                    Err(e) => {
+                                        warn!("savepoint {id}: cannot open its target {location}: {e}");
+                                        targets.unreachable(id);
+                                    }
                                 }
                             });
                         }
@@ -266,6 +269,7 @@ impl Session<'_> {
     /// Stops every task and snapshot writer of the current attempt.
     async fn stop_all(&mut self) {
         stop_tasks(&mut self.tasks, &self.writers).await;
+        self.producers.abort_all();
         self.names.clear();
         self.controls.clear();
         self.events = None;
@@ -304,6 +308,24 @@ impl Session<'_> {
         self.savepoints.clear();
         let savepoints = self.savepoints.clone();
         for t in d.tasks {
+            let known = ctx
+                .graph
+                .vertices
+                .get(t.vertex as usize)
+                .is_some_and(|v| t.subtask < v.parallelism);
+            if !known {
+                self.out.send(ToMaster::TaskDone {
+                    attempt: d.attempt,
+                    task: t.index,
+                    failure: Some(RemoteFailure {
+                        closed_channel: false,
+                        task: format!("task {} subtask {}", t.vertex, t.subtask),
+                        message: "this worker's job has no such task: run the same job build everywhere"
+                            .into(),
+                    }),
+                });
+                continue;
+            }
             let place = TaskPlace {
                 vertex: t.vertex as usize,
                 subtask: t.subtask,
@@ -390,7 +412,7 @@ impl Session<'_> {
                         from: subtask,
                         to: down,
                     };
-                    outputs.push((edge.net.sender)(addr, id, self.stats.clone()));
+                    outputs.push((edge.net.sender)(addr, id, &self.producers));
                 }
             }
         }

@@ -166,6 +166,10 @@ impl JobMaster {
             task_uids,
         });
         let metrics = Arc::new(Metrics::default());
+        let graph = Arc::new(JobGraph { vertices, edges });
+        if let Some(pool) = &b.cluster {
+            pool.expect_job(b.name.clone(), graph.fingerprint());
+        }
         #[allow(unused_mut)]
         let mut coordinator = Coordinator::new(
             b.name.clone(),
@@ -178,6 +182,7 @@ impl JobMaster {
         coordinator.set_commit_hook(b.commit_hook.clone());
         if let Some(pool) = b.cluster.clone() {
             pool.attach_metrics(metrics.clone());
+
             coordinator.announce_savepoint = Some(Arc::new(move |id, location| {
                 pool.announce_savepoint(id, location)
             }));
@@ -185,7 +190,7 @@ impl JobMaster {
         Ok(JobMaster {
             ctx: JobContext {
                 name: b.name.clone(),
-                graph: Arc::new(JobGraph { vertices, edges }),
+                graph,
                 max_parallelism: b.max_parallelism,
                 config: b.checkpoint.clone(),
                 backend,

@@ -42,6 +42,9 @@ use tracing::{debug, warn};
 /// be deployed.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest hello frame accepted.
+const HELLO_MAX_BYTES: usize = 1024;
+
 type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
 type Writer = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
 
@@ -99,34 +102,34 @@ pub(crate) async fn produce<T: Serialize>(
     mut rx: ChannelReceiver<T>,
     stats: Arc<WireStats>,
 ) -> Result<()> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| io_error(&id, &format!("cannot connect to {addr}"), e))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| io_error(&id, "cannot set TCP_NODELAY", e))?;
-    let (mut reader, mut writer) = split(stream);
-    send(&mut writer, wire::encode_hello(&id), &stats, &id).await?;
-    match receive(&mut reader, &stats, &id).await? {
-        Some(f) => match wire::decode_consumer(&f, &id)? {
-            ConsumerFrame::Accept => {}
-            ConsumerFrame::Reject(reason) => {
-                return Err(RuntimeError::Network(format!(
+    let handshake = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| io_error(&id, &format!("cannot connect to {addr}"), e))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| io_error(&id, "cannot set TCP_NODELAY", e))?;
+        let (mut reader, mut writer) = split(stream);
+        send(&mut writer, wire::encode_hello(&id), &stats, &id).await?;
+        match receive(&mut reader, &stats, &id).await? {
+            Some(f) => match wire::decode_consumer(&f, &id)? {
+                ConsumerFrame::Accept => Ok((reader, writer)),
+                ConsumerFrame::Reject(reason) => Err(RuntimeError::Network(format!(
                     "channel {id}: {addr} refused it: {reason}"
-                )))
-            }
-            ConsumerFrame::Credit(_) => {
-                return Err(RuntimeError::Network(format!(
+                ))),
+                ConsumerFrame::Credit(_) => Err(RuntimeError::Network(format!(
                     "channel {id}: {addr} granted credit before accepting the channel (protocol error)"
-                )))
-            }
-        },
-        None => {
-            return Err(RuntimeError::Network(format!(
+                ))),
+            },
+            None => Err(RuntimeError::Network(format!(
                 "channel {id}: {addr} closed the connection during the handshake"
-            )))
+            ))),
         }
-    }
+    };
+    // The consumer waits up to HELLO_TIMEOUT for its task to be deployed.
+    let (mut reader, mut writer) = tokio::time::timeout(HELLO_TIMEOUT + Duration::from_secs(5), handshake)
+        .await
+        .map_err(|_| RuntimeError::Network(format!("channel {id}: no answer from {addr} to the hello")))??;
     let mut credits: u64 = 0;
     let mut ended = false;
     let mut priority_open = true;
@@ -385,6 +388,8 @@ async fn serve(
 ) -> Result<()> {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = split(stream);
+    // Nothing large before a peer said who it is.
+    reader.decoder_mut().set_max_frame_length(HELLO_MAX_BYTES);
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
         Ok(Some(Ok(f))) => f,
         Ok(Some(Err(e))) => return Err(RuntimeError::Network(format!("connection from {peer}: {e}"))),
@@ -399,6 +404,7 @@ async fn serve(
         .bytes_received
         .fetch_add(hello.len() as u64 + 4, Ordering::Relaxed);
     let id = wire::decode_hello(&hello, peer)?;
+    reader.decoder_mut().set_max_frame_length(MAX_FRAME_BYTES);
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     let slot = loop {
         let notified = registered.notified();

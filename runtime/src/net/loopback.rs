@@ -2,7 +2,7 @@
 
 use super::connection::{produce, ChannelListener};
 use super::wire::ChannelId;
-use super::{WireCounts, WireStats};
+use super::{Producers, WireCounts, WireStats};
 use crate::channel::{channel, ChannelReceiver, ChannelSender};
 use crate::error::Result;
 use crate::graph::Record;
@@ -40,6 +40,7 @@ pub struct LoopbackNetwork {
     listener: ChannelListener,
     attempt: AtomicU64,
     stats: Arc<WireStats>,
+    producers: Producers,
 }
 
 impl LoopbackNetwork {
@@ -51,6 +52,7 @@ impl LoopbackNetwork {
         Ok(Arc::new(LoopbackNetwork {
             listener,
             attempt: AtomicU64::new(0),
+            producers: Producers::new(stats.clone()),
             stats,
         }))
     }
@@ -65,6 +67,8 @@ impl LoopbackNetwork {
     pub(crate) fn begin_attempt(&self) -> u64 {
         let attempt = self.attempt.fetch_add(1, Ordering::Relaxed) + 1;
         self.listener.fence(attempt);
+        // The earlier attempt's tasks are gone: so go its pumps.
+        self.producers.abort_all();
         attempt
     }
 
@@ -77,7 +81,7 @@ impl LoopbackNetwork {
         capacity: usize,
     ) -> (ChannelSender<T>, ChannelReceiver<T>) {
         let rx = receiver_end(&self.listener, id, capacity);
-        let tx = sender_end(self.listener.local_addr(), id, capacity, self.stats.clone());
+        let tx = sender_end(self.listener.local_addr(), id, capacity, &self.producers);
         (tx, rx)
     }
 }
@@ -100,10 +104,11 @@ pub(crate) fn sender_end<T: Record>(
     addr: SocketAddr,
     id: ChannelId,
     capacity: usize,
-    stats: Arc<WireStats>,
+    producers: &Producers,
 ) -> ChannelSender<T> {
     let (task_tx, pump_rx) = channel::<T>(capacity);
-    tokio::spawn(async move {
+    let stats = producers.stats.clone();
+    producers.spawn(async move {
         if let Err(e) = produce(addr, id, pump_rx, stats).await {
             warn!("{e}");
         }

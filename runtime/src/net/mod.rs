@@ -22,6 +22,39 @@ mod tests;
 pub(crate) use connection::ChannelListener;
 pub use loopback::LoopbackNetwork;
 pub(crate) use loopback::{receiver_end, sender_end};
+
+/// The producers' pumps of one process (their traffic counters, and a
+/// handle on each, so that the channels of a torn-down attempt stop even
+/// when their peer vanished without closing them).
+#[derive(Clone, Default)]
+pub(crate) struct Producers {
+    pub stats: std::sync::Arc<WireStats>,
+    pumps: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Producers {
+    /// Producers counting into `stats`.
+    pub fn new(stats: std::sync::Arc<WireStats>) -> Self {
+        Producers {
+            stats,
+            pumps: Default::default(),
+        }
+    }
+
+    fn spawn(&self, pump: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(pump).abort_handle();
+        let mut pumps = self.pumps.lock().unwrap_or_else(|p| p.into_inner());
+        pumps.retain(|h| !h.is_finished());
+        pumps.push(handle);
+    }
+
+    /// Stops every pump.
+    pub fn abort_all(&self) {
+        for h in self.pumps.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            h.abort();
+        }
+    }
+}
 pub use wire::{ChannelId, WIRE_VERSION};
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -64,7 +64,8 @@ pub(crate) type SavepointTargets = Arc<SavepointTargetMap>;
 /// data channel, so a worker's tasks wait for it a little.
 #[derive(Default)]
 pub(crate) struct SavepointTargetMap {
-    map: Mutex<HashMap<CheckpointId, SavepointLocation>>,
+    /// `None`: the target could not be opened here.
+    map: Mutex<HashMap<CheckpointId, Option<SavepointLocation>>>,
     added: tokio::sync::Notify,
     /// How long a lookup waits for a missing target.
     wait: Duration,
@@ -79,12 +80,19 @@ impl SavepointTargetMap {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CheckpointId, SavepointLocation>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CheckpointId, Option<SavepointLocation>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn insert(&self, id: CheckpointId, location: SavepointLocation) {
-        self.lock().insert(id, location);
+        self.lock().insert(id, Some(location));
+        self.added.notify_waiters();
+    }
+
+    /// The target of savepoint `id` cannot be reached here: lookups fail
+    /// at once.
+    pub fn unreachable(&self, id: CheckpointId) {
+        self.lock().insert(id, None);
         self.added.notify_waiters();
     }
 
@@ -103,7 +111,7 @@ impl SavepointTargetMap {
         loop {
             let added = self.added.notified();
             if let Some(l) = self.lock().get(&id).cloned() {
-                return Some(l);
+                return l;
             }
             if tokio::time::timeout_at(deadline, added).await.is_err() {
                 return None;
@@ -134,6 +142,17 @@ pub(crate) enum TaskEvent {
     },
     /// A source task has read all its splits and waits for `EndInput`.
     SourceExhausted { task: usize },
+}
+
+impl TaskEvent {
+    /// The index of the task the event is from.
+    pub fn task(&self) -> usize {
+        match self {
+            TaskEvent::Ack { task, .. }
+            | TaskEvent::Decline { task, .. }
+            | TaskEvent::SourceExhausted { task } => *task,
+        }
+    }
 }
 
 /// What a task needs from its attempt.
