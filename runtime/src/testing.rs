@@ -347,3 +347,21 @@ pub async fn file_ownership(storage: &dyn CheckpointStorage) -> Result<FileOwner
         missing: referenced.difference(&files).cloned().collect(),
     })
 }
+
+/// Waits until the job of `monitor` has completed a checkpoint; panics
+/// (naming the wait) after `timeout`. For tests that must fail a job after
+/// its first checkpoint.
+pub async fn wait_for_completed_checkpoint(monitor: &crate::JobMonitor, timeout: Duration) {
+    let started = std::time::Instant::now();
+    while !monitor
+        .checkpoint_stats()
+        .iter()
+        .any(|s| s.status == crate::CheckpointStatus::Completed)
+    {
+        assert!(
+            started.elapsed() < timeout,
+            "no checkpoint completed within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -214,6 +214,42 @@ impl crate::keyed::KeyedCoProcessFunction<u64, (u64, u64), (u64, u64), (u64, u64
     }
 }
 
+/// Adds the two-input job to `job`: source `a` (3 splits, event `i` is
+/// `(key_of(i), i)`) and source `b` (2 splits, `(key_of(7i + 1), i)`), each
+/// paced to about 200,000 events a second per split, keyed and connected
+/// into a [`TwoInputSum`] (uid `two-input-sum`, which adds `b`'s values
+/// twice), then a discarding sink. [`two_input_expected`] gives the sums.
+pub fn two_input_sum(job: &Job, events: u64, keys: u64) -> Result<()> {
+    let pace = (1000, std::time::Duration::from_millis(5));
+    let a = job
+        .source(
+            "a",
+            SequenceSource::new(events, 3, move |i| (key_of(i, keys), i)).paced(pace.0, pace.1),
+            3,
+        )
+        .key_by(|(k, _)| *k);
+    let b = job
+        .source(
+            "b",
+            SequenceSource::new(events, 2, move |i| (key_of(i * 7 + 1, keys), i)).paced(pace.0, pace.1),
+            2,
+        )
+        .key_by(|(k, _)| *k);
+    a.connect(b)
+        .process("two-input-sum", TwoInputSum::default())
+        .sink(crate::sink::DiscardSink::new())
+}
+
+/// The final sums of [`two_input_sum`].
+pub fn two_input_expected(events: u64, keys: u64) -> FxHashMap<u64, u64> {
+    let mut expected = FxHashMap::default();
+    for i in 0..events {
+        *expected.entry(key_of(i, keys)).or_default() += i;
+        *expected.entry(key_of(i * 7 + 1, keys)).or_default() += 2 * i;
+    }
+    expected
+}
+
 /// Adds the keyed running sum to `job`: a sequence source of `events`
 /// events over `keys` keys with `parallelism` splits and subtasks (uid
 /// `events`), the running sum (uid `running-sum`), and `sink`.

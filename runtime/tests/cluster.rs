@@ -3,7 +3,7 @@
 //! control message and channel over TCP on 127.0.0.1, the checkpoint
 //! storage shared. A worker "killed" here is aborted whole: its sockets
 //! close as a killed process's would. (`cluster_processes.rs` runs real
-//! processes.)
+//! processes, among them the two-input job on three workers.)
 
 use sluice_backend_memory::{MemoryCheckpointStorage, MemoryStateBackend};
 use sluice_core::CheckpointStorage;
@@ -104,18 +104,7 @@ async fn a_lost_worker_is_replaced_and_the_job_recovers_exactly_once() {
     let first = start(&storage);
     let second = start(&storage);
     // Wait for a completed checkpoint, then kill a worker.
-    let started = Instant::now();
-    while !monitor
-        .checkpoint_stats()
-        .iter()
-        .any(|s| s.status == sluice_runtime::CheckpointStatus::Completed)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no checkpoint completed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sluice_runtime::testing::wait_for_completed_checkpoint(&monitor, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     first.kill();
     // A replacement joins (a restarted or a spare worker).
@@ -280,18 +269,7 @@ async fn a_worker_cut_off_from_the_coordinator_is_detected_by_heartbeats_and_rep
         .start_worker(pool.local_addr(), options.clone())
         .unwrap();
     registered(&pool, 3).await;
-    let started = Instant::now();
-    while !monitor
-        .checkpoint_stats()
-        .iter()
-        .any(|s| s.status == sluice_runtime::CheckpointStatus::Completed)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no checkpoint completed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sluice_runtime::testing::wait_for_completed_checkpoint(&monitor, Duration::from_secs(60)).await;
     partition.cut();
     let cut_at = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
@@ -430,97 +408,6 @@ async fn channels_between_workers_dropped_mid_stream_are_recovered_exactly_once(
     assert!(result.restarts >= 1, "the cut failed the attempt: {result:?}");
     verify(storage.as_ref(), &result, events).await;
     for w in [first, second] {
-        tokio::time::timeout(Duration::from_secs(10), w.wait())
-            .await
-            .expect("the worker stops when the job ends")
-            .expect("the worker ends well");
-    }
-}
-
-/// Two sources joined by key in a two-input operator, built the same way by
-/// the job master and every worker.
-fn two_input_job(storage: Arc<dyn CheckpointStorage>, events: u64) -> Job {
-    let job = Job::new("two-input")
-        .with_parallelism(3)
-        .with_state_backend(Arc::new(MemoryStateBackend::new()))
-        .with_checkpoint_storage(storage)
-        .with_restart_strategy(RestartStrategy::FixedDelay {
-            attempts: 10,
-            delay: Duration::ZERO,
-        })
-        .with_checkpointing(CheckpointConfig::every(Duration::from_millis(100)));
-    let a = job
-        .source(
-            "a",
-            SequenceSource::new(events, 3, |i| (key_of(i, KEYS), i)).paced(1000, Duration::from_millis(5)),
-            3,
-        )
-        .key_by(|(k, _)| *k);
-    let b = job
-        .source(
-            "b",
-            SequenceSource::new(events, 2, |i| (key_of(i * 7 + 1, KEYS), i))
-                .paced(1000, Duration::from_millis(5)),
-            2,
-        )
-        .key_by(|(k, _)| *k);
-    a.connect(b)
-        .process("two-input-sum", workload::TwoInputSum::default())
-        .sink(DiscardSink::new())
-        .unwrap();
-    job
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_two_input_job_on_three_workers_survives_a_lost_worker_exactly_once() {
-    let events = 900_000;
-    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
-    let pool = pool(3).await;
-    let handle = two_input_job(storage.clone(), events)
-        .with_workers(pool.clone())
-        .start()
-        .unwrap();
-    let monitor = handle.monitor();
-    let start = || {
-        two_input_job(storage.clone(), events)
-            .start_worker(pool.local_addr(), WorkerOptions::default())
-            .unwrap()
-    };
-    let workers = [start(), start(), start()];
-    let started = Instant::now();
-    while !monitor
-        .checkpoint_stats()
-        .iter()
-        .any(|s| s.status == sluice_runtime::CheckpointStatus::Completed)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no checkpoint completed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    workers[1].kill();
-    let replacement = start();
-    let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
-        .await
-        .expect("the job ends")
-        .expect("the job recovers and succeeds");
-    assert!(
-        result.recoveries.iter().any(|r| r.restored_from.is_some()),
-        "{result:?}"
-    );
-    let mut expected = rustc_hash::FxHashMap::default();
-    for i in 0..events {
-        *expected.entry(key_of(i, KEYS)).or_default() += i;
-        *expected.entry(key_of(i * 7 + 1, KEYS)).or_default() += 2 * i;
-    }
-    let source = sluice_runtime::RestoreSource::checkpoint(storage.clone(), result.final_checkpoint.unwrap())
-        .await
-        .unwrap();
-    let sums = workload::sums_in(&source, "two-input-sum").await.unwrap();
-    assert_eq!(sums, expected);
-    let [a, _, c] = workers;
-    for w in [a, c, replacement] {
         tokio::time::timeout(Duration::from_secs(10), w.wait())
             .await
             .expect("the worker stops when the job ends")

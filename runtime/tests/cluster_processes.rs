@@ -316,3 +316,199 @@ fn a_job_stopped_with_a_savepoint_on_two_workers_restarts_on_three_exactly_once(
     assert!(out.contains("started from savepoint"), "{out}");
     assert!(out.contains("exactly-once: ok"), "{out}");
 }
+
+/// A TCP proxy to 127.0.0.1:`target` (threads, std sockets) that shuts
+/// down every connection open at the moment `limit` bytes went through it
+/// in all, once; later connections pass. Returns its port and the number
+/// of cuts made.
+fn cutting_proxy(target: u16, limit: usize) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cuts = Arc::new(AtomicUsize::new(0));
+    let seen = cuts.clone();
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let cut = Arc::new(AtomicBool::new(false));
+    let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            if !cut.load(Ordering::SeqCst) {
+                let mut l = live.lock().unwrap();
+                l.push(client.try_clone().unwrap());
+                l.push(server.try_clone().unwrap());
+            }
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let (bytes, cut, live, cuts) = (bytes.clone(), cut.clone(), live.clone(), cuts.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 8192];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let total = bytes.fetch_add(n, Ordering::SeqCst) + n;
+                        if total >= limit && !cut.swap(true, Ordering::SeqCst) {
+                            cuts.fetch_add(1, Ordering::SeqCst);
+                            for s in live.lock().unwrap().drain(..) {
+                                let _ = s.shutdown(Shutdown::Both);
+                            }
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn channels_between_worker_processes_cut_mid_stream_are_recovered_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = RATE * 4;
+    let coordinator = Coordinator::start(dir.path(), events, "127.0.0.1:0", false);
+    let addr = coordinator.addr();
+    // The second worker's channels go through the proxy, which cuts every
+    // connection once after 1 MB.
+    let channel_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (proxy, cuts) = cutting_proxy(channel_port, 1 << 20);
+    let mut second = job_args(dir.path(), events);
+    second.extend([
+        "--channel-port".to_string(),
+        channel_port.to_string(),
+        "--advertise".to_string(),
+        format!("127.0.0.1:{proxy}"),
+    ]);
+    let workers = [
+        worker(dir.path(), events, &addr, 0),
+        worker_with(dir.path(), second, &addr, 1),
+    ];
+    let (ok, out) = coordinator.finish();
+    assert!(ok, "the coordinator failed:\n{out}");
+    assert_eq!(cuts.load(std::sync::atomic::Ordering::SeqCst), 1, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("recovery:")),
+        "the cut failed an attempt, which was recovered:\n{out}"
+    );
+    assert!(out.contains("exactly-once: ok"), "{out}");
+    for mut w in workers {
+        assert!(w.wait().unwrap().success());
+    }
+}
+
+/// The two-input job in every process of the test below.
+fn two_input_job(storage: Arc<dyn sluice_core::CheckpointStorage>, events: u64) -> sluice_runtime::Job {
+    let job = sluice_runtime::Job::new("two-input")
+        .with_parallelism(3)
+        .with_state_backend(Arc::new(sluice_backend_memory::MemoryStateBackend::new()))
+        .with_checkpoint_storage(storage)
+        .with_restart_strategy(sluice_runtime::RestartStrategy::FixedDelay {
+            attempts: 10,
+            delay: Duration::ZERO,
+        })
+        .with_checkpointing(sluice_runtime::CheckpointConfig::every(Duration::from_millis(
+            100,
+        )));
+    sluice_runtime::workload::two_input_sum(&job, events, 1000).unwrap();
+    job
+}
+
+const TWO_INPUT_EVENTS: u64 = 1_500_000;
+
+async fn shared_storage(dir: &str) -> Arc<dyn sluice_core::CheckpointStorage> {
+    sluice_runtime::location::open_storage(&format!("file:{dir}"), &Default::default())
+        .await
+        .unwrap()
+}
+
+/// Not a test of its own: the worker processes of the test below run this
+/// (this test binary, started with `--ignored --exact` and the
+/// coordinator's address in `SLUICE_TEST_COORDINATOR`).
+#[test]
+#[ignore = "the worker process of a_two_input_job_on_three_worker_processes_survives_a_sigkill"]
+fn two_input_worker_process() {
+    let addr = std::env::var("SLUICE_TEST_COORDINATOR").expect("started by the test");
+    let dir = std::env::var("SLUICE_TEST_DIR").expect("started by the test");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let job = two_input_job(shared_storage(&dir).await, TWO_INPUT_EVENTS);
+        job.start_worker(addr.parse().unwrap(), Default::default())
+            .unwrap()
+            .wait()
+            .await
+            .expect("the worker ends well");
+    });
+}
+
+#[test]
+fn a_two_input_job_on_three_worker_processes_survives_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let chk = dir.path().join("checkpoints").display().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let storage = shared_storage(&chk).await;
+        let pool = sluice_runtime::cluster::WorkerPool::bind("127.0.0.1:0".parse().unwrap(), 3)
+            .await
+            .unwrap();
+        let handle = two_input_job(storage.clone(), TWO_INPUT_EVENTS)
+            .with_workers(pool.clone())
+            .start()
+            .unwrap();
+        let monitor = handle.monitor();
+        let spawn = || {
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--ignored", "--exact", "two_input_worker_process", "--nocapture"])
+                .env("SLUICE_TEST_COORDINATOR", pool.local_addr().to_string())
+                .env("SLUICE_TEST_DIR", &chk)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut workers = [spawn(), spawn(), spawn()];
+        sluice_runtime::testing::wait_for_completed_checkpoint(&monitor, Duration::from_secs(60)).await;
+        workers[1].kill().unwrap();
+        let _ = workers[1].wait();
+        workers[1] = spawn();
+        let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
+            .await
+            .expect("the job ends")
+            .expect("the job recovers and succeeds");
+        assert!(
+            result
+                .recoveries
+                .iter()
+                .any(|r| r.restored_from.is_some() && r.cause.contains("lost")),
+            "{result:?}"
+        );
+        let source =
+            sluice_runtime::RestoreSource::checkpoint(storage.clone(), result.final_checkpoint.unwrap())
+                .await
+                .unwrap();
+        let sums = sluice_runtime::workload::sums_in(&source, "two-input-sum")
+            .await
+            .unwrap();
+        assert_eq!(
+            sums,
+            sluice_runtime::workload::two_input_expected(TWO_INPUT_EVENTS, 1000)
+        );
+        for w in &mut workers {
+            assert!(w.wait().unwrap().success());
+        }
+    });
+}

@@ -251,4 +251,17 @@ pub(crate) struct KeyedSumArgs {
     /// `--state-dir/worker-<pid>`.
     #[arg(long, conflicts_with = "workers")]
     pub(crate) coordinator: Option<String>,
+    /// With `--coordinator`: the port of the worker's channel listener (0:
+    /// any free port).
+    #[arg(long, default_value_t = 0, requires = "coordinator")]
+    pub(crate) channel_port: u16,
+    /// With `--coordinator`: the address other workers connect to for this
+    /// worker's channels, when it is not the bound one (NAT, a pod's
+    /// address, a proxy).
+    #[arg(long, requires = "coordinator")]
+    pub(crate) advertise: Option<String>,
+    /// With `--coordinator`: the address the worker's channel listener
+    /// binds (default 127.0.0.1; 0.0.0.0 for workers on other machines).
+    #[arg(long, default_value = "127.0.0.1", requires = "coordinator")]
+    pub(crate) bind: String,
 }

@@ -22,13 +22,9 @@ pub(crate) fn check_shared_storage(spec: &str) -> Result<(), String> {
 pub(crate) async fn run_worker(
     job: Job,
     addr: SocketAddr,
-    s3: sluice_runtime::location::S3Options,
+    options: WorkerOptions,
 ) -> Result<ExitCode, String> {
     println!("sluice: worker of the coordinator at {addr}");
-    let options = WorkerOptions {
-        s3,
-        ..WorkerOptions::default()
-    };
     job.start_worker(addr, options)
         .map_err(|e| e.to_string())?
         .wait()
@@ -36,6 +32,31 @@ pub(crate) async fn run_worker(
         .map_err(|e| format!("worker: {e}"))?;
     println!("sluice: the job ended; worker done");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The worker's options from its arguments.
+pub(crate) fn worker_options(
+    bind: &str,
+    channel_port: u16,
+    advertise: Option<&str>,
+    s3: sluice_runtime::location::S3Options,
+) -> Result<WorkerOptions, String> {
+    let bind = bind
+        .parse()
+        .map_err(|e| format!("--bind {bind:?}: {e} (examples: 127.0.0.1, 0.0.0.0)"))?;
+    let advertise = advertise
+        .map(|a| {
+            a.parse()
+                .map_err(|e| format!("--advertise {a:?}: {e} (example: 10.0.0.7:7071)"))
+        })
+        .transpose()?;
+    Ok(WorkerOptions {
+        bind,
+        channel_port,
+        advertise,
+        s3,
+        ..WorkerOptions::default()
+    })
 }
 
 /// Makes `job` run on `n` workers connecting to `listen`; with `spawn`,

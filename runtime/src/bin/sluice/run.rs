@@ -194,7 +194,13 @@ pub(crate) fn run_keyed_sum(a: KeyedSumArgs) -> Result<ExitCode, String> {
         }
         .map_err(|e| e.to_string())?;
         if let Some(addr) = coordinator {
-            return cluster::run_worker(job, addr, s3_options(a.s3_endpoint.as_deref())).await;
+            let options = cluster::worker_options(
+                &a.bind,
+                a.channel_port,
+                a.advertise.as_deref(),
+                s3_options(a.s3_endpoint.as_deref()),
+            )?;
+            return cluster::run_worker(job, addr, options).await;
         }
         let mut workers = None;
         let job = match (a.workers, listen) {
