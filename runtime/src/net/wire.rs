@@ -7,9 +7,9 @@
 //! - The producer opens the connection and sends the hello frame: the magic
 //!   bytes `SLCH`, the wire version (`u16`, big-endian), then the
 //!   [`ChannelId`] in postcard.
-//! - The consumer answers with a [`ConsumerFrame`]: `Accept` or `Reject`
+//! - The consumer answers with a `ConsumerFrame`: `Accept` or `Reject`
 //!   (with the reason), then only `Credit` frames.
-//! - The producer then sends [`ProducerFrame`]s in postcard: batches,
+//! - The producer then sends `ProducerFrame`s in postcard: batches,
 //!   barriers in place and end of input each take one credit; priority
 //!   barriers (unaligned checkpoints) take none.
 
