@@ -171,6 +171,25 @@ async fn unaligned_checkpoint_with_channel_state(
     id
 }
 
+/// A checkpoint triggered under backpressure completes once it switched to
+/// unaligned after `timeout`, storing the records in flight; then the job
+/// is cancelled.
+async fn switches_to_unaligned_after(handle: JobHandle, timeout: Duration) {
+    let m = handle.monitor();
+    let id = tokio::time::timeout(Duration::from_secs(60), m.trigger_checkpoint())
+        .await
+        .expect("completes under backpressure once it switched")
+        .expect("checkpoint");
+    let s = stats(&m, id);
+    assert!(s.duration >= timeout, "it waited for the timeout first: {s:?}");
+    assert!(
+        s.channel_state_size > 0,
+        "then stored the records in flight: {s:?}"
+    );
+    handle.cancel();
+    let _ = handle.wait().await;
+}
+
 fn stats(m: &JobMonitor, id: sluice_core::CheckpointId) -> sluice_runtime::CheckpointStats {
     m.checkpoint_stats()
         .into_iter()
@@ -248,18 +267,7 @@ async fn an_aligned_checkpoint_with_a_timeout_switches_to_unaligned_under_backpr
     );
     let m = handle.monitor();
     backpressured(&m).await;
-    let id = tokio::time::timeout(Duration::from_secs(60), m.trigger_checkpoint())
-        .await
-        .expect("completes under backpressure once it switched")
-        .expect("checkpoint");
-    let s = stats(&m, id);
-    assert!(s.duration >= timeout, "it waited for the timeout first: {s:?}");
-    assert!(
-        s.channel_state_size > 0,
-        "then stored the records in flight: {s:?}"
-    );
-    handle.cancel();
-    let _ = handle.wait().await;
+    switches_to_unaligned_after(handle, timeout).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
@@ -356,27 +364,28 @@ async fn over_tcp_an_unaligned_checkpoint_overtakes_the_backpressured_network_an
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
-async fn on_two_workers_an_unaligned_checkpoint_overtakes_backpressure_and_restores_exactly_once() {
+/// The job of [`build`] on two workers (in this process, every channel
+/// over TCP); returns once the sink has written and the channels had time
+/// to fill (the sink takes ~1,000 records a second).
+async fn start_on_workers(
+    events: u64,
+    config: CheckpointConfig,
+    storage: Arc<dyn CheckpointStorage>,
+    sink: SlowSink,
+) -> (JobHandle, Vec<sluice_runtime::cluster::WorkerHandle>) {
     use sluice_runtime::cluster::{WorkerOptions, WorkerPool};
-    let events = 300_000;
-    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
-    let sink = SlowSink::default();
     let pool = WorkerPool::bind("127.0.0.1:0".parse().unwrap(), 2).await.unwrap();
-    let handle = build(events, config(true, None), storage.clone(), sink.clone())
+    let handle = build(events, config.clone(), storage.clone(), sink.clone())
         .with_workers(pool.clone())
         .start()
         .unwrap();
-    let workers: Vec<_> = (0..2)
+    let workers = (0..2)
         .map(|_| {
-            build(events, config(true, None), storage.clone(), sink.clone())
+            build(events, config.clone(), storage.clone(), sink.clone())
                 .start_worker(pool.local_addr(), WorkerOptions::default())
                 .unwrap()
         })
         .collect();
-    let m = handle.monitor();
-    // The tasks count their records on the workers: wait for the sink to
-    // start, then for the channels to fill (the sink takes ~1,000/s).
     let started = Instant::now();
     while sink.written.load(Ordering::Relaxed) == 0 {
         assert!(
@@ -386,6 +395,30 @@ async fn on_two_workers_an_unaligned_checkpoint_overtakes_backpressure_and_resto
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    (handle, workers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn on_two_workers_an_aligned_checkpoint_with_a_timeout_switches_to_unaligned_under_backpressure() {
+    let sink = SlowSink::default();
+    let timeout = Duration::from_millis(500);
+    let (handle, _workers) = start_on_workers(
+        50_000_000,
+        config(true, Some(timeout)),
+        Arc::new(MemoryCheckpointStorage::new()),
+        sink.clone(),
+    )
+    .await;
+    switches_to_unaligned_after(handle, timeout).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn on_two_workers_an_unaligned_checkpoint_overtakes_backpressure_and_restores_exactly_once() {
+    let events = 300_000;
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
+    let sink = SlowSink::default();
+    let (handle, workers) = start_on_workers(events, config(true, None), storage.clone(), sink.clone()).await;
+    let m = handle.monitor();
     let id = unaligned_checkpoint_with_channel_state(
         &m,
         &storage,

@@ -268,10 +268,11 @@ impl Session<'_> {
 
     /// Stops every task and snapshot writer of the current attempt.
     async fn stop_all(&mut self) {
+        // Closed control channels stop busy tasks at their next batch.
+        self.controls.clear();
         stop_tasks(&mut self.tasks, &self.writers).await;
         self.producers.abort_all();
         self.names.clear();
-        self.controls.clear();
         self.events = None;
     }
 

@@ -196,6 +196,11 @@ impl Attempt<'_> {
     /// Stops every task and snapshot writer; the coordinator cleans up
     /// what the attempt left.
     async fn tear_down(&mut self) {
+        // Closed control channels stop busy tasks at their next batch (the
+        // abort takes effect at their next await only).
+        for info in &mut self.infos {
+            info.control = mpsc::unbounded_channel().0;
+        }
         stop_tasks(&mut self.tasks, &self.writers).await;
         if let (Some(pool), Some(attempt)) = (&self.ctx.cluster, self.deployed) {
             pool.end_attempt(attempt);

@@ -145,9 +145,20 @@ pub(crate) async fn run_input_task<T: Clone + Serialize + DeserializeOwned + Sen
     let mut ended = 0usize;
     let task_name = rt.init.task_name.clone();
     loop {
-        while let Ok(c) = rt.control.try_recv() {
-            apply_control(c, chain.as_mut(), Some(&mut b.handler))?;
-            b.settle();
+        // Checked at every batch: a task whose input never runs dry awaits
+        // nothing, so it learns it is to stop (its control channel closed)
+        // here, not only from the runtime's abort at its next await.
+        loop {
+            match rt.control.try_recv() {
+                Ok(c) => {
+                    apply_control(c, chain.as_mut(), Some(&mut b.handler))?;
+                    b.settle();
+                }
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(RuntimeError::Cancelled)
+                }
+            }
         }
         on_deadlines(&mut b, &rt, &gate, chain.as_mut())?;
         b.settle();
