@@ -20,7 +20,7 @@ mod protocol;
 mod worker;
 
 pub use pool::WorkerPool;
-pub use protocol::{CONTROL_VERSION, HEARTBEAT, HEARTBEAT_TIMEOUT};
+pub use protocol::{CONTROL_VERSION, HEARTBEAT, HEARTBEAT_TIMEOUT, WORKER_SILENCE_LIMIT};
 pub use worker::{WorkerHandle, WorkerOptions};
 
 pub(crate) use worker::{start as start_worker, WorkerSetup};

@@ -356,7 +356,8 @@ async fn serve_worker(stream: TcpStream, state: Arc<Mutex<PoolState>>, changed: 
     let peer = stream
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (mut inbox, out, writer) = protocol::open(stream, || ToWorker::Heartbeat);
+    let (mut inbox, out, writer) =
+        protocol::open(stream, protocol::HEARTBEAT_TIMEOUT, || ToWorker::Heartbeat);
     let (job, graph, channels) = match inbox.next_but(|m| matches!(m, ToMaster::Heartbeat { .. })).await {
         Ok(ToMaster::Register {
             version,

@@ -2,8 +2,11 @@
 //! worker: length-delimited frames (4-byte big-endian length) of JSON
 //! messages. The worker connects and registers; every message of an
 //! attempt carries the attempt's id, and messages of another attempt are
-//! dropped (fencing). Both ends send a heartbeat every [`HEARTBEAT`] and
-//! give the other up after [`HEARTBEAT_TIMEOUT`] of silence.
+//! dropped (fencing). Both ends send a heartbeat every [`HEARTBEAT`]. The
+//! job master gives a worker up after [`HEARTBEAT_TIMEOUT`] of silence; a
+//! worker stops its tasks sooner, after [`WORKER_SILENCE_LIMIT`] without
+//! its coordinator, so that a worker cut off has stopped writing before
+//! the job master restarts its tasks elsewhere (a lease).
 
 use crate::error::{Result, RuntimeError};
 use crate::task::{Control, TaskEvent};
@@ -26,8 +29,12 @@ pub const CONTROL_VERSION: u16 = 1;
 /// How often each end says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// Silence after which the other end is taken for lost.
+/// Silence after which the job master takes a worker for lost.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Silence after which a worker takes its coordinator for lost and stops
+/// its tasks: shorter than [`HEARTBEAT_TIMEOUT`] by two heartbeats.
+pub const WORKER_SILENCE_LIMIT: Duration = Duration::from_secs(3);
 
 /// The largest control frame (an acknowledgement, a deployment with the
 /// restored checkpoint's metadata).
@@ -150,6 +157,8 @@ pub(crate) struct Inbox {
     /// When the other end was last heard from: the silence counts from
     /// here, however often `next` is called (and cancelled) meanwhile.
     heard: tokio::time::Instant,
+    /// How much silence is tolerated.
+    silence: Duration,
 }
 
 impl Inbox {
@@ -164,13 +173,13 @@ impl Inbox {
     }
 
     /// The next message; an error once the connection ended, broke, sent
-    /// something undecodable or stayed silent for [`HEARTBEAT_TIMEOUT`].
+    /// something undecodable or stayed silent too long.
     pub async fn next<M: DeserializeOwned>(&mut self) -> Result<M> {
-        let frame = match tokio::time::timeout_at(self.heard + HEARTBEAT_TIMEOUT, self.reader.next()).await {
+        let frame = match tokio::time::timeout_at(self.heard + self.silence, self.reader.next()).await {
             Err(_) => {
                 return Err(RuntimeError::Network(format!(
-                    "{} sent nothing for {HEARTBEAT_TIMEOUT:?} (no heartbeat): taken for lost",
-                    self.peer
+                    "{} sent nothing for {:?} (no heartbeat): taken for lost",
+                    self.peer, self.silence
                 )))
             }
             Ok(None) => {
@@ -219,6 +228,7 @@ impl<M: Serialize + Send + 'static> Outbox<M> {
 /// outbox is dropped (after flushing) or the connection breaks.
 pub(crate) fn open<M: Serialize + Send + Sync + 'static>(
     stream: TcpStream,
+    silence: Duration,
     heartbeat: impl Fn() -> M + Send + 'static,
 ) -> (Inbox, Outbox<M>, tokio::task::JoinHandle<()>) {
     let _ = stream.set_nodelay(true);
@@ -250,6 +260,7 @@ pub(crate) fn open<M: Serialize + Send + Sync + 'static>(
             reader: FramedRead::new(r, codec()),
             peer,
             heard: tokio::time::Instant::now(),
+            silence,
         },
         Outbox { tx },
         task,

@@ -105,9 +105,11 @@ async fn run(setup: WorkerSetup, coordinator: SocketAddr, options: WorkerOptions
             }
         };
         let (counts, metrics) = (stats.clone(), setup.ctx.metrics.clone());
-        let (mut inbox, out, writer) = protocol::open(stream, move || ToMaster::Heartbeat {
-            wire_bytes_sent: counts.read().bytes_sent,
-            source_records: metrics.source_records(),
+        let (mut inbox, out, writer) = protocol::open(stream, protocol::WORKER_SILENCE_LIMIT, move || {
+            ToMaster::Heartbeat {
+                wire_bytes_sent: counts.read().bytes_sent,
+                source_records: metrics.source_records(),
+            }
         });
         out.send(ToMaster::Register {
             version: CONTROL_VERSION,
