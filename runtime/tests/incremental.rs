@@ -62,10 +62,26 @@ fn start(
     job.start().unwrap()
 }
 
+/// Waits until each of the two source subtasks has read `n / 2` records:
+/// a total is not enough, as the splits progress apart on a loaded machine
+/// (one may still be in its load phase when the total is reached).
 async fn wait_for_records(handle: &JobHandle, n: u64) {
     let started = Instant::now();
-    while handle.source_records() < n {
-        assert!(started.elapsed() < Duration::from_secs(60), "the source stalled");
+    loop {
+        let read: Vec<u64> = handle
+            .monitor()
+            .task_counters()
+            .iter()
+            .filter(|t| t.is_source)
+            .map(|t| t.records_in)
+            .collect();
+        if read.len() == 2 && read.iter().all(|&r| r >= n / 2) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the source stalled: {read:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
