@@ -365,3 +365,14 @@ pub async fn wait_for_completed_checkpoint(monitor: &crate::JobMonitor, timeout:
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits for `workers` to stop on their own (a job's workers do once the
+/// job ended) and to end well; panics after 10 s each or on an error.
+pub async fn workers_end_well(workers: impl IntoIterator<Item = crate::cluster::WorkerHandle>) {
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(10), w.wait())
+            .await
+            .expect("the worker stops when the job ends")
+            .expect("the worker ends well");
+    }
+}

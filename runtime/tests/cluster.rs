@@ -46,6 +46,15 @@ async fn pool(workers: usize) -> Arc<WorkerPool> {
         .unwrap()
 }
 
+/// The job's result, once it ended well (within 2 minutes); `what` says
+/// what was expected.
+async fn job_ends(handle: sluice_runtime::JobHandle, what: &str) -> sluice_runtime::JobResult {
+    tokio::time::timeout(Duration::from_secs(120), handle.wait())
+        .await
+        .expect("the job ends")
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 async fn verify(storage: &dyn CheckpointStorage, result: &sluice_runtime::JobResult, events: u64) {
     let sums = workload::final_sums(storage, result.final_checkpoint.expect("a final checkpoint"))
         .await
@@ -70,19 +79,10 @@ async fn a_job_runs_on_two_workers_exactly_once() {
                 .unwrap()
         })
         .collect();
-    let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
-        .await
-        .expect("the job ends")
-        .expect("the job succeeds");
+    let result = job_ends(handle, "the job succeeds").await;
     assert_eq!(result.restarts, 0);
     verify(storage.as_ref(), &result, events).await;
-    for w in workers {
-        // The job master told them the job ended.
-        tokio::time::timeout(Duration::from_secs(10), w.wait())
-            .await
-            .expect("the worker stops when the job ends")
-            .expect("the worker ends well");
-    }
+    sluice_runtime::testing::workers_end_well(workers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,10 +109,7 @@ async fn a_lost_worker_is_replaced_and_the_job_recovers_exactly_once() {
     first.kill();
     // A replacement joins (a restarted or a spare worker).
     let third = start(&storage);
-    let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
-        .await
-        .expect("the job ends")
-        .expect("the job recovers and succeeds");
+    let result = job_ends(handle, "the job recovers and succeeds").await;
     assert!(result.restarts >= 1, "{result:?}");
     assert!(
         result.recoveries.iter().any(|r| r.restored_from.is_some()),
@@ -124,12 +121,7 @@ async fn a_lost_worker_is_replaced_and_the_job_recovers_exactly_once() {
         result.recoveries[0].cause
     );
     verify(storage.as_ref(), &result, events).await;
-    for w in [second, third] {
-        tokio::time::timeout(Duration::from_secs(10), w.wait())
-            .await
-            .expect("the worker stops when the job ends")
-            .expect("the worker ends well");
-    }
+    sluice_runtime::testing::workers_end_well([second, third]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,10 +149,7 @@ async fn a_worker_with_another_job_graph_is_refused_and_the_job_runs_on_a_right_
     let right = job(storage.clone(), events, 2, false)
         .start_worker(pool.local_addr(), WorkerOptions::default())
         .unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(60), handle.wait())
-        .await
-        .expect("the job ends")
-        .expect("the job runs on the right worker");
+    let result = job_ends(handle, "the job runs on the right worker").await;
     assert_eq!(result.restarts, 0);
     verify(storage.as_ref(), &result, events).await;
     right.wait().await.unwrap();
@@ -272,10 +261,7 @@ async fn a_worker_cut_off_from_the_coordinator_is_detected_by_heartbeats_and_rep
     sluice_runtime::testing::wait_for_completed_checkpoint(&monitor, Duration::from_secs(60)).await;
     partition.cut();
     let cut_at = Instant::now();
-    let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
-        .await
-        .expect("the job ends")
-        .expect("the job recovers and succeeds");
+    let result = job_ends(handle, "the job recovers and succeeds").await;
     // The cut-off worker stops its tasks after 3 s of silence (its
     // channels to the healthy worker close, which may fail the attempt
     // first); the coordinator gives it up after 5 s.
@@ -299,12 +285,7 @@ async fn a_worker_cut_off_from_the_coordinator_is_detected_by_heartbeats_and_rep
         cut_at.elapsed() >= Duration::from_secs(5),
         "not before the heartbeat timeout"
     );
-    for w in [healthy, spare] {
-        tokio::time::timeout(Duration::from_secs(10), w.wait())
-            .await
-            .expect("the worker stops when the job ends")
-            .expect("the worker ends well");
-    }
+    sluice_runtime::testing::workers_end_well([healthy, spare]).await;
 }
 
 /// A TCP proxy to `target` that drops every connection open at the moment
@@ -402,10 +383,7 @@ async fn channels_between_workers_dropped_mid_stream_are_recovered_exactly_once(
             },
         )
         .unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(120), handle.wait())
-        .await
-        .expect("the job ends")
-        .expect("the job recovers and succeeds");
+    let result = job_ends(handle, "the job recovers and succeeds").await;
     assert_eq!(
         cuts.load(std::sync::atomic::Ordering::SeqCst),
         1,
@@ -413,10 +391,5 @@ async fn channels_between_workers_dropped_mid_stream_are_recovered_exactly_once(
     );
     assert!(result.restarts >= 1, "the cut failed the attempt: {result:?}");
     verify(storage.as_ref(), &result, events).await;
-    for w in [first, second] {
-        tokio::time::timeout(Duration::from_secs(10), w.wait())
-            .await
-            .expect("the worker stops when the job ends")
-            .expect("the worker ends well");
-    }
+    sluice_runtime::testing::workers_end_well([first, second]).await;
 }

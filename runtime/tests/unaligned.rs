@@ -427,12 +427,7 @@ async fn on_two_workers_an_unaligned_checkpoint_overtakes_backpressure_and_resto
     )
     .await;
     fail_and_verify_restore(handle, &sink, storage.as_ref(), id, events).await;
-    for w in workers {
-        tokio::time::timeout(Duration::from_secs(10), w.wait())
-            .await
-            .expect("the workers stop when the job ends")
-            .expect("the worker ends well");
-    }
+    sluice_runtime::testing::workers_end_well(workers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]

@@ -11,6 +11,7 @@
 use clap::Parser;
 use sluice_backend_fs::FsCheckpointStorage;
 use sluice_backend_memory::MemoryStateBackend;
+use sluice_bench::e2e::median;
 use sluice_core::CheckpointStorage;
 use sluice_runtime::cluster::{WorkerOptions, WorkerPool};
 use sluice_runtime::workload::{key_of, RunningSum};
@@ -80,11 +81,6 @@ struct Measured {
     wire_bytes_per_event: Option<f64>,
 }
 
-fn p50(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// One run: in this process (`workers` 0) or on that many worker processes.
 async fn run(a: &Args, workers: u32) -> Measured {
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -132,11 +128,12 @@ async fn run(a: &Args, workers: u32) -> Measured {
         .collect();
     Measured {
         events_per_s: a.events as f64 / seconds,
-        checkpoint_p50_ms: p50(done.iter().map(|s| s.duration.as_secs_f64() * 1e3).collect()),
-        alignment_p50_ms: p50(done
-            .iter()
-            .map(|s| s.alignment_max().as_secs_f64() * 1e3)
-            .collect()),
+        checkpoint_p50_ms: median(done.iter().map(|s| s.duration.as_secs_f64() * 1e3).collect()),
+        alignment_p50_ms: median(
+            done.iter()
+                .map(|s| s.alignment_max().as_secs_f64() * 1e3)
+                .collect(),
+        ),
         wire_bytes_per_event: pool.map(|p| p.wire_bytes_sent() as f64 / a.events as f64),
     }
 }
@@ -180,18 +177,18 @@ async fn main() {
     println!();
     println!("| processes | throughput | vs one process | checkpoint p50 | alignment p50 | bytes on the wire per event |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    let one = p50(runs[0].iter().map(|m| m.events_per_s).collect());
+    let one = median(runs[0].iter().map(|m| m.events_per_s).collect());
     for (i, &workers) in configs.iter().enumerate() {
         let r = &runs[i];
-        let rate = p50(r.iter().map(|m| m.events_per_s).collect());
-        let wire = p50(r.iter().filter_map(|m| m.wire_bytes_per_event).collect());
+        let rate = median(r.iter().map(|m| m.events_per_s).collect());
+        let wire = median(r.iter().filter_map(|m| m.wire_bytes_per_event).collect());
         println!(
             "| {} | {:.2} M ev/s | {:.2} | {:.1} ms | {:.1} ms | {} |",
             label(workers),
             rate / 1e6,
             rate / one,
-            p50(r.iter().map(|m| m.checkpoint_p50_ms).collect()),
-            p50(r.iter().map(|m| m.alignment_p50_ms).collect()),
+            median(r.iter().map(|m| m.checkpoint_p50_ms).collect()),
+            median(r.iter().map(|m| m.alignment_p50_ms).collect()),
             if workers == 0 {
                 "-".to_string()
             } else {

@@ -9,7 +9,7 @@
 //! ```
 
 use clap::Parser;
-use sluice_bench::e2e::{run, Config, Measured};
+use sluice_bench::e2e::{median, run, Config, Measured};
 
 #[derive(Parser)]
 struct Args {
@@ -28,11 +28,6 @@ struct Args {
     /// Rounds (each runs both configurations, in process first).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -73,7 +68,7 @@ async fn main() {
             }
         }
     }
-    let med = |i: usize, f: &dyn Fn(&Measured) -> f64| median(&mut runs[i].iter().map(f).collect::<Vec<_>>());
+    let med = |i: usize, f: &dyn Fn(&Measured) -> f64| median(runs[i].iter().map(f).collect());
     let (local, tcp) = (med(0, &|m| m.events_per_s), med(1, &|m| m.events_per_s));
     println!(
         "reference workload, memory state, checkpoints every {} ms, exactly-once, p={}, {} events, {} keys, \

@@ -258,7 +258,7 @@ impl WorkerPool {
                 st.pending.insert(index, (worker, done_tx));
                 tasks.push((
                     TaskInfo {
-                        name: format!("{} ({}/{})", vertex.name, s + 1, vertex.parallelism),
+                        name: crate::master::task_name(vertex, s),
                         is_source: vertex.is_source,
                         control: ctl_tx,
                     },
@@ -266,7 +266,6 @@ impl WorkerPool {
                 ));
             }
         }
-        let mut restore = restore;
         for (slot, spec) in specs.into_iter().enumerate() {
             let w = &st.workers[&chosen[slot]];
             info!(
@@ -275,15 +274,11 @@ impl WorkerPool {
                 chosen[slot],
                 w.peer
             );
-            let restore = match slot + 1 == n {
-                true => restore.take(),
-                false => restore.as_ref().map(clone_spec),
-            };
             w.out.send(ToWorker::Deploy(Box::new(Deploy {
                 attempt,
                 tasks: spec,
                 hosts: hosts.clone(),
-                restore,
+                restore: restore.clone(),
                 stopped,
             })));
         }
@@ -324,15 +319,6 @@ impl WorkerPool {
         for w in st.workers.values() {
             w.out.send(ToWorker::Cancel { attempt });
         }
-    }
-}
-
-fn clone_spec(r: &RestoreSpec) -> RestoreSpec {
-    RestoreSpec {
-        metadata: r.metadata.clone(),
-        base: r.base.clone(),
-        location: r.location.clone(),
-        in_job_storage: r.in_job_storage,
     }
 }
 

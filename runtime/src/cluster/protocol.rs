@@ -135,7 +135,7 @@ pub(crate) struct TaskSpec {
 
 /// What the tasks restore: a checkpoint of the job's storage, or the
 /// savepoint the job starts from.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct RestoreSpec {
     pub metadata: CheckpointMetadata,
     pub base: String,

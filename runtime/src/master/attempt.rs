@@ -338,6 +338,11 @@ impl Attempt<'_> {
     }
 }
 
+/// `name (subtask/parallelism)`: how logs and errors name subtask `s`.
+pub(crate) fn task_name(vertex: &crate::graph::VertexDef, s: u32) -> String {
+    format!("{} ({}/{})", vertex.name, s + 1, vertex.parallelism)
+}
+
 /// Which subtask a task runs, and what it restores.
 pub(crate) struct TaskPlace {
     pub vertex: usize,
@@ -361,7 +366,7 @@ pub(crate) fn task_runtime(
     let vertex = &ctx.graph.vertices[v];
     let s = place.subtask;
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-    let name = format!("{} ({}/{})", vertex.name, s + 1, vertex.parallelism);
+    let name = task_name(vertex, s);
     let alignment_timeout = match ctx.config.unaligned {
         true => ctx.config.aligned_checkpoint_timeout,
         false => None,

@@ -24,7 +24,7 @@ use crate::handle::{
 };
 use crate::metrics::Metrics;
 use crate::savepoint::{RestoreSource, SavepointLocation};
-pub(crate) use attempt::{panic_message, stop_tasks, task_runtime, JobContext, TaskPlace};
+pub(crate) use attempt::{panic_message, stop_tasks, task_name, task_runtime, JobContext, TaskPlace};
 use attempt::{run_attempt, Requests};
 pub(crate) use coordinator::now_ms;
 use coordinator::Coordinator;
