@@ -5,9 +5,7 @@
 //! same tokio task through direct calls. `key_by`, `rebalance`, `broadcast`
 //! and `forward` start a new task connected by channels.
 
-use crate::channel::{
-    channel, ChannelReceiver, ChannelSender, InputGate, OutputWriter, Partitioner, CHANNEL_CAPACITY,
-};
+use crate::channel::{ChannelReceiver, ChannelSender, InputGate, OutputWriter, Partitioner};
 use crate::config::{CheckpointConfig, RestartStrategy};
 use crate::error::{Result, RuntimeError};
 use crate::keyed::{
@@ -37,7 +35,7 @@ pub trait Record: Clone + Send + Serialize + DeserializeOwned + 'static {}
 impl<T: Clone + Send + Serialize + DeserializeOwned + 'static> Record for T {}
 
 pub(crate) type TaskBody = BoxFuture<'static, Result<()>>;
-type AnyBox = Box<dyn Any + Send>;
+pub(crate) type AnyBox = Box<dyn Any + Send>;
 
 /// What building one subtask's task is given.
 pub(crate) struct TaskBuild {
@@ -79,47 +77,6 @@ impl TaskBuild {
 type BuildFn = Arc<dyn Fn(&mut TaskBuild) -> Result<TaskBody> + Send + Sync>;
 type OpenFn<T> = Arc<dyn Fn(&mut TaskBuild, Box<dyn Operator<T>>) -> Result<TaskBody> + Send + Sync>;
 
-/// The channels of one edge for one attempt: `senders[up][down]`,
-/// `receivers[down][up]`.
-pub(crate) struct ChannelGrid {
-    pub senders: Vec<Vec<AnyBox>>,
-    pub receivers: Vec<Vec<AnyBox>>,
-}
-
-/// Where the channels of an edge run: in process, or over the network of
-/// attempt `attempt` (edge `edge`).
-pub(crate) struct GridPlace<'a> {
-    pub network: Option<&'a crate::net::LoopbackNetwork>,
-    pub attempt: u64,
-    pub edge: u32,
-}
-
-type GridFn = Arc<dyn Fn(&GridPlace<'_>, usize, usize) -> ChannelGrid + Send + Sync>;
-
-fn grid<T: Record>(place: &GridPlace<'_>, ups: usize, downs: usize) -> ChannelGrid {
-    let mut senders: Vec<Vec<AnyBox>> = (0..ups).map(|_| Vec::new()).collect();
-    let mut receivers: Vec<Vec<AnyBox>> = (0..downs).map(|_| Vec::new()).collect();
-    for (from, up) in senders.iter_mut().enumerate() {
-        for (to, down) in receivers.iter_mut().enumerate() {
-            let (tx, rx) = match place.network {
-                None => channel::<T>(CHANNEL_CAPACITY),
-                Some(net) => {
-                    let id = crate::net::ChannelId {
-                        attempt: place.attempt,
-                        edge: place.edge,
-                        from: from as u32,
-                        to: to as u32,
-                    };
-                    net.channel::<T>(id, CHANNEL_CAPACITY)
-                }
-            };
-            up.push(Box::new(tx));
-            down.push(Box::new(rx));
-        }
-    }
-    ChannelGrid { senders, receivers }
-}
-
 pub(crate) struct VertexDef {
     pub name: String,
     /// The task's stable id ([`sluice_core::ChannelStateHandle::task_uid`]):
@@ -136,34 +93,12 @@ pub(crate) enum EdgeKind {
     Other,
 }
 
-/// The typed ends of one network channel of an edge (a job spread over
-/// workers builds only its own tasks' ends).
-pub(crate) struct NetEnds {
-    /// The downstream end of a channel, fed by the worker's listener.
-    pub receiver: ReceiverEndFn,
-    /// The upstream end of a channel whose consumer listens at the address.
-    pub sender: SenderEndFn,
-}
-
-type ReceiverEndFn = Arc<dyn Fn(&crate::net::ChannelListener, crate::net::ChannelId) -> AnyBox + Send + Sync>;
-type SenderEndFn =
-    Arc<dyn Fn(std::net::SocketAddr, crate::net::ChannelId, &crate::net::Producers) -> AnyBox + Send + Sync>;
-
-fn net_ends<T: Record>() -> NetEnds {
-    NetEnds {
-        receiver: Arc::new(|l, id| Box::new(crate::net::receiver_end::<T>(l, id, CHANNEL_CAPACITY))),
-        sender: Arc::new(|addr, id, producers| {
-            Box::new(crate::net::sender_end::<T>(addr, id, CHANNEL_CAPACITY, producers))
-        }),
-    }
-}
-
 pub(crate) struct EdgeDef {
     pub from: usize,
     pub to: usize,
     pub kind: EdgeKind,
-    pub grid: GridFn,
-    pub net: NetEnds,
+    pub grid: crate::edges::GridFn,
+    pub net: crate::edges::NetEnds,
 }
 
 /// The frozen job graph, shared by every attempt.
@@ -515,8 +450,8 @@ impl<T: Record> DataStream<T> {
                 from,
                 to,
                 kind,
-                grid: Arc::new(grid::<T>),
-                net: net_ends::<T>(),
+                grid: Arc::new(crate::edges::grid::<T>),
+                net: crate::edges::net_ends::<T>(),
             });
         }
         drop(b);

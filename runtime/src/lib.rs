@@ -48,6 +48,7 @@ mod barriers;
 mod channel;
 pub mod cluster;
 mod config;
+mod edges;
 mod error;
 pub mod file_sink;
 mod graph;

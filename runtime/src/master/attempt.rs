@@ -132,7 +132,7 @@ impl Attempt<'_> {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let place = crate::graph::GridPlace {
+                let place = crate::edges::GridPlace {
                     network,
                     attempt,
                     edge: i as u32,
