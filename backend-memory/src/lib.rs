@@ -122,7 +122,7 @@ impl Table {
         }
     }
 
-    fn view(&self) -> View {
+    fn view(&mut self) -> View {
         match self {
             Table::Bytes(groups) => View::Bytes(groups.clone()),
             Table::Typed(t) => View::Typed(t.view()),
@@ -189,11 +189,11 @@ impl MemoryStore {
         self.states.iter().map(Table::len).sum()
     }
 
-    fn view(&self) -> MemorySnapshot {
+    fn view(&mut self) -> MemorySnapshot {
         MemorySnapshot {
             range: self.range,
             names: self.names.clone(),
-            states: self.states.iter().map(Table::view).collect(),
+            states: self.states.iter_mut().map(Table::view).collect(),
         }
     }
 
@@ -376,9 +376,7 @@ impl KeyedStateStore for MemoryStore {
                             std::hint::black_box(map.get(key.bytes).map(|s| s.value.len()));
                         }
                     }
-                    // Typed states are reached with the key's hash in
-                    // hand, one probe per update: not prefetched.
-                    Table::Typed(_) => {}
+                    Table::Typed(t) => t.prefetch(key),
                 }
             }
         }

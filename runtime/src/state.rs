@@ -19,8 +19,6 @@ pub struct OpenContext<'a> {
     pub(crate) operator: &'a str,
     pub(crate) subtask: u32,
     pub(crate) states: &'a mut Vec<StateDescriptor>,
-    /// Set when a state is kept as bytes by the store.
-    pub(crate) untyped: &'a mut bool,
     /// The states of the restored checkpoint, and its description: a state
     /// registered with another kind or type is refused before its restored
     /// values are read as the new type.
@@ -85,7 +83,6 @@ impl OpenContext<'_> {
     pub(crate) fn register_bytes(&mut self, desc: StateDescriptor) -> Result<(StateId, Arc<str>)> {
         self.check(&desc)?;
         let id = self.store.register_state(&desc.name)?;
-        *self.untyped = true;
         Ok((id, Arc::from(format!("{}/{}", self.operator, desc.name))))
     }
 
@@ -110,14 +107,11 @@ impl OpenContext<'_> {
                 what,
                 typed: true,
             }),
-            None => {
-                *self.untyped = true;
-                Ok(Handle {
-                    id: self.store.register_state(name)?,
-                    what,
-                    typed: false,
-                })
-            }
+            None => Ok(Handle {
+                id: self.store.register_state(name)?,
+                what,
+                typed: false,
+            }),
         }
     }
 
