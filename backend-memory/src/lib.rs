@@ -509,4 +509,28 @@ impl StateSnapshot for MemorySnapshot {
         }
         Ok(())
     }
+
+    fn append_key_group(&self, key_group: u32, out: &mut Vec<u8>) -> Result<u64> {
+        if !self.range.contains(key_group) {
+            return Err(Error::InvalidArgument {
+                what: format!("key group {key_group}"),
+                reason: format!("outside the snapshot's range {}", self.range),
+            });
+        }
+        let g = (key_group - self.range.start) as usize;
+        let mut entries = 0u64;
+        for (s, view) in self.states.iter().enumerate() {
+            let s = s as StateId;
+            match view {
+                View::Bytes(groups) => {
+                    for (k, slot) in groups[g].iter() {
+                        sluice_core::format::append_entry(out, s, k, &slot.value);
+                        entries += 1;
+                    }
+                }
+                View::Typed(t) => entries += t.append_key_group(key_group, s, out)?,
+            }
+        }
+        Ok(entries)
+    }
 }

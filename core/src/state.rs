@@ -197,6 +197,20 @@ pub trait StateSnapshot: Send + Sync {
 
     /// Visits every entry of one key group: `(state, key, value)`.
     fn visit_key_group(&self, key_group: u32, visit: &mut SnapshotVisitor<'_>) -> Result<()>;
+
+    /// Appends every entry of one key group to `out` as the snapshot file
+    /// holds them ([`crate::format::append_entry`] each) and returns how
+    /// many. The default visits them; a backend whose entries are typed
+    /// writes them without a call per entry.
+    fn append_key_group(&self, key_group: u32, out: &mut Vec<u8>) -> Result<u64> {
+        let mut entries = 0u64;
+        self.visit_key_group(key_group, &mut |state, key, value| {
+            entries += 1;
+            crate::format::append_entry(out, state, key, value);
+            Ok(())
+        })?;
+        Ok(entries)
+    }
 }
 
 /// A [`StateSnapshot`] over entries held in a map: for tools that write

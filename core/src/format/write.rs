@@ -79,7 +79,7 @@ pub fn encode_snapshot_in_parts(
         snapshot.key_groups(),
         &snapshot.state_names(),
         SNAPSHOT_FORMAT_VERSION,
-        &mut |kg, put| snapshot.visit_key_group(kg, &mut |state, key, value| put(state, key, Some(value))),
+        &mut |kg, out| snapshot.append_key_group(kg, out),
         part_bytes,
         emit,
     )
@@ -96,7 +96,15 @@ pub fn encode_changes_in_parts(
         changes.key_groups(),
         &changes.state_names(),
         CHANGES_FORMAT_VERSION,
-        &mut |kg, put| changes.visit_key_group(kg, &mut |state, key, value| put(state, key, value)),
+        &mut |kg, out| {
+            let mut entries = 0u64;
+            changes.visit_key_group(kg, &mut |state, key, value| {
+                entries += 1;
+                append_change(out, state, key, value);
+                Ok(())
+            })?;
+            Ok(entries)
+        },
         part_bytes,
         emit,
     )
@@ -122,9 +130,6 @@ pub(super) fn collect(
         key_groups: done.key_groups,
     })
 }
-
-/// Emits one entry of a key group: `(state, key, value or deleted)`.
-pub(super) type Emit<'a> = dyn FnMut(StateId, &[u8], Option<&[u8]>) -> Result<()> + 'a;
 
 /// The file being written: the part not emitted yet, what was emitted, and
 /// the whole file's CRC so far.
@@ -171,7 +176,7 @@ pub(crate) fn append_varint(out: &mut Vec<u8>, mut v: u64) {
 
 /// Appends a byte string as postcard does: its length, then the bytes.
 #[inline]
-pub(super) fn append_bytes(out: &mut Vec<u8>, b: &[u8]) {
+pub(crate) fn append_bytes(out: &mut Vec<u8>, b: &[u8]) {
     append_varint(out, b.len() as u64);
     out.extend_from_slice(b);
 }
@@ -179,9 +184,16 @@ pub(super) fn append_bytes(out: &mut Vec<u8>, b: &[u8]) {
 /// Appends an entry of a full snapshot: the postcard encoding of a
 /// [`RawEntry`], written directly (serde encodes a `&[u8]` byte by byte,
 /// which was most of a heap snapshot's encoding time). The bytes are the
-/// same (tested against postcard).
+/// same (tested against postcard). A backend writes a key group's
+/// entries with it in [`StateSnapshot::append_key_group`](crate::StateSnapshot::append_key_group).
+///
+/// ```
+/// let mut out = Vec::new();
+/// sluice_core::format::append_entry(&mut out, 1, b"key", &[7]);
+/// assert_eq!(out, [1, 3, b'k', b'e', b'y', 1, 7]);
+/// ```
 #[inline]
-pub(super) fn append_entry(out: &mut Vec<u8>, state: StateId, key: &[u8], value: &[u8]) {
+pub fn append_entry(out: &mut Vec<u8>, state: StateId, key: &[u8], value: &[u8]) {
     append_varint(out, u64::from(state));
     append_bytes(out, key);
     append_bytes(out, value);
@@ -204,12 +216,13 @@ pub(super) fn append_change(out: &mut Vec<u8>, state: StateId, key: &[u8], value
 }
 
 /// Writes a file of `version` whose key group `kg`'s entries
-/// `visit_kg(kg, emit)` emits, handing it to `emit` in parts.
+/// `write_kg(kg, out)` appends (returning how many), handing it to `emit`
+/// in parts.
 pub(super) fn encode(
     range: KeyGroupRange,
     names: &[String],
     version: u16,
-    visit_kg: &mut dyn FnMut(u32, &mut Emit<'_>) -> Result<()>,
+    write_kg: &mut dyn FnMut(u32, &mut Vec<u8>) -> Result<u64>,
     part_bytes: usize,
     emit: &mut dyn FnMut(Bytes) -> Result<()>,
 ) -> Result<EncodedParts> {
@@ -245,21 +258,7 @@ pub(super) fn encode(
     for kg in range.iter() {
         let start = w.out.len();
         let offset = w.offset();
-        let mut entries = 0u64;
-        visit_kg(kg, &mut |state, key, value| {
-            entries += 1;
-            match (version, value) {
-                (SNAPSHOT_FORMAT_VERSION, Some(v)) => append_entry(&mut w.out, state, key, v),
-                (SNAPSHOT_FORMAT_VERSION, None) => {
-                    return Err(Error::InvalidArgument {
-                        what: format!("a deletion in key group {kg}"),
-                        reason: "a full snapshot holds no deletions".into(),
-                    })
-                }
-                (_, value) => append_change(&mut w.out, state, key, value),
-            }
-            Ok(())
-        })?;
+        let entries = write_kg(kg, &mut w.out)?;
         total += entries;
         let section = &w.out[start..];
         index.extend_from_slice(&kg.to_le_bytes());
