@@ -182,7 +182,7 @@ pub(crate) fn append_bytes(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 /// Appends an entry of a full snapshot: the postcard encoding of a
-/// [`RawEntry`], written directly (serde encodes a `&[u8]` byte by byte,
+/// `RawEntry` (state, key, value), written directly (serde encodes a `&[u8]` byte by byte,
 /// which was most of a heap snapshot's encoding time). The bytes are the
 /// same (tested against postcard). A backend writes a key group's
 /// entries with it in [`StateSnapshot::append_key_group`](crate::StateSnapshot::append_key_group).
