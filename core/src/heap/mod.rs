@@ -272,9 +272,20 @@ pub fn append_canonical<T: Serialize + 'static>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> std::result::Result<(), postcard::Error> {
+    if let Some(v) = varint_of(value) {
+        crate::format::append_varint(out, v);
+        return Ok(());
+    }
+    *out = postcard::to_extend(value, std::mem::take(out))?;
+    Ok(())
+}
+
+/// The integer postcard writes as a varint for `value` (zigzagged when
+/// signed), if `value` is an integer of 16 to 64 bits.
+#[inline]
+fn varint_of<T: 'static>(value: &T) -> Option<u64> {
     let any = value as &dyn Any;
-    let unsigned = any
-        .downcast_ref::<u64>()
+    any.downcast_ref::<u64>()
         .copied()
         .or_else(|| any.downcast_ref::<u32>().map(|v| u64::from(*v)))
         .or_else(|| any.downcast_ref::<u16>().map(|v| u64::from(*v)))
@@ -282,13 +293,20 @@ pub fn append_canonical<T: Serialize + 'static>(
         .or_else(|| {
             any.downcast_ref::<i32>()
                 .map(|v| u64::from(((*v << 1) ^ (*v >> 31)) as u32))
-        });
-    if let Some(v) = unsigned {
-        crate::format::append_varint(out, v);
-        return Ok(());
+        })
+}
+
+/// Writes `v` as a varint into `buf` at `at`; returns where it ends
+/// (`buf` has room: at most 10 bytes).
+#[inline]
+fn put_varint(buf: &mut [u8; 48], mut at: usize, mut v: u64) -> usize {
+    while v >= 0x80 {
+        buf[at] = (v as u8) | 0x80;
+        v >>= 7;
+        at += 1;
     }
-    *out = postcard::to_extend(value, std::mem::take(out))?;
-    Ok(())
+    buf[at] = v as u8;
+    at + 1
 }
 
 fn encode<T: HeapValue>(what: &str, value: &T, out: &mut Vec<u8>) -> Result<()> {
@@ -619,6 +637,21 @@ impl<T: HeapValue> TableView for HeapView<T> {
         let group = &self.groups[g];
         out.reserve(group.len() * 8);
         for e in group.iter() {
+            // An inline key and an integer value (the common case): the
+            // whole entry is assembled on the stack and appended at once
+            // (at most 5 + 1 + 15 + 1 + 10 bytes).
+            if let (Key::Short(k), Some(v)) = (&e.key, varint_of(&e.value)) {
+                let mut buf = [0u8; 48];
+                let at = put_varint(&mut buf, 0, u64::from(state));
+                let (bytes, len) = k.bytes();
+                buf[at] = len as u8;
+                buf[at + 1..at + 17].copy_from_slice(&bytes);
+                let value_at = at + 1 + len;
+                let end = put_varint(&mut buf, value_at + 1, v);
+                buf[value_at] = (end - value_at - 1) as u8;
+                out.extend_from_slice(&buf[..end]);
+                continue;
+            }
             crate::format::append_varint(out, u64::from(state));
             crate::format::append_bytes(out, &e.key.bytes());
             let len_at = out.len();

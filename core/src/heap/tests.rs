@@ -216,6 +216,24 @@ impl TableView for Visiting {
     }
 }
 
+/// Asserts that every key group of `t` is written directly exactly as the
+/// visiting default writes it, and that there were entries in several.
+fn written_as_visited<T: HeapValue>(t: &mut HeapTable<T>) {
+    let direct = t.view();
+    let visiting = Visiting(direct.clone());
+    let mut groups = 0;
+    for kg in 0..128 {
+        for state in [0, 300] {
+            let (mut a, mut b) = (vec![9u8], vec![9u8]);
+            let n = direct.append_key_group(kg, state, &mut a).unwrap();
+            let m = visiting.append_key_group(kg, state, &mut b).unwrap();
+            assert_eq!((n, &a), (m, &b), "key group {kg}, state {state}");
+            groups += usize::from(n > 0 && state == 0);
+        }
+    }
+    assert!(groups > 1, "the keys fell into one key group only");
+}
+
 #[test]
 fn entries_written_directly_are_the_visited_ones_byte_for_byte() {
     // Values whose encodings take a 1-, 2- and 3-byte length, short
@@ -231,17 +249,25 @@ fn entries_written_directly_are_the_visited_ones_byte_for_byte() {
                 .unwrap();
         }
     }
-    let direct = t.view();
-    let visiting = Visiting(direct.clone());
-    let mut groups = 0;
-    for kg in 0..128 {
-        let (mut a, mut b) = (vec![9u8], vec![9u8]);
-        let n = direct.append_key_group(kg, 300, &mut a).unwrap();
-        let m = visiting.append_key_group(kg, 300, &mut b).unwrap();
-        assert_eq!((n, &a), (m, &b), "key group {kg}");
-        groups += usize::from(n > 0);
+    written_as_visited(&mut t);
+    // Integers take the path assembled on the stack: keys of every inline
+    // length and longer, values of 1 to 10 varint bytes, signed too.
+    let keys: Vec<Vec<u8>> = (0..=20u8).map(|n| (0..n).map(|b| b ^ 0x5A).collect()).collect();
+    let mut unsigned = HeapTable::<u64>::new(KeyGroupRange::new(0, 127).unwrap(), "op/u64".into());
+    let mut signed = HeapTable::<i64>::new(KeyGroupRange::new(0, 127).unwrap(), "op/i64".into());
+    let values = [0u64, 1, 127, 128, 16_383, 16_384, 1 << 35, u64::MAX - 1, u64::MAX];
+    for (i, key) in keys.iter().enumerate() {
+        let v = values[i % values.len()];
+        unsigned
+            .update(&KeyRef::new(key, 128), None, |x| *x = Some(v))
+            .unwrap();
+        let w = [i64::MIN, -1, 0, 63, -64, 64, i64::MAX][i % 7];
+        signed
+            .update(&KeyRef::new(key, 128), None, |x| *x = Some(w))
+            .unwrap();
     }
-    assert!(groups > 1, "the keys fell into one key group only");
+    written_as_visited(&mut unsigned);
+    written_as_visited(&mut signed);
 }
 
 #[test]
