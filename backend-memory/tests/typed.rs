@@ -224,3 +224,41 @@ fn an_epoch_that_changed_most_keys_is_followed_by_a_full_snapshot_then_changes_a
     let seen = change_entries(changes.as_ref(), id);
     assert_eq!(seen, BTreeMap::from([(enc(1), Some(enc(7)))]));
 }
+
+#[test]
+fn a_snapshot_writes_each_key_group_as_it_visits_it_with_byte_and_typed_states() {
+    let mut s = store(false);
+    let bytes_state = s.register_state("names").unwrap();
+    let typed_state = s
+        .register_typed("total", &make_u64)
+        .unwrap()
+        .expect("the heap store keeps typed state");
+    for i in 0..2000u64 {
+        let key = format!("key-{i}");
+        add(s.as_mut(), typed_state, key.as_bytes(), i);
+        let kg = KeyRef::new(key.as_bytes(), MAX_P).key_group;
+        s.put(bytes_state, kg, key.as_bytes(), &vec![b'v'; (i % 300) as usize])
+            .unwrap();
+    }
+    let snap = s.snapshot(CheckpointId(1)).unwrap();
+    let mut entries = 0;
+    for kg in 0..MAX_P {
+        let mut visited = vec![0xAB];
+        let mut n = 0u64;
+        snap.visit_key_group(kg, &mut |state, key, value| {
+            n += 1;
+            sluice_core::format::append_entry(&mut visited, state, key, value);
+            Ok(())
+        })
+        .unwrap();
+        let mut written = vec![0xAB];
+        assert_eq!(
+            snap.append_key_group(kg, &mut written).unwrap(),
+            n,
+            "key group {kg}"
+        );
+        assert_eq!(written, visited, "key group {kg}");
+        entries += n;
+    }
+    assert_eq!(entries, 4000);
+}
