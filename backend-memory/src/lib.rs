@@ -479,6 +479,19 @@ struct MemorySnapshot {
     states: Vec<View>,
 }
 
+impl MemorySnapshot {
+    /// The index of `key_group` in the snapshot's tables.
+    fn group(&self, key_group: u32) -> Result<usize> {
+        if !self.range.contains(key_group) {
+            return Err(Error::InvalidArgument {
+                what: format!("key group {key_group}"),
+                reason: format!("outside the snapshot's range {}", self.range),
+            });
+        }
+        Ok((key_group - self.range.start) as usize)
+    }
+}
+
 impl StateSnapshot for MemorySnapshot {
     fn key_groups(&self) -> KeyGroupRange {
         self.range
@@ -489,13 +502,7 @@ impl StateSnapshot for MemorySnapshot {
     }
 
     fn visit_key_group(&self, key_group: u32, visit: &mut SnapshotVisitor<'_>) -> Result<()> {
-        if !self.range.contains(key_group) {
-            return Err(Error::InvalidArgument {
-                what: format!("key group {key_group}"),
-                reason: format!("outside the snapshot's range {}", self.range),
-            });
-        }
-        let g = (key_group - self.range.start) as usize;
+        let g = self.group(key_group)?;
         for (s, view) in self.states.iter().enumerate() {
             let s = s as StateId;
             match view {
@@ -511,13 +518,7 @@ impl StateSnapshot for MemorySnapshot {
     }
 
     fn append_key_group(&self, key_group: u32, out: &mut Vec<u8>) -> Result<u64> {
-        if !self.range.contains(key_group) {
-            return Err(Error::InvalidArgument {
-                what: format!("key group {key_group}"),
-                reason: format!("outside the snapshot's range {}", self.range),
-            });
-        }
-        let g = (key_group - self.range.start) as usize;
+        let g = self.group(key_group)?;
         let mut entries = 0u64;
         for (s, view) in self.states.iter().enumerate() {
             let s = s as StateId;

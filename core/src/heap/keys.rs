@@ -24,15 +24,21 @@ impl ShortKey {
         ShortKey(b)
     }
 
+    /// The key's 24 bytes as three 8-byte chunks.
+    #[inline]
+    fn chunks(&self) -> [[u8; 8]; 3] {
+        let c = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.0[i..i + 8]);
+            b
+        };
+        [c(0), c(8), c(16)]
+    }
+
     /// The key as three words (for comparison and hashing).
     #[inline]
     pub fn words(&self) -> [u64; 3] {
-        let w = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&self.0[i..i + 8]);
-            u64::from_ne_bytes(b)
-        };
-        [w(0), w(8), w(16)]
+        self.chunks().map(u64::from_ne_bytes)
     }
 
     /// The key's bytes.
@@ -46,12 +52,7 @@ impl ShortKey {
     /// keys it is a prefix of): sorting by them needs no `memcmp`.
     #[inline]
     pub fn ordered_words(&self) -> [u64; 3] {
-        let w = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&self.0[i..i + 8]);
-            u64::from_be_bytes(b)
-        };
-        [w(0), w(8), w(16)]
+        self.chunks().map(u64::from_be_bytes)
     }
 }
 
