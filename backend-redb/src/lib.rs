@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 mod buffer;
+mod filter;
 mod flushed;
 mod snapshot;
 mod state;

@@ -13,7 +13,9 @@
 //! the asynchronous step merges with redb's rows (sorted by key within
 //! each key group) and encodes while processing goes on (the first write
 //! into a key group the snapshot still holds copies that key group). Reads
-//! look in the buffer, an optional bounded read cache, then redb. The buffer is
+//! look in the buffer, an optional bounded read cache, then, unless the
+//! Bloom filters over the keys written into redb (`filter.rs`) rule the
+//! key out, redb. The buffer is
 //! flushed into redb in one write transaction when it exceeds its size.
 //!
 //! Incremental snapshots track which keys each epoch between two snapshots
@@ -25,6 +27,7 @@
 
 use crate::buffer::{self, WriteBuffer, ENTRY_OVERHEAD};
 use crate::corrupt_or_storage;
+use crate::filter::KeyFilter;
 use crate::flushed::{FlushedMarks, FlushedRuns, Run};
 use crate::snapshot::{RedbChanges, View};
 use redb::{
@@ -66,12 +69,16 @@ pub struct RedbStateConfig {
     /// a quarter of it more bounds the keys remembered so that a key
     /// flushed and written again is not recorded as changed twice.
     pub flushed_runs_bytes: usize,
+    /// Keep Bloom filters over the keys in redb (1.25 to 2.5 bytes per
+    /// stored key), so that reading a key never stored does not descend
+    /// redb's B-tree.
+    pub key_filter: bool,
 }
 
 impl RedbStateConfig {
-    /// Defaults: 64 MiB write buffer, no read cache, 64 MiB page cache and
-    /// up to 64 MiB of recent flushes (with incremental checkpoints) per
-    /// subtask, files under `dir`.
+    /// Defaults: 64 MiB write buffer, no read cache, 64 MiB page cache,
+    /// up to 64 MiB of recent flushes (with incremental checkpoints) and
+    /// Bloom filters over the stored keys per subtask, files under `dir`.
     ///
     /// The read cache is off by default: on keys spread over a large state
     /// it rarely hits, and filling it costs more than it saves (10 M keys,
@@ -86,6 +93,7 @@ impl RedbStateConfig {
             read_cache_bytes: 0,
             redb_cache_bytes: 64 << 20,
             flushed_runs_bytes: 64 << 20,
+            key_filter: true,
         }
     }
 }
@@ -168,6 +176,7 @@ impl StateBackend for RedbStateBackend {
             marks: BTreeMap::new(),
             config: self.config.clone(),
             changes: scope.track_changes.then(EpochChanges::default),
+            filter: self.config.key_filter.then(KeyFilter::new),
         }))
     }
 }
@@ -193,6 +202,8 @@ struct RedbStore {
     config: RedbStateConfig,
     /// The keys changed since recent snapshots, when tracking changes.
     changes: Option<EpochChanges>,
+    /// Which keys redb may hold (when on).
+    filter: Option<KeyFilter>,
 }
 
 impl Drop for RedbStore {
@@ -307,9 +318,12 @@ impl RedbStore {
                 compose(&mut self.full, *s, *key_group, k);
                 match &d.value {
                     Some(v) => {
-                        table
+                        let old = table
                             .insert(self.full.as_slice(), v.as_slice())
                             .map_err(|e| Error::storage(&name, e))?;
+                        if let Some(f) = self.filter.as_mut().filter(|_| old.is_none()) {
+                            f.add_new(&self.full);
+                        }
                     }
                     None => {
                         table
@@ -454,6 +468,10 @@ impl KeyedStateStore for RedbStore {
         if let Some(v) = self.cache.get(self.full.as_slice()) {
             out.extend_from_slice(v);
             return Ok(true);
+        }
+        if self.filter.as_ref().is_some_and(|f| !f.may_contain(&self.full)) {
+            // Never written into redb.
+            return Ok(false);
         }
         self.reader()?;
         let table = self
@@ -631,6 +649,10 @@ impl KeyedStateStore for RedbStore {
                     for e in run {
                         if let Some(v) = e.value {
                             compose(&mut full, e.state, e.key_group, e.key);
+                            // Into a gap: a new key.
+                            if let Some(f) = self.filter.as_mut() {
+                                f.add_new(&full);
+                            }
                             cursor
                                 .insert_before(full.as_slice(), v)
                                 .map_err(|e| Error::storage(&name, e))?;
@@ -642,9 +664,12 @@ impl KeyedStateStore for RedbStore {
                         compose(&mut full, e.state, e.key_group, e.key);
                         match e.value {
                             Some(v) => {
-                                table
+                                let old = table
                                     .insert(full.as_slice(), v)
                                     .map_err(|e| Error::storage(&name, e))?;
+                                if let Some(f) = self.filter.as_mut().filter(|_| old.is_none()) {
+                                    f.add_new(&full);
+                                }
                             }
                             None => {
                                 table
