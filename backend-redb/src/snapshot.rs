@@ -126,6 +126,9 @@ impl ChangeSnapshot for RedbChanges {
                     .collect()
             })
             .collect();
+        // A cursor per state and run: the keys come sorted, so each run's
+        // group is walked once.
+        let mut cursors: Vec<Vec<usize>> = runs.iter().map(|r| vec![0; r.len()]).collect();
         let mut full = Vec::new();
         for (s, k) in keys.of_group(key_group) {
             if let Some(d) = self.view.groups[s as usize][g].get(k) {
@@ -133,10 +136,14 @@ impl ChangeSnapshot for RedbChanges {
                 continue;
             }
             // Flushed since the base: the newest run holding it has its value.
-            if let Some(v) = runs
-                .get(s as usize)
-                .and_then(|groups| groups.iter().find_map(|r| r.get(k)))
-            {
+            let found = match (runs.get(s as usize), cursors.get_mut(s as usize)) {
+                (Some(groups), Some(at)) => groups
+                    .iter()
+                    .zip(at.iter_mut())
+                    .find_map(|(r, pos)| r.seek(pos, k)),
+                _ => None,
+            };
+            if let Some(v) = found {
                 visit(s, k, v)?;
                 continue;
             }

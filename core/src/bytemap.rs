@@ -229,9 +229,11 @@ pub struct ChangedKeys {
 impl ChangedKeys {
     /// The keys of `epochs`.
     pub fn of(epochs: &[Arc<ChangeLog>]) -> Self {
-        let mut short: Vec<(u32, StateId, ShortKey)> =
-            epochs.iter().flat_map(|e| e.short.iter().copied()).collect();
-        short.sort_unstable_by_key(|(g, s, k)| (*g, *s, k.ordered_words()));
+        let mut short = by_key_group(epochs);
+        // Then each key group on its own: small sorts that stay in cache.
+        for group in short.chunk_by_mut(|a, b| a.0 == b.0) {
+            group.sort_unstable_by_key(|(_, s, k)| (*s, k.ordered_words()));
+        }
         short.dedup_by(|a, b| (a.0, a.1, a.2) == (b.0, b.1, b.2));
         let mut long: Vec<(u32, StateId, Box<[u8]>)> =
             epochs.iter().flat_map(|e| e.long.iter().cloned()).collect();
@@ -255,6 +257,36 @@ impl ChangedKeys {
         };
         short.chain(long)
     }
+}
+
+/// The short keys of `epochs` ordered by key group (a counting sort: one
+/// pass to count, one to place), not yet within a key group.
+fn by_key_group(epochs: &[Arc<ChangeLog>]) -> Vec<(u32, StateId, ShortKey)> {
+    let all = || epochs.iter().flat_map(|e| e.short.iter());
+    let (Some(lo), Some(hi)) = (all().map(|e| e.0).min(), all().map(|e| e.0).max()) else {
+        return Vec::new();
+    };
+    let span = (hi - lo) as usize + 1;
+    if span > 1 << 16 {
+        // Key groups are at most 2^15; anything wider is sorted whole.
+        let mut v: Vec<_> = all().copied().collect();
+        v.sort_unstable_by_key(|e| e.0);
+        return v;
+    }
+    let mut starts = vec![0usize; span + 1];
+    for e in all() {
+        starts[(e.0 - lo) as usize + 1] += 1;
+    }
+    for i in 1..starts.len() {
+        starts[i] += starts[i - 1];
+    }
+    let mut out = vec![(0u32, 0 as StateId, ShortKey::new(&[])); starts[span]];
+    for e in all() {
+        let at = &mut starts[(e.0 - lo) as usize];
+        out[*at] = *e;
+        *at += 1;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -281,6 +313,70 @@ mod tests {
         c.restored(CheckpointId(5));
         assert!(c.worth_it(CheckpointId(5), 100));
         assert!(c.epoch > 3, "a restore starts a new epoch");
+    }
+
+    #[test]
+    fn changed_keys_are_sorted_by_key_group_state_and_bytes_once_each() {
+        // Several epochs with repeated keys of 0 to 23 bytes (short) and a
+        // few long ones, over a narrow and over a very wide range of key
+        // groups, against a sort of everything by (key group, state, bytes).
+        for spread in [40u32, 1 << 20] {
+            let mut x = u64::from(spread);
+            let mut rnd = move || {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                x >> 33
+            };
+            let epochs: Vec<Arc<ChangeLog>> = (0..3)
+                .map(|_| {
+                    let mut log = ChangeLog::default();
+                    for _ in 0..3000 {
+                        let g = 1000 + (rnd() as u32 % 40) * (spread / 40);
+                        let s = (rnd() % 3) as StateId;
+                        let len = (rnd() % 26) as usize;
+                        let key: Vec<u8> = (0..len).map(|_| (rnd() % 4) as u8).collect();
+                        log.mark(g, s, &key);
+                    }
+                    Arc::new(log)
+                })
+                .collect();
+            let mut want: Vec<(u32, StateId, Vec<u8>)> = epochs
+                .iter()
+                .flat_map(|e| {
+                    e.short
+                        .iter()
+                        .map(|(g, s, k)| (*g, *s, k.as_slice().to_vec()))
+                        .chain(e.long.iter().map(|(g, s, k)| (*g, *s, k.to_vec())))
+                })
+                .collect();
+            want.sort();
+            want.dedup();
+            let keys = ChangedKeys::of(&epochs);
+            let mut groups: Vec<u32> = want.iter().map(|w| w.0).collect();
+            groups.dedup();
+            let mut got = Vec::new();
+            for g in groups {
+                // Per key group: short keys sorted, then long ones sorted.
+                let mut short = Vec::new();
+                let mut long = Vec::new();
+                for (s, k) in keys.of_group(g) {
+                    if k.len() <= ShortKey::MAX {
+                        assert!(long.is_empty(), "a short key after a long one");
+                        short.push((g, s, k.to_vec()));
+                    } else {
+                        long.push((g, s, k.to_vec()));
+                    }
+                }
+                assert!(short.windows(2).all(|w| w[0] < w[1]), "group {g} short keys");
+                assert!(long.windows(2).all(|w| w[0] < w[1]), "group {g} long keys");
+                got.extend(short);
+                got.extend(long);
+            }
+            got.sort();
+            assert_eq!(got, want, "spread {spread}");
+            assert!(want.len() > 1000, "{} keys", want.len());
+        }
     }
 
     #[test]
