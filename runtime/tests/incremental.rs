@@ -109,13 +109,16 @@ fn chain_len(meta: &CheckpointMetadata) -> usize {
 }
 
 async fn few_changes_are_written_as_changes_and_restore_exactly_once(backend: Arc<dyn StateBackend>) {
-    let events = LOAD + 60_000;
+    let events = LOAD + 120_000;
     let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
     // A task failure after the second checkpoint: the job restores an
     // incremental chain. Whichever way the hot keys hash, one of the two
     // subtasks processes at least half of the input, more than `after`; the
-    // second checkpoint is taken when every subtask has processed less.
-    let after = LOAD / 2 + 24_000;
+    // second checkpoint is taken when every subtask has processed less, and
+    // completes while the paced sources bring the first past `after` (at
+    // least 42,000 records, ~0.2 s: with 24,000 a redb operator fast enough
+    // not to hold the sources back reached `after` first, now and then).
+    let after = LOAD / 2 + 48_000;
     let failures = vec![
         InjectedFailure::new(0, after, false),
         InjectedFailure::new(1, after, false),
