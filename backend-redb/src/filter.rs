@@ -48,7 +48,7 @@ impl KeyFilter {
     /// then MurmurHash3's finalizer, so that the filters' derived
     /// positions see well-mixed bits (SipHash, fastbloom's default, cost
     /// a restore ~20 ns more per key).
-    fn hash(&self, key: &[u8]) -> u64 {
+    fn hash(key: &[u8]) -> u64 {
         let mut h = rustc_hash::FxHasher::default();
         h.write(key);
         let mut x = h.finish();
@@ -62,7 +62,7 @@ impl KeyFilter {
     /// Whether `key` may be in the table (false: it is not).
     #[inline]
     pub fn may_contain(&self, key: &[u8]) -> bool {
-        let h = self.hash(key);
+        let h = Self::hash(key);
         self.filters.iter().rev().any(|f| f.contains_hash(h))
     }
 
@@ -72,7 +72,7 @@ impl KeyFilter {
     /// on a flush of keys already stored.)
     #[inline]
     pub fn add_new(&mut self, key: &[u8]) {
-        let h = self.hash(key);
+        let h = Self::hash(key);
         if self.in_last >= self.capacity {
             self.capacity = self.capacity.saturating_mul(2);
             self.filters.push(filter(self.capacity));

@@ -95,6 +95,7 @@ impl Run {
         RunGroup {
             run: self,
             entries: &self.entries[from..to],
+            pos: 0,
         }
     }
 }
@@ -103,6 +104,9 @@ impl Run {
 pub(crate) struct RunGroup<'a> {
     run: &'a Run,
     entries: &'a [RunEntry],
+    /// The cursor of [`seek`](Self::seek): entries before it are below
+    /// the key sought last.
+    pos: usize,
 }
 
 impl<'a> RunGroup<'a> {
@@ -122,28 +126,28 @@ impl<'a> RunGroup<'a> {
         })
     }
 
-    /// As [`get`](Self::get), from a cursor `pos` (start at 0) that the
-    /// lookup moves to the first entry not below `key`: keys looked up in
+    /// As [`get`](Self::get), from the group's cursor, which the lookup
+    /// moves to the first entry not below `key`: keys looked up in
     /// ascending order walk the run once, forwards (galloping over the
     /// entries between them), instead of a binary search of the whole
     /// group per key. A key below the previous one searches from the start.
-    pub fn seek(&self, pos: &mut usize, key: &[u8]) -> Option<Option<&'a [u8]>> {
+    pub fn seek(&mut self, key: &[u8]) -> Option<Option<&'a [u8]>> {
         let run = self.run;
         let n = self.entries.len();
         let below = |i: usize| run.key(&self.entries[i]) < key;
-        if *pos > n || (*pos > 0 && !below(*pos - 1)) {
-            *pos = 0;
+        if self.pos > n || (self.pos > 0 && !below(self.pos - 1)) {
+            self.pos = 0;
         }
         // Every entry before `lo` is below `key`; `hi` is the end or an
         // entry not below it.
-        let (mut lo, mut hi, mut step) = (*pos, *pos, 1usize);
+        let (mut lo, mut hi, mut step) = (self.pos, self.pos, 1usize);
         while hi < n && below(hi) {
             lo = hi + 1;
             hi = lo.saturating_add(step).min(n);
             step = step.saturating_mul(2);
         }
         let i = lo + self.entries[lo..hi].partition_point(|e| run.key(e) < key);
-        *pos = i;
+        self.pos = i;
         (i < n && run.key(&self.entries[i]) == key).then(|| self.value(i))
     }
 }
@@ -327,7 +331,8 @@ mod tests {
     fn a_cursor_finds_what_a_search_finds_in_any_order_of_keys() {
         // Every third key of 0..3000 in the run (every 7th a tombstone),
         // looked up ascending (the snapshot's order), descending, in a
-        // pseudo-random order, and ascending with gaps, through one cursor.
+        // pseudo-random order, and ascending with gaps, each order through
+        // one cursor.
         let d: Vec<(Vec<u8>, Dirty)> = (0..3000u32)
             .filter(|i| i % 3 == 0)
             .map(|i| {
@@ -337,7 +342,6 @@ mod tests {
             .collect();
         let entries: Vec<(StateId, u32, &[u8], &Dirty)> = d.iter().map(|(k, v)| (0, 5, &k[..], v)).collect();
         let run = Run::of(&entries, usize::MAX).unwrap();
-        let g = run.group(0, 5);
         let mut x = 12345u64;
         let random: Vec<u32> = (0..5000)
             .map(|_| {
@@ -353,11 +357,11 @@ mod tests {
         ];
         let mut found = 0;
         for order in orders {
-            let mut pos = 0;
+            let mut cursor = run.group(0, 5);
             for i in order {
                 let k = i.to_be_bytes();
-                let want = g.get(&k);
-                assert_eq!(g.seek(&mut pos, &k), want, "key {i}");
+                let want = run.group(0, 5).get(&k);
+                assert_eq!(cursor.seek(&k), want, "key {i}");
                 found += usize::from(want.is_some());
             }
         }

@@ -118,7 +118,7 @@ impl ChangeSnapshot for RedbChanges {
         let g = self.view.check(key_group)?;
         let keys = self.index.get_or_init(|| ChangedKeys::of(&self.epochs));
         // Per state, each run's entries of this key group, newest run first.
-        let runs: Vec<Vec<RunGroup<'_>>> = (0..self.view.names.len())
+        let mut runs: Vec<Vec<RunGroup<'_>>> = (0..self.view.names.len())
             .map(|s| {
                 self.runs
                     .iter()
@@ -126,9 +126,6 @@ impl ChangeSnapshot for RedbChanges {
                     .collect()
             })
             .collect();
-        // A cursor per state and run: the keys come sorted, so each run's
-        // group is walked once.
-        let mut cursors: Vec<Vec<usize>> = runs.iter().map(|r| vec![0; r.len()]).collect();
         let mut full = Vec::new();
         for (s, k) in keys.of_group(key_group) {
             if let Some(d) = self.view.groups[s as usize][g].get(k) {
@@ -136,13 +133,10 @@ impl ChangeSnapshot for RedbChanges {
                 continue;
             }
             // Flushed since the base: the newest run holding it has its value.
-            let found = match (runs.get(s as usize), cursors.get_mut(s as usize)) {
-                (Some(groups), Some(at)) => groups
-                    .iter()
-                    .zip(at.iter_mut())
-                    .find_map(|(r, pos)| r.seek(pos, k)),
-                _ => None,
-            };
+            // The keys come sorted: each run's group is walked once.
+            let found = runs
+                .get_mut(s as usize)
+                .and_then(|groups| groups.iter_mut().find_map(|r| r.seek(k)));
             if let Some(v) = found {
                 visit(s, k, v)?;
                 continue;

@@ -263,7 +263,9 @@ impl ChangedKeys {
 /// pass to count, one to place), not yet within a key group.
 fn by_key_group(epochs: &[Arc<ChangeLog>]) -> Vec<(u32, StateId, ShortKey)> {
     let all = || epochs.iter().flat_map(|e| e.short.iter());
-    let (Some(lo), Some(hi)) = (all().map(|e| e.0).min(), all().map(|e| e.0).max()) else {
+    let Some((lo, hi)) = all().fold(None, |r: Option<(u32, u32)>, e| {
+        Some(r.map_or((e.0, e.0), |(lo, hi)| (lo.min(e.0), hi.max(e.0))))
+    }) else {
         return Vec::new();
     };
     let span = (hi - lo) as usize + 1;
