@@ -11,23 +11,25 @@
 //! one twice its size takes the next keys, so the false-positive rate
 //! stays near 1 % (10 bits per key) without knowing the state's size
 //! ahead, at 1.25 to 2.5 bytes per stored key.
+//!
+//! Each filter is a split block Bloom filter (Parquet's, `sbbf-rs-safe`):
+//! a key's 8 bits all lie in one 32-byte block, so adding or looking up a
+//! key costs one cache miss, where a classic filter's 5 hashes cost 5
+//! (25 M keys: 43 against 81 ns a key added; 1.26 % false positives
+//! against 0.95 % at the same size).
 
-use fastbloom::BloomFilter;
+use sbbf_rs_safe::Filter;
 use std::hash::Hasher;
 
-/// Bits per key each filter is sized for (about 1 % false positives).
+/// Bits per key each filter is sized for (about 1.3 % false positives).
 const BITS_PER_KEY: usize = 10;
-/// Hashes per key: 5 (0.94 % false positives at 10 bits per key) rather
-/// than the optimum 7 (0.82 %): each is a cache miss when a key is added
-/// or a stored key is looked up.
-const HASHES: u32 = 5;
 /// Keys the first filter is sized for (1.25 MB).
 const FIRST: usize = 1 << 20;
 
 /// A stack of Bloom filters over the keys written into a table.
 pub(crate) struct KeyFilter {
     /// Oldest first; the last takes new keys.
-    filters: Vec<BloomFilter>,
+    filters: Vec<Filter>,
     /// Keys added to the last filter.
     in_last: usize,
     /// Keys the last filter is sized for.
@@ -45,9 +47,9 @@ impl KeyFilter {
     }
 
     /// One hash for every filter: Fx over the bytes (fast on short keys),
-    /// then MurmurHash3's finalizer, so that the filters' derived
-    /// positions see well-mixed bits (SipHash, fastbloom's default, cost
-    /// a restore ~20 ns more per key).
+    /// then MurmurHash3's finalizer, so that a filter's choice of block
+    /// (the high bits) and of bits in it (the low bits) sees well-mixed
+    /// bits (SipHash cost a restore ~20 ns more per key).
     fn hash(key: &[u8]) -> u64 {
         let mut h = rustc_hash::FxHasher::default();
         h.write(key);
@@ -88,8 +90,8 @@ impl KeyFilter {
     }
 }
 
-fn filter(keys: usize) -> BloomFilter {
-    BloomFilter::with_num_bits(keys.saturating_mul(BITS_PER_KEY).max(64)).hashes(HASHES)
+fn filter(keys: usize) -> Filter {
+    Filter::new(BITS_PER_KEY, keys)
 }
 
 #[cfg(test)]
