@@ -232,28 +232,42 @@ pub async fn read_keyed_entries(
     op: &sluice_core::metadata::OperatorSnapshot,
 ) -> sluice_core::Result<std::collections::BTreeMap<EntryKey, Vec<u8>>> {
     let mut entries = std::collections::BTreeMap::new();
+    visit_keyed_entries(storage, base, op, &mut |name, kg, k, v| {
+        let key = (name.to_string(), kg, k.to_vec());
+        match v {
+            Some(v) => {
+                entries.insert(key, v.to_vec());
+            }
+            None => {
+                entries.remove(&key);
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(entries)
+}
+
+/// Visits the keyed state of one operator in a checkpoint or savepoint
+/// as its files hold it, without keeping it: `(state, key group, key,
+/// value)` per entry, each subtask's base first and then its changes
+/// files in order (`None`: a deletion of an entry visited before).
+pub async fn visit_keyed_entries(
+    storage: &dyn CheckpointStorage,
+    base: &str,
+    op: &sluice_core::metadata::OperatorSnapshot,
+    visit: &mut sluice_core::format::ChangeVisitor<'_>,
+) -> sluice_core::Result<()> {
     for st in &op.subtasks {
         for file in st.state_files() {
             let file = StateFileHandle {
                 path: join(base, &file.path),
                 ..file.clone()
             };
-            sluice_core::format::read_changes(storage, &file, file.key_groups, &mut |name, kg, k, v| {
-                let key = (name.to_string(), kg, k.to_vec());
-                match v {
-                    Some(v) => {
-                        entries.insert(key, v.to_vec());
-                    }
-                    None => {
-                        entries.remove(&key);
-                    }
-                }
-                Ok(())
-            })
-            .await?;
+            sluice_core::format::read_changes(storage, &file, file.key_groups, visit).await?;
         }
     }
-    Ok(entries)
+    Ok(())
 }
 
 /// Copies the savepoint at `src` to the directory `dst` (of any storage):

@@ -401,24 +401,27 @@ async fn sums_of(
     let op = meta.operator(&uid).ok_or_else(|| {
         RuntimeError::InvalidJob(format!("{} {id} has no state of operator {uid}", meta.kind))
     })?;
+    // Streamed into the sums: holding every entry first (as
+    // `read_keyed_entries` does) took ~2 GB at 10 M keys.
     let mut sums = FxHashMap::default();
-    let entries = crate::savepoint::read_keyed_entries(storage, base, op).await?;
-    for ((name, _, k), v) in entries {
+    let what = format!("{} {id} {uid}/sum", meta.kind);
+    crate::savepoint::visit_keyed_entries(storage, base, op, &mut |name, _, k, v| {
         if name != "sum" {
-            continue;
+            return Ok(());
         }
-        match (postcard::from_bytes::<u64>(&k), postcard::from_bytes::<u64>(&v)) {
-            (Ok(k), Ok(v)) => {
-                sums.insert(k, v);
+        let undecodable = || sluice_core::Error::corrupt(&what, "undecodable entry");
+        let k = postcard::from_bytes::<u64>(k).map_err(|_| undecodable())?;
+        match v {
+            Some(v) => {
+                sums.insert(k, postcard::from_bytes::<u64>(v).map_err(|_| undecodable())?);
             }
-            _ => {
-                return Err(RuntimeError::Codec {
-                    what: format!("{} {id} {uid}/sum", meta.kind),
-                    reason: "undecodable entry".into(),
-                })
+            None => {
+                sums.remove(&k);
             }
         }
-    }
+        Ok(())
+    })
+    .await?;
     Ok(sums)
 }
 
