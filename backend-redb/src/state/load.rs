@@ -23,18 +23,8 @@ impl RedbStore {
         let tx = self.write_tx(false)?;
         {
             let mut table = tx.open_table(STATE).map_err(|e| Error::storage(&name, e))?;
-            let sorted = batch.sorted();
             // The last entry of each key.
-            let last: Vec<&LoadEntry<'_>> = sorted
-                .iter()
-                .enumerate()
-                .filter(|(i, e)| {
-                    sorted
-                        .get(i + 1)
-                        .is_none_or(|n| (n.state, n.key_group, n.key) != (e.state, e.key_group, e.key))
-                })
-                .map(|(_, e)| e)
-                .collect();
+            let last = batch.latest_sorted();
             let key = |e: &LoadEntry<'_>| {
                 let mut full = Vec::with_capacity(HEADER + e.key.len());
                 compose(&mut full, e.state, e.key_group, e.key);
