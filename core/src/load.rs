@@ -38,6 +38,10 @@ struct Row {
     value: Option<(usize, usize)>,
 }
 
+/// Bits of [`LoadBatch::sorted`]'s low word that hold an entry's position
+/// (the length above them, the key's head above that).
+const POSITION: u32 = 60;
+
 /// One entry of a [`LoadBatch`]: a put of `value`, or a deletion (`None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadEntry<'a> {
@@ -122,18 +126,6 @@ impl LoadBatch {
     }
 
     fn sorted_keeping(&self, latest_only: bool) -> Vec<LoadEntry<'_>> {
-        if u32::try_from(self.rows.len()).is_err() {
-            // Positions do not fit the packed word: the plain sort.
-            let mut v: Vec<LoadEntry<'_>> = self.iter().collect();
-            v.sort_by(|a, b| (a.state, a.key_group, a.key).cmp(&(b.state, b.key_group, b.key)));
-            let same = |a: &LoadEntry<'_>, b: &LoadEntry<'_>| {
-                (a.state, a.key_group, a.key) == (b.state, b.key_group, b.key)
-            };
-            return (0..v.len())
-                .filter(|i| !latest_only || v.get(i + 1).is_none_or(|n| !same(n, &v[*i])))
-                .map(|i| v[i])
-                .collect();
-        }
         let key = |row: usize| {
             let r = &self.rows[row];
             &self.data[r.key.0..r.key.0 + r.key.1]
@@ -148,9 +140,10 @@ impl LoadBatch {
                 let n = k.len().min(8);
                 head[..n].copy_from_slice(&k[..n]);
                 // Keys of up to 8 bytes: the zero-padded head, then the
-                // length (a key that is a prefix of another is smaller).
-                let len = u32::try_from(k.len()).unwrap_or(u32::MAX);
-                let low = (u128::from(u64::from_be_bytes(head)) << 64) | (u128::from(len) << 32) | i as u128;
+                // length (a key that is a prefix of another is smaller);
+                // longer keys count as 9 and are compared whole below.
+                let len = k.len().min(9) as u128;
+                let low = (u128::from(u64::from_be_bytes(head)) << 64) | (len << POSITION) | i as u128;
                 ((u64::from(r.state) << 32) | u64::from(r.key_group), low)
             })
             .collect();
@@ -164,8 +157,8 @@ impl LoadBatch {
             order.sort_unstable();
         }
         // Longer keys whose heads tie: by their bytes, then position.
-        let row = |e: &(u64, u128)| (e.1 as u32) as usize;
-        let len = |e: &(u64, u128)| (e.1 >> 32) as u32;
+        let row = |e: &(u64, u128)| (e.1 as u64 & ((1 << POSITION) - 1)) as usize;
+        let len = |e: &(u64, u128)| (e.1 >> POSITION) as u8;
         for run in order.chunk_by_mut(|a, b| (a.0, a.1 >> 64) == (b.0, b.1 >> 64)) {
             if run.len() > 1 && run.iter().any(|e| len(e) > 8) {
                 run.sort_unstable_by(|a, b| key(row(a)).cmp(key(row(b))).then(row(a).cmp(&row(b))));
@@ -174,7 +167,7 @@ impl LoadBatch {
         // The same key: the same state, key group, head and length, and
         // the same bytes past the head.
         let same = |a: &(u64, u128), b: &(u64, u128)| {
-            a.0 == b.0 && a.1 >> 32 == b.1 >> 32 && (len(a) <= 8 || key(row(a)) == key(row(b)))
+            a.0 == b.0 && a.1 >> POSITION == b.1 >> POSITION && (len(a) <= 8 || key(row(a)) == key(row(b)))
         };
         (0..order.len())
             .filter(|i| !latest_only || order.get(i + 1).is_none_or(|n| !same(n, &order[*i])))
