@@ -70,6 +70,13 @@ impl InjectedFailure {
         self.fired.load(Ordering::Relaxed)
     }
 
+    /// Makes it due again after [`try_fire`](Self::try_fire): a test
+    /// holds a failure back until the job has reached a point (a completed
+    /// checkpoint or savepoint) and then lets it fire.
+    pub fn arm(&self) {
+        self.fired.store(false, Ordering::Relaxed);
+    }
+
     /// Marks it fired; true only for the first call.
     pub fn try_fire(&self) -> bool {
         !self.fired.swap(true, Ordering::Relaxed)

@@ -111,24 +111,27 @@ fn chain_len(meta: &CheckpointMetadata) -> usize {
 async fn few_changes_are_written_as_changes_and_restore_exactly_once(backend: Arc<dyn StateBackend>) {
     let events = LOAD + 120_000;
     let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryCheckpointStorage::new());
-    // A task failure after the second checkpoint: the job restores an
-    // incremental chain. Whichever way the hot keys hash, one of the two
-    // subtasks processes at least half of the input, more than `after`; the
-    // second checkpoint is taken when every subtask has processed less, and
-    // completes while the paced sources bring the first past `after` (at
-    // least 42,000 records, ~0.2 s: with 24,000 a redb operator fast enough
-    // not to hold the sources back reached `after` first, now and then).
+    // A task failure after the second checkpoint and the savepoint: the
+    // job restores an incremental chain. Whichever way the hot keys hash,
+    // one of the two subtasks processes at least half of the input, more
+    // than `after`. The failures are held back until the savepoint has
+    // completed (a paced source alone left too little time: a redb
+    // operator fast enough not to hold the sources back reached `after`
+    // before the second checkpoint or the savepoint now and then).
     let after = LOAD / 2 + 48_000;
     let failures = vec![
         InjectedFailure::new(0, after, false),
         InjectedFailure::new(1, after, false),
     ];
+    for f in &failures {
+        f.try_fire();
+    }
     let handle = start(
         backend,
         storage.clone(),
         events,
         Some(IncrementalPolicy::default()),
-        failures,
+        failures.clone(),
     );
     wait_for_records(&handle, LOAD + 2_000).await;
     let full = handle.trigger_checkpoint().await.expect("first checkpoint");
@@ -174,6 +177,9 @@ async fn few_changes_are_written_as_changes_and_restore_exactly_once(backend: Ar
         sp_meta.state_files().all(|f| !f.path.contains('/')),
         "every file inside its directory"
     );
+    for f in &failures {
+        f.arm();
+    }
     let result = handle.wait().await.expect("the job recovers and completes");
     assert!((1..=2).contains(&result.restarts), "{result:?}");
     let restored = result.recoveries[0].restored_from.expect("from a checkpoint");
